@@ -1,0 +1,198 @@
+"""ConvMixer checkpoints: reading files safely and converting every known key layout to timm's.
+
+Layouts (see shared facts): timm's (``stem.0``, ``blocks.{i}.0.fn.0``, ``head``), the authors' original
+``nn.Sequential`` (``0``, ``2``, ``{i+3}.0.fn.0``, ``{d+5}``) and labml.ai's (``patch_emb.conv``,
+``conv_mixer_layers.{i}.depth_wise_conv``, ``classification.linear``). Any of them may carry a ``module.``
+(DistributedDataParallel) or ``_orig_mod.`` (torch.compile) prefix and a ``state_dict``/``model`` wrapper.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import zipfile
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+import torch
+
+WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
+_STRIP_PREFIXES = ("module.", "_orig_mod.")
+
+_LABML_RULES = (
+    (r"^patch_emb\.conv\.", "stem.0."),
+    (r"^patch_emb\.norm\.", "stem.2."),
+    (r"^conv_mixer_layers\.(\d+)\.depth_wise_conv\.", r"blocks.\1.0.fn.0."),
+    (r"^conv_mixer_layers\.(\d+)\.norm1\.", r"blocks.\1.0.fn.2."),
+    (r"^conv_mixer_layers\.(\d+)\.point_wise_conv\.", r"blocks.\1.1."),
+    (r"^conv_mixer_layers\.(\d+)\.norm2\.", r"blocks.\1.3."),
+    (r"^classification\.linear\.", "head."),
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, unsafe, or for another architecture."""
+
+
+def unwrap_state_dict(checkpoint: Any) -> dict[str, torch.Tensor]:
+    """Return the tensors of a checkpoint, unwrapping ``{'state_dict': ...}``-style containers."""
+    while isinstance(checkpoint, Mapping):
+        wrapper = next((k for k in WRAPPER_KEYS if isinstance(checkpoint.get(k), Mapping)), None)
+        if wrapper is None:
+            break
+        checkpoint = checkpoint[wrapper]
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(
+            f"checkpoint holds a {type(checkpoint).__name__}, not a state dict; save model.state_dict() instead"
+        )
+    return {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
+
+
+def _strip_prefixes(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _STRIP_PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix):], True
+    return key
+
+
+def detect_layout(keys: list[str]) -> str:
+    """'timm', 'original' (the authors' nn.Sequential) or 'labml'; raises on anything else."""
+    if any(k.startswith(("stem.", "blocks.")) for k in keys):
+        return "timm"
+    if any(k.startswith(("patch_emb.", "conv_mixer_layers.")) for k in keys):
+        return "labml"
+    if any(re.match(r"^\d+\.0\.fn\.0\.", k) for k in keys):
+        return "original"
+    sample = ", ".join(keys[:5]) or "(no tensors)"
+    raise CheckpointError(
+        f"not a ConvMixer checkpoint: keys such as {sample} match none of the timm, original (authors') or "
+        "labml.ai layouts"
+    )
+
+
+def _original_to_timm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    block_ids = sorted({int(m.group(1)) for k in state_dict if (m := re.match(r"^(\d+)\.0\.fn\.", k))})
+    depth = len(block_ids)
+    if block_ids != list(range(3, 3 + depth)):
+        raise CheckpointError(f"original-layout checkpoint has blocks at Sequential indices {block_ids}, "
+                              f"expected 3..{depth + 2}")
+    out = {}
+    for key, value in state_dict.items():
+        index, _, rest = key.partition(".")
+        i = int(index)
+        if i == 0:
+            new = "stem.0." + rest
+        elif i == 2:
+            new = "stem.2." + rest
+        elif 3 <= i < 3 + depth:
+            new = f"blocks.{i - 3}.{rest}"
+        elif i == depth + 5:  # depth + 3 is the pool and depth + 4 the flatten: no parameters
+            new = "head." + rest
+        else:
+            raise CheckpointError(f"unexpected key {key!r} in an original-layout checkpoint of depth {depth}")
+        out[new] = value
+    return out
+
+
+def _labml_to_timm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state_dict.items():
+        for pattern, replacement in _LABML_RULES:
+            new, count = re.subn(pattern, replacement, key)
+            if count:
+                out[new] = value
+                break
+        else:
+            raise CheckpointError(f"unexpected key {key!r} in a labml.ai-layout checkpoint")
+    return out
+
+
+def to_timm_layout(checkpoint: Any) -> dict[str, torch.Tensor]:
+    """Convert a checkpoint in any supported layout to timm's ConvMixer keys."""
+    state_dict = {_strip_prefixes(k): v for k, v in unwrap_state_dict(checkpoint).items()}
+    layout = detect_layout(list(state_dict))
+    if layout == "original":
+        return _original_to_timm(state_dict)
+    if layout == "labml":
+        return _labml_to_timm(state_dict)
+    return state_dict
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """timm ``pretrained_filter_fn``: any layout in, timm layout out."""
+    return to_timm_layout(state_dict)
+
+
+def describe_architecture(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Name the (h, d, k, p) a timm-layout state dict was made for, and the variant if it is a known one."""
+    from .variants import VARIANTS
+
+    try:
+        h, in_chans, p, _ = state_dict["stem.0.weight"].shape
+        k = state_dict["blocks.0.0.fn.0.weight"].shape[-1]
+    except (KeyError, ValueError):
+        return "an unrecognised ConvMixer"
+    d = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
+    known = [v.name for v in VARIANTS if (v.h, v.d, v.k, v.p) == (h, d, k, p)]
+    which = f" ({known[0]})" if known else ""
+    return f"ConvMixer h={h}, d={d}, k={k}, p={p}, in_chans={in_chans}{which}"
+
+
+def check_shapes_before_load(module: torch.nn.Module, state_dict: MutableMapping[str, Any], prefix: str,
+                             *args: Any) -> None:
+    """``load_state_dict`` pre-hook: convert the layout in place, then refuse mismatched shapes before any copy."""
+    mine = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if not mine:
+        return
+    try:
+        converted = to_timm_layout({k[len(prefix):]: v for k, v in mine.items()})
+    except CheckpointError:
+        return  # let PyTorch report the missing/unexpected keys as usual
+    for key in mine:
+        del state_dict[key]
+    state_dict.update({prefix + k: v for k, v in converted.items()})
+
+    expected = module.state_dict()
+    mismatched = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in converted.items()
+                  if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    if mismatched:
+        shown = "; ".join(f"{k}: checkpoint {a} vs model {b}" for k, a, b in mismatched[:3])
+        more = f" (and {len(mismatched) - 3} more)" if len(mismatched) > 3 else ""
+        raise CheckpointError(
+            f"checkpoint shapes do not fit this model: {shown}{more}. The checkpoint is for "
+            f"{describe_architecture(converted)}, the model is {describe_architecture(expected)}; create the "
+            "matching model (or pass num_classes= for a different classifier). No weights were changed."
+        )
+
+
+def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file as data: safetensors, or a pickle through ``torch.load(weights_only=True)``.
+
+    Returns the raw tensors (any layout); errors name the file and what is wrong with it.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint file at {path!r}")
+    if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path, device="cpu")
+        except SafetensorError as exc:
+            raise CheckpointError(f"{path} is truncated or corrupt (safetensors: {exc}); download it again") from exc
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path} holds Python objects beyond tensors, which could run code when unpickled, so it was not "
+            f"loaded ({str(exc).splitlines()[0]}). Re-save only the state dict (or safetensors) on a machine "
+            "that trusts it."
+        ) from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+        raise CheckpointError(f"{path} is truncated or corrupt ({type(exc).__name__}: {exc}); "
+                              "download or save it again") from exc
+    return unwrap_state_dict(checkpoint)

@@ -1,0 +1,336 @@
+"""ConvMixer, "Patches Are All You Need?" (Trockman & Kolter, TMLR 2023, arXiv 2201.09792).
+
+    stem : patch embedding, Conv(p x p, stride p) -> act -> BN
+    block: x = x + BN(act(DepthwiseConv_k(x)))    (spatial mixing, residual)
+           x = BN(act(PointwiseConv(x)))           (channel mixing)
+    head : global pool -> dropout -> Linear
+
+State-dict keys are those of timm's built-in ``timm.models.convmixer`` (``stem.0``, ``blocks.{i}.0.fn.0``, ...),
+so the published ``timm/convmixer_*.in1k`` weights load unchanged; checkpoints in the authors' original
+``nn.Sequential`` layout and the labml.ai layout are converted on load (see ``checkpoint.py``).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type, Union
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, SelectAdaptivePool2d, get_act_layer, get_device_dtype
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint, checkpoint_seq
+from torch import nn
+
+from .checkpoint import check_shapes_before_load, checkpoint_filter_fn
+from .variants import DATASET_CONFIGS, VARIANTS, Variant
+
+__all__ = ["ConvMixer", "ConvMixerBlock", "ConvMixerStem", "DepthwiseMixing", "SamePaddingDepthwiseConv"]
+
+ActLayer = Union[str, Type[nn.Module]]
+
+
+def _create_act(act_layer: ActLayer) -> nn.Module:
+    layer = get_act_layer(act_layer)
+    if layer is None:
+        raise ValueError(f"unknown activation {act_layer!r}: use a timm activation name such as 'gelu' or 'relu'")
+    return layer()
+
+
+def _act_name(act_layer: ActLayer) -> str:
+    return act_layer.lower() if isinstance(act_layer, str) else getattr(act_layer, "__name__", str(act_layer))
+
+
+class ConvMixerStem(nn.Sequential):
+    """Patch embedding: a p x p convolution with stride p, then activation and BatchNorm."""
+
+    def __init__(self, in_chans: int, dim: int, patch_size: int, act_layer: ActLayer, device=None, dtype=None):
+        super().__init__(
+            nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size, device=device, dtype=dtype),
+            _create_act(act_layer),
+            nn.BatchNorm2d(dim, device=device, dtype=dtype),
+        )
+        self.in_chans = in_chans
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(
+                "ConvMixer expects images of shape (N, " + str(self.in_chans) + ", H, W) but got "
+                + str(list(x.shape)) + "; build the model with in_chans=" + str(x.shape[1] if x.dim() == 4 else 3)
+                + " or convert the input"
+            )
+        for module in self:
+            x = module(x)
+        return x
+
+
+class SamePaddingDepthwiseConv(nn.Conv2d):
+    """Depthwise k x k convolution that keeps the grid size for odd and even k.
+
+    For even k PyTorch's ``padding="same"`` pads (k-1)//2 before and k//2 after; the explicit pad here gives the
+    same result and exports to ONNX, where ``"same"`` has a history of failures.
+    """
+
+    def __init__(self, dim: int, kernel_size: int, device=None, dtype=None):
+        super().__init__(dim, dim, kernel_size, groups=dim, padding=kernel_size // 2 if kernel_size % 2 else 0,
+                         device=device, dtype=dtype)
+        before, after = (kernel_size - 1) // 2, kernel_size // 2
+        self.explicit_pad: Tuple[int, int, int, int] = (before, after, before, after)
+        self.needs_explicit_pad = kernel_size % 2 == 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.needs_explicit_pad:
+            x = F.pad(x, self.explicit_pad)
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class DepthwiseMixing(nn.Sequential):
+    """Spatial mixing inside a block: depthwise conv -> act -> BN."""
+
+    def __init__(self, dim: int, kernel_size: int, act_layer: ActLayer, device=None, dtype=None):
+        super().__init__(
+            SamePaddingDepthwiseConv(dim, kernel_size, device=device, dtype=dtype),
+            _create_act(act_layer),
+            nn.BatchNorm2d(dim, device=device, dtype=dtype),
+        )
+
+
+class Residual(nn.Module):
+    """``x + drop_path(fn(x))``; the attribute name ``fn`` keeps timm's and the authors' weight keys."""
+
+    def __init__(self, fn: nn.Module, drop_path: float = 0.0):
+        super().__init__()
+        self.fn = fn
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop_path(self.fn(x))
+
+
+class ConvMixerBlock(nn.Sequential):
+    """One ConvMixer layer: residual depthwise (spatial) mixing, then pointwise (channel) mixing, no residual."""
+
+    def __init__(self, dim: int, kernel_size: int, act_layer: ActLayer, drop_path: float = 0.0,
+                 device=None, dtype=None):
+        super().__init__(
+            Residual(DepthwiseMixing(dim, kernel_size, act_layer, device=device, dtype=dtype), drop_path),
+            nn.Conv2d(dim, dim, kernel_size=1, device=device, dtype=dtype),
+            _create_act(act_layer),
+            nn.BatchNorm2d(dim, device=device, dtype=dtype),
+        )
+
+
+class ConvMixer(nn.Module):
+    """ConvMixer-h/d with kernel k and patch p, following timm's model interface."""
+
+    def __init__(
+            self,
+            dim: int,
+            depth: int,
+            kernel_size: int = 9,
+            patch_size: int = 7,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = "avg",
+            drop_rate: float = 0.0,
+            drop_path_rate: float = 0.0,
+            act_layer: ActLayer = "gelu",
+            device=None,
+            dtype=None,
+    ):
+        """
+        Args:
+            dim: Hidden dimension h (channels after the stem, constant through the network).
+            depth: Number of ConvMixer blocks d.
+            kernel_size: Depthwise kernel k; odd or even (even keeps the grid like ``padding="same"``).
+            patch_size: Patch size p of the stem; the grid is ``img_size // p`` everywhere after it.
+            in_chans: Input image channels.
+            num_classes: Classifier outputs; 0 for a feature extractor with no head.
+            global_pool: timm pooling type ('avg', 'max', 'avgmax', 'catavgmax', '' for none).
+            drop_rate: Dropout before the classifier.
+            drop_path_rate: Stochastic depth on the residual branch, rising linearly to this value over depth.
+            act_layer: Activation by timm name ('gelu', 'relu', ...) or class; names keep config.json serialisable.
+        """
+        super().__init__()
+        for arg, value in (("dim", dim), ("depth", depth), ("kernel_size", kernel_size), ("patch_size", patch_size),
+                           ("in_chans", in_chans)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ConvMixer {arg} must be a positive integer, got {value!r}")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        dd = {"device": device, "dtype": dtype}
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.num_features = dim
+        self.kernel_size = kernel_size
+        self.patch_size = patch_size
+        self.act_name = _act_name(act_layer)
+        self.grad_checkpointing = False
+
+        self.stem = ConvMixerStem(in_chans, dim, patch_size, act_layer, **dd)
+        drop_path_rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.Sequential(*[
+            ConvMixerBlock(dim, kernel_size, act_layer, drop_path=dpr, **dd) for dpr in drop_path_rates
+        ])
+        self.feature_info = [dict(num_chs=dim, reduction=patch_size, module=f"blocks.{i}") for i in range(depth)]
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.head_hidden_size, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        # Runs before any parameter is copied, so a checkpoint of another layout is converted and one of another
+        # shape is refused with the model untouched (PyTorch would otherwise copy the matching part first).
+        self._register_load_state_dict_pre_hook(check_shapes_before_load, with_module=True)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(stem=r"^stem", blocks=r"^blocks\.(\d+)")
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        dd = get_device_dtype(self)
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
+            self.global_pool.train(self.training)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self.head = nn.Linear(self.head_hidden_size, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.head.train(self.training)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Forward that also returns block outputs.
+
+        Args:
+            x: Input images.
+            indices: Take the last n blocks if int, all if None, these block indices if a sequence.
+            norm: Unused; ConvMixer has no final norm.
+            stop_early: Stop after the last requested block.
+            output_fmt: Only 'NCHW'.
+            intermediates_only: Return only the intermediates.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        x = self.stem(x)
+        if torch.jit.is_scripting() or not stop_early:  # TorchScript cannot slice a Sequential
+            blocks = self.blocks
+        else:
+            blocks = self.blocks[:max_index + 1]
+        for i, block in enumerate(blocks):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(block, x)
+            else:
+                x = block(x)
+            if i in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the blocks after the last requested intermediate (and the head, if asked)."""
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:max_index + 1]
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(x)
+        x = self.forward_head(x)
+        return x
+
+
+def _create_convmixer(variant: str, pretrained: bool = False, **kwargs: Any) -> ConvMixer:
+    out_indices = kwargs.pop("out_indices", 3)
+    return build_model_with_cfg(
+        ConvMixer,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **kwargs,
+    )
+
+
+def _cfg(variant: Variant) -> Dict[str, Any]:
+    cfg: Dict[str, Any] = dict(
+        url="", classifier="head", first_conv="stem.0", license="mit", **DATASET_CONFIGS[variant.dataset],
+        paper_ids="arXiv:2201.09792", paper_name="Patches Are All You Need?",
+        origin_url="https://github.com/locuslab/convmixer",
+    )
+    if variant.weights_tag:
+        cfg["hf_hub_id"] = "timm/"
+    return cfg
+
+
+default_cfgs = generate_default_cfgs({
+    f"{v.name}.{v.weights_tag}" if v.weights_tag else v.name: _cfg(v) for v in VARIANTS
+})
+
+
+def _make_entrypoint(variant: Variant) -> Callable[..., ConvMixer]:
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> ConvMixer:
+        model_args = {**variant.model_args(), **kwargs}
+        return _create_convmixer(variant.name, pretrained, **model_args)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = variant.name
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = (
+        f"ConvMixer-{variant.h}/{variant.d}, kernel {variant.k}, patch {variant.p}, {variant.act.upper()}, "
+        f"{variant.dataset} ({variant.img_size} px)."
+    )
+    return entrypoint
+
+
+def _register_all() -> None:
+    # timm ships three of these names; superseding them is the point of the plugin, so clear timm's entries
+    # first instead of letting register_model warn about the overwrite on every import.
+    from timm.models import _registry
+
+    for variant in VARIANTS:
+        if variant.name in _registry._model_entrypoints:
+            clear = getattr(_registry, "_clear_model_entries", None)
+            if clear is not None:
+                clear(variant.name)
+        entrypoint = _make_entrypoint(variant)
+        globals()[variant.name] = entrypoint
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Overwriting .* in registry")
+            register_model(entrypoint)
+
+
+_register_all()
