@@ -187,12 +187,15 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "GLOBAL" not in str(exc):  # the safe unpickler stopped on bytes it cannot parse, not on a callable
+            raise CheckpointError(f"{path} is truncated or corrupt: it is not a pickle that "
+                                  "torch.load(weights_only=True) can read, and nothing in it was run") from exc
+        blocked = next((line for line in str(exc).splitlines() if "GLOBAL" in line), "").strip()
         raise CheckpointError(
             f"{path} holds Python objects beyond tensors, which could run code when unpickled, so it was not "
-            f"loaded ({str(exc).splitlines()[0]}). Re-save only the state dict (or safetensors) on a machine "
-            "that trusts it."
+            f"loaded ({blocked}). Re-save only the state dict (or safetensors) on a machine that trusts it."
         ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
         raise CheckpointError(f"{path} is truncated or corrupt ({type(exc).__name__}: {exc}); "
                               "download or save it again") from exc
     return unwrap_state_dict(checkpoint)

@@ -31,7 +31,10 @@ ActLayer = Union[str, Type[nn.Module]]
 
 
 def _create_act(act_layer: ActLayer) -> nn.Module:
-    layer = get_act_layer(act_layer)
+    try:
+        layer = get_act_layer(act_layer)
+    except KeyError:
+        layer = None
     if layer is None:
         raise ValueError(f"unknown activation {act_layer!r}: use a timm activation name such as 'gelu' or 'relu'")
     return layer()

@@ -1,0 +1,1 @@
+"""Test helpers for convmixer-timm: an offline Hugging Face Hub server and its client environment."""
