@@ -49,6 +49,7 @@ def test_forward_intermediates(model, x):
     last2 = model.forward_intermediates(x, indices=2, stop_early=True, intermediates_only=True)
     torch.testing.assert_close(last2[-1], inter[-1])
     early_final, early = model.forward_intermediates(x, indices=[1], stop_early=True)
+    assert len(early) == 1
     torch.testing.assert_close(early_final, inter[1])
     with pytest.raises(ValueError, match="NCHW"):
         model.forward_intermediates(x, output_fmt="NHWC")
@@ -83,7 +84,7 @@ def test_grad_checkpointing_gives_same_outputs_and_grads(x):
     for m in (a, b):
         m.train()
         m(x).square().sum().backward()
-    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(pa.grad, pb.grad, msg=name)
 
 
@@ -140,7 +141,8 @@ def test_import_timm_alone_registers_everything_without_importing_torch_at_start
 
 def test_device_modules_import_registers_like_train_py():
     code = ("import importlib, timm, timm.models._registry as r; importlib.import_module('convmixer_timm');"
-            "print(r._model_entrypoints['convmixer_768_32'].__module__, 'convmixer_256_8_ks5_p2' in timm.list_models())")
+            "print(r._model_entrypoints['convmixer_768_32'].__module__,"
+            " 'convmixer_256_8_ks5_p2' in timm.list_models())")
     env = {**os.environ, "CONVMIXER_TIMM_AUTOLOAD": "0"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd="/")
     assert out.returncode == 0, out.stderr

@@ -128,8 +128,9 @@ def test_missing_file_raises_entry_not_found(hub: LocalHub, hf_env: HubEnvironme
 
 def test_dropped_connection_is_resumed_by_the_client(hub: LocalHub, hf_env: HubEnvironment) -> None:
     # huggingface_hub retries a body cut short by a clean close (after a 1 s pause). It keeps only whole
-    # DOWNLOAD_CHUNK_SIZE (10 MiB) chunks, so a file cut after 11 MiB resumes with a Range request.
-    data = os.urandom(22 * 1024 * 1024)
+    # DOWNLOAD_CHUNK_SIZE (10 MiB) chunks, so a file cut after 10.5 MiB resumes with a Range request; a
+    # smaller one is downloaded again from the start.
+    data = bytes(range(256)) * (21 * 4096)  # 21 MiB
     hub.add_file("org/big", "model.safetensors", data)
     hub.fail_midway("model.safetensors")
 

@@ -107,3 +107,31 @@ def get_variant(name: str) -> Variant:
         f"unknown ConvMixer variant {name!r}.{hint} Known: {', '.join(VARIANTS_BY_NAME)} "
         "(`convmixer-timm list` shows them all)."
     )
+
+
+def zoo_rows() -> list[dict[str, Any]]:
+    """The zoo as plain records (the CLI's ``list --json`` and the README table are made from these)."""
+    return [
+        dict(
+            name=v.name, h=v.h, d=v.d, k=v.k, p=v.p, act=v.act, dataset=v.dataset, img_size=v.img_size,
+            num_classes=v.num_classes, params=v.param_count(), gmacs=round(v.macs() / 1e9, 3),
+            top1=v.top1, top1_source=v.top1_source, weights=v.hf_hub_id,
+        )
+        for v in VARIANTS
+    ]
+
+
+def markdown_table() -> str:
+    """The zoo as a Markdown table, as in the README."""
+    lines = [
+        "| model | h | d | k | p | act | data (px) | params | GMACs | top-1 (source) | weights |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in zoo_rows():
+        top1 = f"{r['top1']:.2f} ({r['top1_source']})" if r["top1"] is not None else f"- ({r['top1_source']})"
+        weights = f"`hf-hub:{r['weights']}`" if r["weights"] else "none"
+        lines.append(
+            f"| `{r['name']}` | {r['h']} | {r['d']} | {r['k']} | {r['p']} | {r['act'].upper()} | "
+            f"{r['dataset']} ({r['img_size']}) | {r['params'] / 1e6:.2f}M | {r['gmacs']:.2f} | {top1} | {weights} |"
+        )
+    return "\n".join(lines)

@@ -30,12 +30,14 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import socketserver
 import struct
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -139,7 +141,7 @@ def _check_path_in_repo(path: str) -> str:
 
 def _check_repo_id(repo_id: str) -> str:
     parts = repo_id.split("/")
-    if not 1 <= len(parts) <= 2 or not all(_NAME_RE.match(p) and ".." not in p for p in parts):
+    if not 1 <= len(parts) <= 2 or not all(_NAME_RE.match(p) and ".." not in p and "--" not in p for p in parts):
         raise HubError(400, f"Invalid repo id: {repo_id!r}")
     return repo_id
 
@@ -151,27 +153,32 @@ def _parse_card_data(readme: bytes) -> dict[str, Any]:
     if not lines or lines[0].strip() != "---":
         return {}
     card: dict[str, Any] = {}
+    nested: set[str] = set()
     current: str | None = None
     for line in lines[1:]:
         if line.strip() == "---":
             break
-        item = re.match(r"^\s*-\s+(.*)$", line)
-        if item and current is not None and isinstance(card.get(current), list):
-            card[current].append(item.group(1).strip().strip("'\""))
+        if not line.strip() or line.lstrip().startswith("#"):
             continue
-        entry = re.match(r"^([A-Za-z0-9_.-]+):\s*(.*)$", line)
+        if line[0] in " \t-":  # belongs to the key above: a list item, or part of a nested structure
+            item = re.match(r"^\s*-\s+(.*)$", line)
+            if current is not None and item and not re.match(r"^[\w.-]+:(\s|$)", item.group(1)):
+                card[current].append(item.group(1).strip().strip("'\""))
+            elif current is not None:
+                nested.add(current)
+            continue
+        entry = re.match(r"^([\w.-]+):\s*(.*)$", line)
+        current = None
         if entry:
             key, value = entry.group(1), entry.group(2).strip()
             if value.startswith("[") and value.endswith("]"):
                 card[key] = [v.strip().strip("'\"") for v in value[1:-1].split(",") if v.strip()]
-                current = None
             elif value:
                 card[key] = value.strip("'\"")
-                current = None
             else:
                 card[key] = []
                 current = key
-    return {k: v for k, v in card.items() if v != []}
+    return {k: v for k, v in card.items() if k not in nested and v != []}
 
 
 class LocalHub:
@@ -179,8 +186,9 @@ class LocalHub:
 
     Use as a context manager (``with LocalHub(tmp) as hub: ... hub.endpoint``) or call ``start()``/``stop()``.
     Repos can be seeded from Python with ``add_file``/``add_files`` and inspected with ``read_file``,
-    ``list_files`` and ``head``. ``requests`` records every request received; ``last_authorization`` holds
-    the most recent ``Authorization`` header seen.
+    ``list_files`` and ``head``; those raise ``HubError`` (e.g. status 404) for missing repos, revisions or
+    files. ``requests`` records the last 10,000 requests received; ``last_authorization`` holds the most
+    recent ``Authorization`` header seen.
     """
 
     def __init__(
@@ -195,7 +203,7 @@ class LocalHub:
         self.root.mkdir(parents=True, exist_ok=True)
         self.username = username
         self.gitattributes = gitattributes
-        self.requests: list[RecordedRequest] = []
+        self.requests: deque[RecordedRequest] = deque(maxlen=10_000)
         self.last_authorization: str | None = None
         self._port = port
         self._lock = threading.RLock()
@@ -290,7 +298,8 @@ class LocalHub:
     def _folder(self, repo_id: str, repo_type: str) -> Path:
         if repo_type not in _URL_PREFIX:
             raise HubError(400, f"Unsupported repo type: {repo_type!r}")
-        return self.root / f"{repo_type}s" / _check_repo_id(repo_id)
+        # One flat folder per repo ("org--name", as in the client cache) so "org" and "org/name" never nest.
+        return self.root / f"{repo_type}s" / _check_repo_id(repo_id).replace("/", "--")
 
     def _get_repo(self, repo_id: str, repo_type: str = "model") -> _Repo:
         folder = self._folder(repo_id, repo_type)
@@ -451,13 +460,14 @@ class LocalHub:
                 for p in doomed:
                     del files[p]
             for path, data in additions.items():
+                path = _check_path_in_repo(path)
                 oid = _git_oid(data)
                 obj = repo.folder / "objects" / oid
                 if not obj.exists():
                     tmp = obj.with_name(f"{oid}.{uuid.uuid4().hex}.tmp")
                     tmp.write_bytes(data)
                     os.replace(tmp, obj)
-                files[_check_path_in_repo(path)] = oid
+                files[path] = oid
             record = {
                 "parents": [parent] if parent else [],
                 "title": title,
@@ -595,6 +605,10 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
+    def end_headers(self) -> None:
+        self._headers_sent = True
+        super().end_headers()
+
     def do_GET(self) -> None:
         self._dispatch("GET")
 
@@ -660,6 +674,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise HubError(401, "Repository not found", "RepoNotFound")
 
     def _dispatch(self, method: str) -> None:
+        self._headers_sent = False
         auth = self.headers.get("Authorization")
         headers = {k.lower(): v for k, v in self.headers.items()}
         self.hub.requests.append(RecordedRequest(method, self.path, headers, auth))
@@ -675,7 +690,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(err.status, {"error": err.message}, method, headers)
         except (ConnectionError, TimeoutError):
             self.close_connection = True
-        except Exception as exc:  # report server bugs to the client instead of hanging it
+        except Exception as exc:
+            if self._headers_sent:  # too late for an error response: the client sees a truncated body
+                self.close_connection = True
+                raise
+            # Report server bugs to the client instead of leaving it hanging.
             self._send_json(500, {"error": f"LocalHub internal error: {exc!r}"}, method)
 
     def _route(self, method: str, body: bytes) -> None:
@@ -903,8 +922,12 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Serve a LocalHub until interrupted (Ctrl-C)."""
+    """Serve a LocalHub until interrupted (Ctrl-C or SIGTERM)."""
     parser = argparse.ArgumentParser(
         prog="python -m convmixer_timm.testing.hub_server",
         description="Serve an offline Hugging Face Hub on 127.0.0.1 (point HF_ENDPOINT at it).",
@@ -912,6 +935,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--root", required=True, help="folder holding the repos (created if missing)")
     parser.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (default: any free port)")
     args = parser.parse_args(argv)
+    # SIGINT can arrive ignored (background jobs of a non-interactive shell); SIGTERM is what `kill` sends.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     hub = LocalHub(args.root, port=args.port).start()
     print(f"LocalHub serving {hub.root} at {hub.endpoint}", flush=True)
     print(f"  export HF_ENDPOINT={hub.endpoint} HF_TOKEN=local-token", flush=True)
