@@ -7,6 +7,18 @@
 pinned to an old commit keep working. Point the client at it with ``hub_environment`` (see ``hub_env.py``)
 or ``HF_ENDPOINT``.
 
+Endpoints (``{type}s`` is ``models``, ``datasets`` or ``spaces``; dataset/space file URLs get that prefix):
+
+* ``HEAD``/``GET /{repo_id}/resolve/{revision}/{path}`` (ETag, X-Repo-Commit, X-Linked-Etag/Size, Range)
+* ``GET /api/{type}s/{repo_id}[/revision/{revision}]`` (repo info, ``?blobs=true`` for sizes/LFS info)
+* ``GET /api/{type}s/{repo_id}/tree/{revision}[/{path}]`` (``?recursive=true``)
+* ``POST /api/{type}s/{repo_id}/preupload/{revision}`` and ``POST .../commit/{revision}`` (NDJSON)
+* ``POST /api/repos/create``, ``DELETE /api/repos/delete``, ``GET /api/whoami-v2``,
+  ``POST /api/validate-yaml``, ``GET /api/agent-harnesses``
+
+Errors carry ``X-Error-Code`` (``RepoNotFound``, ``RevisionNotFound``, ``EntryNotFound``) so the client
+raises ``RepositoryNotFoundError``, ``RevisionNotFoundError`` and ``EntryNotFoundError``.
+
 Simplifications compared with the real Hub, on purpose:
 
 * The preupload endpoint answers ``"regular"`` for every file, so the client sends all content inline in
@@ -270,8 +282,10 @@ class LocalHub:
         """Cut the next ``times`` GET downloads of ``filename`` (path in repo) after half of their bytes.
 
         Headers, including the full ``Content-Length``, are sent as usual. With ``reset=False`` the server then
-        closes the connection cleanly (the client sees a truncated body); with ``reset=True`` it aborts it
-        with a TCP RST (the client sees "connection reset by peer"). ``repo_id`` limits it to one repo.
+        closes the connection cleanly: huggingface_hub 2.4 sees a truncated body, waits 1 s and retries (from
+        the last whole 10 MiB chunk, with a Range request), up to 5 times. With ``reset=True`` it aborts the
+        connection with a TCP RST: the client does not retry and raises ``httpx2.ReadError``. ``repo_id``
+        limits the fault to one repo.
         """
         if times < 1:
             raise ValueError("times must be >= 1")
