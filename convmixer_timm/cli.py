@@ -205,7 +205,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             reason = f"the demo needs {exc.name or exc}: install it with `pip install 'convmixer-timm[demo]'`"
         if any(a in ("-h", "--help") for a in args.demo_args):
             print(f"usage: {PROG} demo [...]\n\n{_DEMO_DESCRIPTION}\n\n{reason}")
-            return 0
+            raise SystemExit(0) from None  # as argparse does after --help
         raise CliError(reason) from exc
     parser = argparse.ArgumentParser(prog=f"{PROG} demo", description=_DEMO_DESCRIPTION)
     demo.add_arguments(parser)
