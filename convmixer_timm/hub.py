@@ -284,17 +284,22 @@ def push_hub_folder(
     try:
         repo_url = api.create_repo(repo_id, private=private or None, exist_ok=True)
         repo_id = repo_url.repo_id
-        if revision and revision != "main":
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        # Create the branch only when missing: writing to an existing branch needs no branch-creation right.
+        if revision and revision != "main" and not api.revision_exists(repo_id, revision):
+            api.create_branch(repo_id, branch=revision)
         info = api.upload_folder(
             repo_id=repo_id, folder_path=Path(folder), revision=revision,
             commit_message=commit_message or f"Add {architecture} weights (convmixer-timm)",
             ignore_patterns=[".*"],
         )
     except HfHubHTTPError as exc:
+        from huggingface_hub import get_token
+
         status = getattr(getattr(exc, "response", None), "status_code", None)
+        unauthorised = ("the token was rejected" if token or get_token() else "no token was found") + \
+            ": pass --token or set HF_TOKEN (or run `hf auth login`)"
         hint = {
-            401: "the token was rejected: pass --token or set HF_TOKEN (or run `hf auth login`)",
+            401: unauthorised,
             403: "the token may not write to this repo: use a token with write access to it",
             404: "the repo or revision does not exist and could not be created",
         }.get(status, "see the server's message above")
