@@ -120,9 +120,30 @@ class _ParseKwargs(argparse.Action):
         setattr(namespace, self.dest, kwargs)
 
 
+def _fitting_options(state_dict: dict[str, Any], act: str) -> str:
+    """The command-line options that build a model these weights fit."""
+    from .hub import architecture_of
+    from .models.variants import VARIANTS
+
+    try:
+        arch = architecture_of(state_dict, act)
+    except ValueError:
+        return "the weights are not a complete ConvMixer"
+    known = [v for v in VARIANTS if (v.h, v.d, v.k, v.p) == (arch.h, arch.d, arch.k, arch.p)]
+    if known:
+        options = f"--model {known[0].name}"
+        if arch.num_classes != known[0].num_classes:
+            options += f" --num-classes {arch.num_classes}"
+    else:
+        options = (f"--model-kwargs dim={arch.h} depth={arch.d} kernel_size={arch.k} patch_size={arch.p}"
+                   + (f" in_chans={arch.in_chans}" if arch.in_chans != 3 else "")
+                   + f" --num-classes {arch.num_classes}")
+    return f"pass {options} to convert these weights."
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .hub import WEIGHTS_NAME, save_hub_folder
-    from .models.checkpoint import describe_architecture, load_checkpoint_file, to_timm_layout
+    from .models.checkpoint import CheckpointError, describe_architecture, load_checkpoint_file, to_timm_layout
     from .models.variants import get_variant
 
     try:
@@ -155,7 +176,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             raise CliError(f"cannot build {variant.name} with {model_kwargs}: {exc}", code=2) from exc
         try:
             model.load_state_dict(state_dict)
-        except RuntimeError as exc:  # CheckpointError (shapes) is a ValueError and passes through to main
+        except CheckpointError as exc:
+            raise CliError(f"{exc} Here: {_fitting_options(state_dict, variant.act)}") from exc
+        except RuntimeError as exc:
             raise CliError(f"the checkpoint ({describe_architecture(state_dict)}) does not fit {variant.name}: "
                            f"{str(exc).splitlines()[0]}") from exc
     with progress.step(f"writing and verifying {out}"):

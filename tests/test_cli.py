@@ -295,10 +295,12 @@ def test_corrupt_checkpoint_leaves_nothing(tmp_path, capsys):
     assert "truncated or corrupt" in capsys.readouterr().err
     assert_nothing_left(parent, set())
 
-    pickle_bad = tmp_path / "bad.pth"
-    pickle_bad.write_bytes(b"\x80\x04 definitely not a checkpoint")
-    assert run_cli("convert", pickle_bad, "--model", CIFAR, "--out", parent / "out") == 1
-    assert "bad.pth" in capsys.readouterr().err
+    good_pth = _save(small_timm(10).state_dict(), tmp_path / "good.pth")
+    bad_pth = tmp_path / "bad.pth"
+    bad_pth.write_bytes(good_pth.read_bytes()[: good_pth.stat().st_size // 2])
+    assert run_cli("convert", bad_pth, "--model", CIFAR, "--out", parent / "out") == 1
+    err = capsys.readouterr().err
+    assert "bad.pth is truncated or corrupt" in err
     assert_nothing_left(parent, set())
 
 
@@ -310,6 +312,7 @@ def test_checkpoint_of_another_shape_leaves_nothing(tmp_path, capsys):
                    "depth=2") == 1
     err = capsys.readouterr().err
     assert "do not fit" in err and "h=48" in err
+    assert "pass --model-kwargs dim=48 depth=2 kernel_size=5 patch_size=2 --num-classes 10" in err
     assert_nothing_left(parent, set())
 
     # The classifier size alone differs: the message names the flag that fixes it.
