@@ -160,7 +160,14 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     progress = _Progress(3, args.quiet)
     with progress.step(f"reading {args.src}"):
-        state_dict = to_timm_layout(load_checkpoint_file(args.src))
+        try:
+            raw = load_checkpoint_file(args.src)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:  # torch's zip reader reports some truncated files as a bare OSError (EINVAL)
+            raise CliError(f"{args.src} is truncated or corrupt ({type(exc).__name__}: {exc}); download or save "
+                           "it again") from exc
+        state_dict = to_timm_layout(raw)
     with progress.step(f"loading the weights into {variant.name}"):
         head = state_dict.get("head.weight")
         expected_classes = model_kwargs.get("num_classes", variant.num_classes)
