@@ -166,13 +166,21 @@ def load_hub_folder(path: str | os.PathLike[str]) -> nn.Module:
 
 @contextlib.contextmanager
 def _staging_dir(out_dir: Path) -> Iterator[Path]:
-    """A hidden folder beside ``out_dir`` (same file system, so the final rename is atomic); removed on failure."""
+    """A hidden folder beside ``out_dir`` (same file system, so the final rename is atomic); removed on failure,
+    together with any parent folders created for it."""
+    created = [p for p in (out_dir.parent, *out_dir.parent.parents) if not p.exists()]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
     try:
-        yield staging
-    except BaseException:  # includes Ctrl-C: never leave a half-written folder behind
-        shutil.rmtree(staging, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+        try:
+            yield staging
+        except BaseException:  # includes Ctrl-C: never leave a half-written folder behind
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    except BaseException:
+        for parent in created:  # innermost first; rmdir refuses a folder someone else has put files in
+            with contextlib.suppress(OSError):
+                parent.rmdir()
         raise
 
 

@@ -364,6 +364,10 @@ def test_failure_while_writing_keeps_old_folder_and_removes_staging(tmp_path):
     with pytest.raises(HubFolderError, match="not serializable"):
         save_hub_folder(small_timm(16), parent / "new", CIFAR, model_args={"act_layer": nn.GELU})
     assert_nothing_left(parent, {"out"})
+    # Parent folders created for the output go too.
+    with pytest.raises(HubFolderError, match="not serializable"):
+        save_hub_folder(small_timm(16), parent / "a" / "b" / "new", CIFAR, model_args={"act_layer": nn.GELU})
+    assert_nothing_left(parent, {"out"})
 
 
 def test_unknown_model_names_the_nearest(tmp_path, capsys):
