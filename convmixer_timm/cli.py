@@ -58,15 +58,10 @@ class _Progress:
 
 
 def zoo_records() -> list[dict[str, Any]]:
-    """One JSON-serialisable record per row of ``VARIANTS`` (what ``list --json`` prints)."""
-    from .models.variants import VARIANTS
+    """What ``list --json`` prints: ``zoo_rows()`` (shared with the README table) plus the exact MAC count."""
+    from .models.variants import VARIANTS_BY_NAME, zoo_rows
 
-    return [
-        dict(name=v.name, h=v.h, d=v.d, k=v.k, p=v.p, act=v.act, dataset=v.dataset, img_size=v.img_size,
-             num_classes=v.num_classes, params=v.param_count(), macs=v.macs(), gmacs=round(v.macs() / 1e9, 3),
-             top1=v.top1, top1_source=v.top1_source, weights=v.hf_hub_id)
-        for v in VARIANTS
-    ]
+    return [{**row, "macs": VARIANTS_BY_NAME[row["name"]].macs()} for row in zoo_rows()]
 
 
 def _format_table(rows: list[list[str]], right: set[int]) -> str:
