@@ -248,6 +248,13 @@ def test_push_without_token_names_the_fix(hub, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "(401)" in err and "no token was found" in err and "HF_TOKEN" in err
 
+    # --endpoint and --token override the environment (here: a default endpoint where nothing listens).
+    with hub_environment("http://127.0.0.1:9", tmp_path / "no_token_home", token=None):
+        assert cli.main(["push", str(folder), "--repo-id", "me/flags", "--endpoint", hub.endpoint,
+                         "--token", "flag-token"]) == 0
+    assert hub.last_authorization == "Bearer flag-token"
+    assert "model.safetensors" in hub.list_files("me/flags")
+
 
 # ---------------------------------------------------------------------------------------------------- server down
 
