@@ -321,6 +321,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         message, code = str(exc), 1
     except KeyboardInterrupt:
         message, code = "interrupted", 130
+    except BrokenPipeError:
+        # The reader went away (`convmixer-timm list | head`): stop quietly, and keep Python from reporting the
+        # same error again when it flushes stdout at exit (the recipe in the `signal` module's documentation).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
     return code
 
