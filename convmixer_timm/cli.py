@@ -202,10 +202,12 @@ def _cmd_push(args: argparse.Namespace) -> int:
     progress = _Progress(2, args.quiet)
     with progress.step(f"checking that {args.dir} loads with timm"):
         verify_hub_folder(args.dir)
-    endpoint = args.endpoint or os.environ.get("HF_ENDPOINT")
-    with progress.step(f"uploading to {args.repo_id}" + (f" at {endpoint}" if endpoint else "")):
+    from huggingface_hub import constants
+
+    endpoint = args.endpoint or None  # None: huggingface_hub's own default (HF_ENDPOINT, else huggingface.co)
+    with progress.step(f"uploading to {args.repo_id} at {endpoint or constants.ENDPOINT}"):
         url = push_hub_folder(args.dir, args.repo_id, token=args.token, endpoint=endpoint, private=args.private,
-                              revision=args.revision, commit_message=args.commit_message)
+                              revision=args.revision, commit_message=args.commit_message, verify=False)
     revision = f"@{args.revision}" if args.revision else ""
     print(f"pushed {args.dir} to {args.repo_id}: {url}\nload it with "
           f"timm.create_model(\"hf-hub:{args.repo_id}{revision}\", pretrained=True)")

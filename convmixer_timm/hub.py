@@ -292,17 +292,25 @@ def push_hub_folder(
         private: bool = False,
         revision: str | None = None,
         commit_message: str | None = None,
+        verify: bool = True,
 ) -> str:
     """Check that ``folder`` loads with timm, then upload it to ``repo_id``; return the commit URL.
 
     ``token`` and ``endpoint`` default to ``HF_TOKEN`` / ``HF_ENDPOINT`` (or the stored login), as in
     huggingface_hub. The repo is created if missing; ``revision`` names a branch, created if missing.
+    ``verify=False`` skips the load check for a caller that has just run ``verify_hub_folder`` itself.
     """
+    import json
+
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
-    model = verify_hub_folder(folder)
-    architecture = model.pretrained_cfg.get("architecture", "ConvMixer")
+    if verify:
+        verify_hub_folder(folder)
+    try:
+        architecture = json.loads((Path(folder) / CONFIG_NAME).read_text())["architecture"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise HubFolderError(f"{folder} has no readable {CONFIG_NAME}: {exc}") from exc
     api = HfApi(endpoint=endpoint or None, token=token or None, library_name="convmixer-timm")
     where = api.endpoint
     try:

@@ -20,7 +20,7 @@ import yaml
 from torch import nn
 
 from convmixer_timm import cli
-from convmixer_timm.hub import HubFolderError, save_hub_folder
+from convmixer_timm.hub import HubFolderError, load_hub_folder, save_hub_folder
 from convmixer_timm.models.variants import VARIANTS, VARIANTS_BY_NAME
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -279,6 +279,11 @@ def test_model_card_front_matter_and_numbers(tmp_path):
     assert "| top1 | 98.6 |" in body
     assert f"{variant.top1:.2f}" not in body
     assert "**Hidden dimension h:** 32" in body and "**Depth d:** 2" in body
+
+    reloaded = load_hub_folder(out)  # the library's shortcut for local-dir: with weights, in eval mode
+    assert not reloaded.training
+    with torch.no_grad():
+        assert torch.equal(reloaded(images()), small(images()))
 
 
 # ---------------------------------------------------------------------------------------------------- failures
