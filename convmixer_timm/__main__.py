@@ -1,0 +1,4 @@
+"""``python -m convmixer_timm``: the ``convmixer-timm`` command line."""
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,337 @@
+"""``convmixer-timm``: list the ConvMixer zoo, convert checkpoints to Hub folders, publish them, run the demo.
+
+    convmixer-timm list [--json]
+    convmixer-timm convert SRC --model NAME --out DIR [--overwrite] [--num-classes N] [--model-kwargs K=V ...]
+    convmixer-timm push DIR --repo-id ID [--token T] [--endpoint URL] [--private] [--revision R]
+    convmixer-timm demo [...]
+
+Also ``python -m convmixer_timm``. Progress and status go to stderr, results (tables, JSON) to stdout, so the
+output can be piped. Exit status: 0 success, 1 a failure the message explains, 2 bad usage, 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+PROG = "convmixer-timm"
+
+
+class CliError(Exception):
+    """A failure to report as one line (no traceback) with exit status ``code``."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Progress:
+    """Numbered steps with timings on stderr, in the spirit of timm's and huggingface-cli's status lines."""
+
+    def __init__(self, total: int, quiet: bool = False) -> None:
+        self.total, self.quiet, self.done = total, quiet, 0
+
+    @contextmanager
+    def step(self, what: str) -> Iterator[None]:
+        self.done += 1
+        if not self.quiet:
+            print(f"[{self.done}/{self.total}] {what} ...", end="", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        try:
+            yield
+        except BaseException:
+            if not self.quiet:
+                print(" failed", file=sys.stderr, flush=True)
+            raise
+        if not self.quiet:
+            print(f" done ({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------- list
+
+
+def zoo_records() -> list[dict[str, Any]]:
+    """What ``list --json`` prints: ``zoo_rows()`` (shared with the README table) plus the exact MAC count."""
+    from .models.variants import VARIANTS_BY_NAME, zoo_rows
+
+    return [{**row, "macs": VARIANTS_BY_NAME[row["name"]].macs()} for row in zoo_rows()]
+
+
+def _format_table(rows: list[list[str]], right: set[int]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for n, row in enumerate(rows):
+        cells = [cell.rjust(w) if i in right else cell.ljust(w)
+                 for i, (cell, w) in enumerate(zip(row, widths, strict=True))]
+        lines.append("  ".join(cells).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    records = zoo_records()
+    if args.json:
+        json.dump(records, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    rows = [["name", "h", "d", "k", "p", "act", "params", "GMACs", "img", "top-1", "top-1 source", "weights"]]
+    for r in records:
+        rows.append([
+            r["name"], str(r["h"]), str(r["d"]), str(r["k"]), str(r["p"]), r["act"], f"{r['params'] / 1e6:.2f}M",
+            f"{r['macs'] / 1e9:.2f}", str(r["img_size"]), "-" if r["top1"] is None else f"{r['top1']:.2f}",
+            r["top1_source"] or "-", r["weights"] or "none",
+        ])
+    print(_format_table(rows, right={1, 2, 3, 4, 6, 7, 8, 9}))
+    print("\nGMACs: analytic multiply-accumulates at the default image size (img), depthwise term included; "
+          "FLOPs = 2 x MACs.")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- convert
+
+
+class _ParseKwargs(argparse.Action):
+    """``--model-kwargs dim=32 act_layer=relu`` as in timm's train.py: values are Python literals or strings."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        kwargs = {}
+        for item in values:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                parser.error(f"{option_string} expects KEY=VALUE items, got {item!r}")
+            try:
+                kwargs[key] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                kwargs[key] = value
+        setattr(namespace, self.dest, kwargs)
+
+
+def _fitting_options(state_dict: dict[str, Any], act: str) -> str:
+    """The command-line options that build a model these weights fit."""
+    from .hub import architecture_of
+    from .models.variants import VARIANTS
+
+    try:
+        arch = architecture_of(state_dict, act)
+    except ValueError:
+        return "the weights are not a complete ConvMixer"
+    known = [v for v in VARIANTS if (v.h, v.d, v.k, v.p) == (arch.h, arch.d, arch.k, arch.p)]
+    if known:
+        options = f"--model {known[0].name}"
+        if arch.num_classes != known[0].num_classes:
+            options += f" --num-classes {arch.num_classes}"
+    else:
+        options = (f"--model-kwargs dim={arch.h} depth={arch.d} kernel_size={arch.k} patch_size={arch.p}"
+                   + (f" in_chans={arch.in_chans}" if arch.in_chans != 3 else "")
+                   + f" --num-classes {arch.num_classes}")
+    return f"pass {options} to convert these weights."
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .hub import WEIGHTS_NAME, save_hub_folder
+    from .models.checkpoint import CheckpointError, describe_architecture, load_checkpoint_file, to_timm_layout
+    from .models.variants import get_variant
+
+    try:
+        variant = get_variant(args.model)
+    except KeyError as exc:
+        raise CliError(str(exc.args[0]), code=2) from exc
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise CliError(f"{out} already exists; pass --overwrite to replace it (the old folder is kept if the new "
+                       "write fails)")
+    model_kwargs = dict(args.model_kwargs or {})
+    if args.num_classes is not None:
+        model_kwargs["num_classes"] = args.num_classes
+
+    progress = _Progress(3, args.quiet)
+    with progress.step(f"reading {args.src}"):
+        try:
+            raw = load_checkpoint_file(args.src)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:  # torch's zip reader reports some truncated files as a bare OSError (EINVAL)
+            raise CliError(f"{args.src} is truncated or corrupt ({type(exc).__name__}: {exc}); download or save "
+                           "it again") from exc
+        state_dict = to_timm_layout(raw)
+    with progress.step(f"loading the weights into {variant.name}"):
+        head = state_dict.get("head.weight")
+        expected_classes = model_kwargs.get("num_classes", variant.num_classes)
+        if head is not None and head.shape[0] != expected_classes:
+            raise CliError(
+                f"the checkpoint's classifier has {head.shape[0]} classes but {variant.name} is built with "
+                f"{expected_classes}; pass --num-classes {head.shape[0]}")
+        import timm
+
+        try:
+            model = timm.create_model(variant.name, **model_kwargs)
+        except (TypeError, ValueError) as exc:
+            raise CliError(f"cannot build {variant.name} with {model_kwargs}: {exc}", code=2) from exc
+        try:
+            model.load_state_dict(state_dict)
+        except CheckpointError as exc:
+            raise CliError(f"{exc} Here: {_fitting_options(state_dict, variant.act)}") from exc
+        except RuntimeError as exc:
+            raise CliError(f"the checkpoint ({describe_architecture(state_dict)}) does not fit {variant.name}: "
+                           f"{str(exc).splitlines()[0]}") from exc
+    with progress.step(f"writing and verifying {out}"):
+        path = save_hub_folder(model.eval(), out, variant.name, overwrite=args.overwrite,
+                               dataset=args.dataset, model_args=dict(args.model_kwargs or {}) or None)
+    size_mb = (path / WEIGHTS_NAME).stat().st_size / 2**20
+    print(f"wrote {path} (model.safetensors {size_mb:.1f} MiB, config.json, README.md); load it with "
+          f"timm.create_model(\"local-dir:{path}\", pretrained=True) or publish it with "
+          f"`{PROG} push {path} --repo-id ORG/NAME`")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- push
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push_hub_folder, verify_hub_folder
+
+    progress = _Progress(2, args.quiet)
+    with progress.step(f"checking that {args.dir} loads with timm"):
+        verify_hub_folder(args.dir)
+    from huggingface_hub import constants
+
+    endpoint = args.endpoint or None  # None: huggingface_hub's own default (HF_ENDPOINT, else huggingface.co)
+    with progress.step(f"uploading to {args.repo_id} at {endpoint or constants.ENDPOINT}"):
+        url = push_hub_folder(args.dir, args.repo_id, token=args.token, endpoint=endpoint, private=args.private,
+                              revision=args.revision, commit_message=args.commit_message, verify=False)
+    revision = f"@{args.revision}" if args.revision else ""
+    print(f"pushed {args.dir} to {args.repo_id}: {url}\nload it with "
+          f"timm.create_model(\"hf-hub:{args.repo_id}{revision}\", pretrained=True)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- demo
+
+_DEMO_DESCRIPTION = "Train a small ConvMixer on a toy data set end to end and write it as a Hub folder."
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    # Imported only when run: the demo needs optional dependencies (scikit-learn) the other commands do not.
+    import importlib
+
+    try:
+        demo = importlib.import_module(f"{__package__}.demo")
+    except ImportError as exc:
+        if getattr(exc, "name", None) == f"{__package__}.demo":
+            reason = "the demo is not part of this installation of convmixer-timm (no convmixer_timm.demo module)"
+        else:
+            reason = f"the demo needs {exc.name or exc}: install it with `pip install 'convmixer-timm[demo]'`"
+        if any(a in ("-h", "--help") for a in args.demo_args):
+            print(f"usage: {PROG} demo [...]\n\n{_DEMO_DESCRIPTION}\n\n{reason}")
+            raise SystemExit(0) from None  # as argparse does after --help
+        raise CliError(reason) from exc
+    parser = argparse.ArgumentParser(prog=f"{PROG} demo", description=_DEMO_DESCRIPTION)
+    demo.add_arguments(parser)
+    return int(demo.run(parser.parse_args(args.demo_args)) or 0)
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="The ConvMixer family (\"Patches Are All You Need?\") for timm: list the variants, convert "
+                    "checkpoints to Hugging Face Hub folders, publish them.",
+        epilog=f"Run `{PROG} COMMAND --help` for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("list", help="show the ConvMixer zoo as a table",
+                       description="Every ConvMixer variant: architecture, exact parameters, analytic GMACs at the "
+                                   "default image size, published top-1 with its source, Hub weights.")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser(
+        "convert", help="turn a checkpoint into a Hub-ready folder",
+        description="Convert a ConvMixer checkpoint (timm, authors' original nn.Sequential or labml.ai layout; "
+                    "module./_orig_mod. prefixes and state_dict wrappers are handled; .safetensors, .pth, "
+                    ".pth.tar, .bin) into a folder with model.safetensors, timm's config.json and a model card. "
+                    "The folder is written beside DIR, reloaded and compared, and only then moved into place: "
+                    "a failure leaves nothing behind.",
+        epilog="example: convmixer-timm convert convmixer_768_32_ks7_p7_relu.pth.tar --model convmixer_768_32 "
+               "--out ./convmixer_768_32",
+    )
+    p.add_argument("src", metavar="SRC", help="checkpoint file")
+    p.add_argument("--model", required=True, metavar="NAME", help="variant name (see `convmixer-timm list`)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to create")
+    p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists (kept if the write fails)")
+    p.add_argument("--num-classes", type=int, metavar="N",
+                   help="classes of the checkpoint's classifier (default: the variant's)")
+    p.add_argument("--model-kwargs", nargs="*", default={}, action=_ParseKwargs, metavar="KEY=VALUE",
+                   help="constructor overrides, as in timm's train.py, e.g. dim=256 depth=8 act_layer=relu")
+    p.add_argument("--dataset", help="data set the weights were trained on, for the model card")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser(
+        "push", help="publish a Hub folder with huggingface_hub",
+        description="Upload a folder written by `convert` to a Hugging Face Hub model repo (created if missing). "
+                    "The folder must load with timm first: it is built through local-dir: and run once.",
+        epilog="example: HF_TOKEN=hf_... convmixer-timm push ./convmixer_768_32 --repo-id me/convmixer_768_32",
+    )
+    p.add_argument("dir", metavar="DIR", help="folder written by `convmixer-timm convert`")
+    p.add_argument("--repo-id", required=True, metavar="ID", help="ORG/NAME of the model repo")
+    p.add_argument("--token", metavar="T", help="Hub token (default: HF_TOKEN or the stored login)")
+    p.add_argument("--endpoint", metavar="URL", help="Hub URL (default: HF_ENDPOINT or https://huggingface.co)")
+    p.add_argument("--private", action="store_true", help="create the repo as private")
+    p.add_argument("--revision", metavar="R", help="branch to commit to (created if missing; default: main)")
+    p.add_argument("--commit-message", metavar="M", help="commit message")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(func=_cmd_push)
+
+    # The demo's options belong to the demo module; parse them only when it runs so that `list`, `convert` and
+    # `push` never import it (nor its optional dependencies).
+    p = sub.add_parser("demo", help="train a small ConvMixer end to end (optional extra: [demo])",
+                       description=_DEMO_DESCRIPTION, add_help=False, prefix_chars="\0")
+    p.add_argument("demo_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``convmixer-timm`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .hub import HubFolderError, HubPushError
+    from .models.checkpoint import CheckpointError
+
+    try:
+        return int(args.func(args) or 0)
+    except CliError as exc:
+        message, code = str(exc), exc.code
+    except (CheckpointError, HubFolderError, HubPushError, FileExistsError, FileNotFoundError) as exc:
+        message, code = str(exc), 1
+    except KeyboardInterrupt:
+        message, code = "interrupted", 130
+    except BrokenPipeError:
+        # The reader went away (`convmixer-timm list | head`): stop quietly, and keep Python from reporting the
+        # same error again when it flushes stdout at exit (the recipe in the `signal` module's documentation).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,348 @@
+"""Hub-ready folders: write them atomically, load them, check them, publish them.
+
+A folder holds ``model.safetensors`` (timm key layout), ``config.json`` in timm's own format (written by
+``timm.models._hub.save_for_hf``, so ``timm.create_model("local-dir:DIR", pretrained=True)`` and
+``"hf-hub:ORG/NAME"`` rebuild the model from it) and a model card ``README.md``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .model_card import Architecture, render_model_card
+from .models.checkpoint import CheckpointError, describe_architecture, to_timm_layout
+from .models.variants import Variant, get_variant
+
+__all__ = [
+    "CARD_NAME", "CONFIG_NAME", "WEIGHTS_NAME", "HubFolderError", "HubPushError", "architecture_of",
+    "load_hub_folder", "push_hub_folder", "save_hub_folder", "verify_hub_folder",
+]
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+CARD_NAME = "README.md"
+
+# Activation modules recognised when a model (e.g. the authors' nn.Sequential) does not name its activation.
+_ACT_NAMES = {nn.GELU: "gelu", nn.ReLU: "relu", nn.SiLU: "silu", nn.Hardswish: "hard_swish", nn.Mish: "mish"}
+
+
+class HubFolderError(RuntimeError):
+    """A Hub folder that cannot be written, or that does not load back as the model it should hold."""
+
+
+class HubPushError(RuntimeError):
+    """Publishing a folder to the Hub failed; the message names the cause and the fix."""
+
+
+def architecture_of(state_dict: Mapping[str, torch.Tensor], act: str) -> Architecture:
+    """Read h, d, k, p, input channels and classes from timm-layout weights (the activation has no weights)."""
+    try:
+        h, in_chans, p, _ = state_dict["stem.0.weight"].shape
+        k = state_dict["blocks.0.0.fn.0.weight"].shape[-1]
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"not a ConvMixer state dict: {exc!r} (stem.0 or blocks.0 missing)") from exc
+    d = len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")})
+    head = state_dict.get("head.weight")
+    num_classes = int(head.shape[0]) if head is not None else 0
+    return Architecture(h=int(h), d=d, k=int(k), p=int(p), act=act, in_chans=int(in_chans), num_classes=num_classes)
+
+
+def _activation_of(model: nn.Module, default: str) -> str:
+    name = getattr(model, "act_name", None)
+    if isinstance(name, str) and name:
+        return name.lower()
+    for module in model.modules():
+        for cls, act in _ACT_NAMES.items():
+            if type(module) is cls:
+                return act
+    return default
+
+
+def _global_pool_of(model: nn.Module) -> str | None:
+    pool = getattr(model, "global_pool", None)
+    pool = getattr(pool, "pool_type", pool)
+    return pool if isinstance(pool, str) else None
+
+
+def _model_args(variant: Variant, model: nn.Module, arch: Architecture, overrides: Mapping[str, Any] | None
+                ) -> dict[str, Any]:
+    # Every constructor argument goes into config.json, not only those that differ from the variant's defaults,
+    # so the folder still rebuilds the same network if a default ever changes.
+    args: dict[str, Any] = dict(dim=arch.h, depth=arch.d, kernel_size=arch.k, patch_size=arch.p,
+                                act_layer=arch.act, in_chans=arch.in_chans, num_classes=arch.num_classes)
+    pool = _global_pool_of(model)
+    if pool is not None:
+        args["global_pool"] = pool
+    args.update(overrides or {})
+    return args
+
+
+def _build_reference(variant: Variant, model: nn.Module, state_dict: dict[str, torch.Tensor],
+                     args: dict[str, Any]) -> nn.Module:
+    """A fresh timm-built model holding ``state_dict``: what ``local-dir:`` will rebuild from the folder."""
+    import timm
+
+    try:
+        reference = timm.create_model(variant.name, pretrained=False, **args)
+    except (TypeError, ValueError) as exc:
+        raise HubFolderError(f"cannot build {variant.name} with {args}: {exc}") from exc
+    source_cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(source_cfg, Mapping) and source_cfg.get("architecture") == variant.name:
+        # Keep the caller's preprocessing (input size, mean/std, crop) when the model came from timm.
+        reference.pretrained_cfg = dict(source_cfg)
+    try:
+        reference.load_state_dict(state_dict)
+    except CheckpointError:
+        raise
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"the weights ({describe_architecture(state_dict)}) do not fit {variant.name} built with {args}: "
+            f"{str(exc).splitlines()[0]}"
+        ) from exc
+    return reference.eval()
+
+
+def _assert_same(expected: torch.Tensor, actual: torch.Tensor, what: str) -> None:
+    if torch.equal(actual, expected):  # the common case, and far cheaper than assert_close
+        return
+    try:  # NaNs in the same places count as equal; otherwise report where they differ
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
+    except AssertionError as exc:
+        raise HubFolderError(f"{what} differs after reloading the folder: {str(exc).splitlines()[0]}") from exc
+
+
+def _probe_input(input_size: tuple[int, ...], patch_size: int) -> torch.Tensor:
+    # ConvMixer runs at any size >= p; a 4 x 4 patch grid exercises every layer (padding included) at a
+    # fraction of the cost of 224 px (seconds per pass for the large variants on a small CPU).
+    channels, *spatial = input_size
+    spatial = [min(s, 4 * patch_size) for s in spatial]
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(1, channels, *spatial, generator=generator)
+
+
+def verify_hub_folder(path: str | os.PathLike[str]) -> nn.Module:
+    """Build the model from a folder through ``local-dir:`` and run one forward; return it in eval mode.
+
+    Raises ``HubFolderError`` naming what is missing or broken.
+    """
+    return _load_folder(Path(path), run_forward=True)
+
+
+def _load_folder(folder: Path, run_forward: bool) -> nn.Module:
+    if not folder.is_dir():
+        raise HubFolderError(f"{folder} is not a folder; write one with `convmixer-timm convert` first")
+    missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / name).is_file()]
+    if missing:
+        raise HubFolderError(f"{folder} lacks {', '.join(missing)}; write it with `convmixer-timm convert`")
+    import timm
+
+    try:
+        model = timm.create_model(f"local-dir:{folder.resolve()}", pretrained=True).eval()
+        if not run_forward:
+            return model
+        input_size = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
+        with torch.inference_mode():
+            out = model(_probe_input(input_size, getattr(model, "patch_size", 7)))
+    except Exception as exc:  # anything timm or the weights raise means the folder is unusable
+        raise HubFolderError(f"{folder} does not load with timm: {type(exc).__name__}: {exc}") from exc
+    if out.shape != (1, model.num_classes) and model.num_classes > 0:
+        raise HubFolderError(f"{folder} gives outputs of shape {tuple(out.shape)}, expected (1, {model.num_classes})")
+    return model
+
+
+def load_hub_folder(path: str | os.PathLike[str]) -> nn.Module:
+    """The model of a Hub folder, weights loaded, in eval mode (``timm.create_model("local-dir:...")``)."""
+    return _load_folder(Path(path), run_forward=False)
+
+
+@contextlib.contextmanager
+def _staging_dir(out_dir: Path) -> Iterator[Path]:
+    """A hidden folder beside ``out_dir`` (same file system, so the final rename is atomic); removed on failure,
+    together with any parent folders created for it."""
+    created = [p for p in (out_dir.parent, *out_dir.parent.parents) if not p.exists()]
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+        try:
+            yield staging
+        except BaseException:  # includes Ctrl-C: never leave a half-written folder behind
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    except BaseException:
+        for parent in created:  # innermost first; rmdir refuses a folder someone else has put files in
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        raise
+
+
+def _install(staging: Path, out_dir: Path, overwrite: bool) -> None:
+    """Move a complete staging folder to ``out_dir``; the previous ``out_dir`` survives any failure."""
+    umask = os.umask(0)
+    os.umask(umask)
+    # mkdtemp makes the folder 0700 and some writers make their files 0600 (write-then-rename); a published
+    # folder should have the permissions of any other the user creates.
+    os.chmod(staging, 0o777 & ~umask)
+    for file in staging.iterdir():
+        os.chmod(file, 0o666 & ~umask)
+    if not out_dir.exists():
+        try:
+            os.rename(staging, out_dir)
+        except OSError as exc:  # someone created it meanwhile
+            raise FileExistsError(f"{out_dir} appeared while writing; pass --overwrite to replace it") from exc
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; pass --overwrite (overwrite=True) to replace it")
+    backup = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex[:8]}.old"
+    os.rename(out_dir, backup)
+    try:
+        os.rename(staging, out_dir)
+    except BaseException:
+        os.rename(backup, out_dir)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def save_hub_folder(
+        model: torch.nn.Module,
+        out_dir: str | os.PathLike,
+        model_name: str,
+        *,
+        metrics: dict[str, float] | None = None,
+        dataset: str | None = None,
+        overwrite: bool = False,
+        model_args: dict | None = None,
+) -> Path:
+    """Write ``model`` as a Hub-ready folder and return its path.
+
+    Args:
+        model: A ConvMixer (timm-built, or any module whose state dict is in a supported layout, such as the
+            authors' ``nn.Sequential``). Its weights are copied, the model itself is not changed.
+        out_dir: Folder to create. It appears complete or not at all: everything is written to a hidden
+            folder beside it, reloaded and compared, then renamed into place.
+        model_name: The variant the model is an instance of (e.g. ``"convmixer_768_32"``); h/d/k/p/classes are
+            read from the weights, so variants with overridden sizes are fine.
+        metrics: Measured numbers for the model card, e.g. ``{"top1": 98.6, "dataset": "sklearn digits"}``.
+        dataset: What the weights were trained on (default: ``metrics["dataset"]``, then the variant's).
+        overwrite: Replace an existing ``out_dir``; it stays intact if the new write fails.
+        model_args: Constructor arguments overriding those read from the model (JSON-serialisable).
+
+    Raises:
+        FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
+        KeyError: unknown ``model_name`` (the message names the nearest variants).
+        CheckpointError: the weights do not fit the variant.
+        HubFolderError: the folder could not be written or does not reload identically.
+    """
+    from timm.models._hub import save_for_hf
+
+    variant = get_variant(model_name)
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; pass --overwrite (overwrite=True) to replace it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a folder; choose another output path")
+
+    state_dict = {k: v.detach().to("cpu", copy=True) for k, v in to_timm_layout(model.state_dict()).items()}
+    arch = architecture_of(state_dict, _activation_of(model, variant.act))
+    args = _model_args(variant, model, arch, model_args)
+    reference = _build_reference(variant, model, state_dict, args)
+    arch = Architecture(h=arch.h, d=arch.d, k=arch.k, p=arch.p, act=str(args.get("act_layer", arch.act)),
+                        in_chans=arch.in_chans, num_classes=arch.num_classes)
+
+    with _staging_dir(out_dir) as staging:
+        try:
+            save_for_hf(reference, str(staging), model_args=args, safe_serialization=True)
+        except (ValueError, TypeError, OSError) as exc:
+            raise HubFolderError(f"could not write the folder: {exc}") from exc
+        input_size = tuple(reference.pretrained_cfg.get("input_size", (3, arch.p * 32, arch.p * 32)))
+        input_size = (arch.in_chans, *input_size[1:])
+        card = render_model_card(
+            repo_name=out_dir.name, variant=variant, arch=arch, input_size=input_size,
+            global_pool=str(args.get("global_pool", "avg")),
+            param_count=sum(t.numel() for t in reference.parameters()),
+            metrics=metrics, dataset=dataset,
+        )
+        (staging / CARD_NAME).write_text(card, encoding="utf-8")
+
+        loaded = _load_folder(staging, run_forward=False)  # the forward below runs it
+        loaded_state = loaded.state_dict()
+        for key, expected in reference.state_dict().items():
+            _assert_same(expected, loaded_state[key], f"tensor {key}")
+        x = _probe_input(input_size, arch.p)
+        with torch.inference_mode():
+            _assert_same(reference(x), loaded(x), "the model output")
+        _install(staging, out_dir, overwrite)
+    return out_dir
+
+
+def push_hub_folder(
+        folder: str | os.PathLike[str],
+        repo_id: str,
+        *,
+        token: str | None = None,
+        endpoint: str | None = None,
+        private: bool = False,
+        revision: str | None = None,
+        commit_message: str | None = None,
+        verify: bool = True,
+) -> str:
+    """Check that ``folder`` loads with timm, then upload it to ``repo_id``; return the commit URL.
+
+    ``token`` and ``endpoint`` default to ``HF_TOKEN`` / ``HF_ENDPOINT`` (or the stored login), as in
+    huggingface_hub. The repo is created if missing; ``revision`` names a branch, created if missing.
+    ``verify=False`` skips the load check for a caller that has just run ``verify_hub_folder`` itself.
+    """
+    import json
+
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if verify:
+        verify_hub_folder(folder)
+    try:
+        architecture = json.loads((Path(folder) / CONFIG_NAME).read_text())["architecture"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise HubFolderError(f"{folder} has no readable {CONFIG_NAME}: {exc}") from exc
+    api = HfApi(endpoint=endpoint or None, token=token or None, library_name="convmixer-timm")
+    where = api.endpoint
+    try:
+        repo_url = api.create_repo(repo_id, private=private or None, exist_ok=True)
+        repo_id = repo_url.repo_id
+        # Create the branch only when missing: writing to an existing branch needs no branch-creation right.
+        if revision and revision != "main" and not api.revision_exists(repo_id, revision):
+            api.create_branch(repo_id, branch=revision)
+        info = api.upload_folder(
+            repo_id=repo_id, folder_path=Path(folder), revision=revision,
+            commit_message=commit_message or f"Add {architecture} weights (convmixer-timm)",
+            ignore_patterns=[".*"],
+        )
+    except HfHubHTTPError as exc:
+        from huggingface_hub import get_token
+
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        unauthorised = ("the token was rejected" if token or get_token() else "no token was found") + \
+            ": pass --token or set HF_TOKEN (or run `hf auth login`)"
+        hint = {
+            401: unauthorised,
+            403: "the token may not write to this repo: use a token with write access to it",
+            404: "the repo or revision does not exist and could not be created",
+        }.get(status, "see the server's message above")
+        raise HubPushError(f"upload of {folder} to {repo_id} at {where} failed ({status}): "
+                           f"{str(exc).splitlines()[0]}; {hint}") from exc
+    except OSError as exc:
+        raise HubPushError(f"cannot reach the Hub at {where}: {exc}; check --endpoint / HF_ENDPOINT and the "
+                           "network") from exc
+    except Exception as exc:
+        if type(exc).__module__.startswith(("httpx", "httpcore", "requests", "urllib3")):
+            raise HubPushError(f"cannot reach the Hub at {where}: {type(exc).__name__}: {exc}; check --endpoint / "
+                               "HF_ENDPOINT and the network") from exc
+        raise
+    return str(getattr(info, "commit_url", info))

@@ -1,0 +1,176 @@
+"""Model cards (README.md) for Hub folders written by ``save_hub_folder``.
+
+A card states only numbers that exist: the architecture's exact parameter count and analytic MACs (from the
+``Variant`` formulas), figures the caller measured (``metrics``), and the published top-1 of the variant table
+with its source, the latter only when the folder holds exactly that published configuration.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .models.variants import Variant
+
+__all__ = ["Architecture", "render_model_card"]
+
+# Hub dataset ids for the data sets of the variant table; anything else is written as the caller named it.
+HUB_DATASET_IDS = {"imagenet-1k": "imagenet-1k", "cifar-10": "cifar10"}
+
+CITATION = """@article{trockman2023patches,
+  title={Patches Are All You Need?},
+  author={Trockman, Asher and Kolter, J. Zico},
+  journal={Transactions on Machine Learning Research},
+  year={2023},
+  url={https://arxiv.org/abs/2201.09792}
+}"""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The ConvMixer a folder holds, as read from its weights (act and pooling come from its config)."""
+
+    h: int
+    d: int
+    k: int
+    p: int
+    act: str
+    in_chans: int
+    num_classes: int
+
+    def as_variant(self, base: Variant) -> Variant:
+        """``base`` with this architecture, so the table's formulas give this model's params and MACs."""
+        return dataclasses.replace(base, h=self.h, d=self.d, k=self.k, p=self.p, act=self.act)
+
+    def is_published(self, variant: Variant) -> bool:
+        """Whether this is exactly the configuration the variant's published numbers are for."""
+        return (self.h, self.d, self.k, self.p, self.act, self.in_chans, self.num_classes) == (
+            variant.h, variant.d, variant.k, variant.p, variant.act, 3, variant.num_classes)
+
+
+def _yaml_str(value: str) -> str:
+    # A JSON string is a valid YAML scalar, and quoting keeps names like "sklearn digits: 8x8" intact.
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _fmt_metric(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def render_model_card(
+        *,
+        repo_name: str,
+        variant: Variant,
+        arch: Architecture,
+        input_size: tuple[int, int, int],
+        global_pool: str,
+        param_count: int,
+        metrics: Mapping[str, Any] | None = None,
+        dataset: str | None = None,
+) -> str:
+    """Markdown with Hub YAML front matter describing one ConvMixer folder.
+
+    ``metrics`` maps metric names to measured values (e.g. ``{"top1": 98.6, "dataset": "sklearn digits"}``);
+    a ``dataset`` entry names what they were measured on. ``dataset`` is what the weights were trained on,
+    defaulting to the metrics' data set, then the variant's.
+    """
+    metrics = dict(metrics or {})
+    measured_on = metrics.pop("dataset", None)
+    trained_on = dataset or measured_on or variant.dataset
+    hub_dataset = HUB_DATASET_IDS.get(trained_on, trained_on)
+    published = arch.is_published(variant)
+    spec = arch.as_variant(variant)
+    _, height, width = input_size
+    macs = spec.macs(img_size=height, in_chans=arch.in_chans, num_classes=arch.num_classes) if height == width \
+        else None
+
+    lines = ["---", "tags:", "- image-classification", "- timm", "- convmixer", "library_name: timm",
+             "pipeline_tag: image-classification", "license: mit", "datasets:", f"- {_yaml_str(hub_dataset)}"]
+    numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if numeric:
+        # model-index is how the Hub shows evaluation results; only the caller's measured values go here.
+        lines += ["model-index:", f"- name: {_yaml_str(repo_name)}", "  results:",
+                  "  - task:", "      type: image-classification",
+                  "    dataset:", f"      name: {_yaml_str(measured_on or trained_on)}",
+                  f"      type: {_yaml_str(HUB_DATASET_IDS.get(measured_on or trained_on, measured_on or trained_on))}",
+                  "    metrics:"]
+        for name, value in numeric.items():
+            metric_type = "accuracy" if name.lower().startswith("top") else name
+            lines += [f"    - type: {_yaml_str(metric_type)}", f"      name: {_yaml_str(name)}",
+                      f"      value: {value}"]
+    lines += ["---", "", f"# Model card for {repo_name}", ""]
+
+    same = "" if published else (
+        f" Its configuration differs from the published `{variant.name}` "
+        f"(h={variant.h}, d={variant.d}, k={variant.k}, p={variant.p}, {variant.act}, {variant.num_classes} classes).")
+    lines += [
+        f"A ConvMixer image classifier built as timm's `{variant.name}` architecture.{same}",
+        "",
+        "ConvMixer (\"Patches Are All You Need?\", Trockman & Kolter, TMLR 2023) embeds the image in p x p patches "
+        "with a strided convolution, then repeats d identical blocks at that one resolution: a residual depthwise "
+        "k x k convolution mixes space, a pointwise 1 x 1 convolution mixes channels, each followed by the "
+        "activation and BatchNorm. Global average pooling and a linear classifier finish the network.",
+        "",
+        "## Model details",
+        "",
+        f"- **Architecture:** `{variant.name}` (convmixer-timm / timm)",
+        f"- **Hidden dimension h:** {arch.h}",
+        f"- **Depth d:** {arch.d}",
+        f"- **Depthwise kernel k:** {arch.k}",
+        f"- **Patch size p:** {arch.p}",
+        f"- **Activation:** {arch.act}",
+        f"- **Input:** {arch.in_chans} x {height} x {width}",
+        f"- **Classes:** {arch.num_classes}",
+        f"- **Global pooling:** {global_pool or 'none'}",
+        f"- **Parameters:** {param_count:,}" + (f" ({param_count / 1e6:.2f}M)" if param_count >= 100_000 else ""),
+    ]
+    if macs is not None:
+        lines.append(
+            f"- **Compute at {height} x {width}:** {macs / 1e9:.4g} GMACs analytic ({macs:,} MACs; "
+            f"= {2 * macs / 1e9:.4g} GFLOPs, 1 MAC = 2 FLOPs), counting the patch embedding, depthwise, "
+            "pointwise and classifier layers; activations, BatchNorm and pooling are not counted")
+    lines += [
+        f"- **Training data set:** {trained_on}",
+        "- **Paper:** [Patches Are All You Need?](https://arxiv.org/abs/2201.09792)",
+        "- **Original code:** https://github.com/locuslab/convmixer",
+        "- **Licence:** MIT",
+        "",
+        "## Accuracy",
+        "",
+    ]
+    if numeric:
+        lines += [f"Measured on {measured_on or trained_on} for the weights in this repository:", "",
+                  "| metric | value |", "|---|---|"]
+        lines += [f"| {name} | {_fmt_metric(value)} |" for name, value in numeric.items()]
+        lines.append("")
+    if published and variant.top1 is not None:
+        lines += [f"Published top-1 of `{variant.name}` on {variant.dataset}: {variant.top1:.2f} % "
+                  f"(source: {variant.top1_source}). This is the figure reported for the published weights; it "
+                  "was not re-measured for the weights in this repository.", ""]
+    elif not numeric:
+        lines += ["No accuracy has been measured for these weights, and no published figure exists for this exact "
+                  "configuration.", ""]
+    lines += [
+        "## Usage",
+        "",
+        "```python",
+        "import timm  # with convmixer-timm installed, importing timm registers the ConvMixer models",
+        "import torch",
+        "",
+        f'model = timm.create_model("hf-hub:ORG/{repo_name}", pretrained=True).eval()  # or "local-dir:PATH"',
+        "config = timm.data.resolve_data_config({}, model=model)",
+        "transform = timm.data.create_transform(**config)",
+        "with torch.no_grad():",
+        "    logits = model(transform(image).unsqueeze(0))  # image: a PIL image",
+        "```",
+        "",
+        "## Citation",
+        "",
+        "```bibtex",
+        CITATION,
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,392 @@
+"""The ``convmixer-timm`` command line: list, convert (every checkpoint layout), failure safety, help.
+
+Models are small (h=32, d=2) instances of the registered variants so the file runs in seconds; parity is checked
+against independent implementations written from the authors' and labml.ai's code, with randomised BatchNorm
+statistics so that a wrong mapping of any tensor shows up in the outputs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+import yaml
+from torch import nn
+
+from convmixer_timm import cli
+from convmixer_timm.hub import HubFolderError, load_hub_folder, save_hub_folder
+from convmixer_timm.models.variants import VARIANTS, VARIANTS_BY_NAME
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(dim=32, depth=2)
+CIFAR = "convmixer_256_8_ks5_p2"  # k=5, p=2, GELU, 10 classes, 32 px
+
+
+# ---------------------------------------------------------------------------------------------------- references
+
+
+class Residual(nn.Module):
+    def __init__(self, fn: nn.Module):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x) + x
+
+
+def paper_convmixer(h: int, d: int, k: int, p: int, n: int, act: type[nn.Module] = nn.GELU) -> nn.Sequential:
+    """The authors' listing from the paper (locuslab/convmixer), activation as a parameter for the ReLU model."""
+    return nn.Sequential(
+        nn.Conv2d(3, h, p, stride=p), act(), nn.BatchNorm2d(h),
+        *[nn.Sequential(
+            Residual(nn.Sequential(nn.Conv2d(h, h, k, groups=h, padding="same"), act(), nn.BatchNorm2d(h))),
+            nn.Conv2d(h, h, 1), act(), nn.BatchNorm2d(h),
+        ) for _ in range(d)],
+        nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(), nn.Linear(h, n),
+    )
+
+
+class LabmlConvMixer(nn.Module):
+    """Module names and forward of the labml.ai annotated implementation (patch_emb, conv_mixer_layers, ...)."""
+
+    class PatchEmbeddings(nn.Module):
+        def __init__(self, h: int, p: int):
+            super().__init__()
+            self.conv, self.act, self.norm = nn.Conv2d(3, h, p, stride=p), nn.GELU(), nn.BatchNorm2d(h)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.norm(self.act(self.conv(x)))
+
+    class ConvMixerLayer(nn.Module):
+        def __init__(self, h: int, k: int):
+            super().__init__()
+            self.depth_wise_conv = nn.Conv2d(h, h, k, groups=h, padding=(k - 1) // 2)
+            self.act1, self.norm1 = nn.GELU(), nn.BatchNorm2d(h)
+            self.point_wise_conv = nn.Conv2d(h, h, 1)
+            self.act2, self.norm2 = nn.GELU(), nn.BatchNorm2d(h)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = x + self.norm1(self.act1(self.depth_wise_conv(x)))
+            return self.norm2(self.act2(self.point_wise_conv(x)))
+
+    class ClassificationHead(nn.Module):
+        def __init__(self, h: int, n: int):
+            super().__init__()
+            self.linear = nn.Linear(h, n)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(x.mean(dim=(2, 3)))
+
+    def __init__(self, h: int, d: int, k: int, p: int, n: int):
+        super().__init__()
+        self.patch_emb = self.PatchEmbeddings(h, p)
+        self.conv_mixer_layers = nn.ModuleList([self.ConvMixerLayer(h, k) for _ in range(d)])
+        self.classification = self.ClassificationHead(h, n)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_emb(x)
+        for layer in self.conv_mixer_layers:
+            x = layer(x)
+        return self.classification(x)
+
+
+def randomise(model: nn.Module, seed: int) -> nn.Module:
+    """Random weights *and* BatchNorm statistics, so every tensor influences the output."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.1)
+                module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+                module.weight.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+                module.bias.copy_(torch.randn(module.num_features, generator=generator) * 0.1)
+                module.num_batches_tracked.fill_(7)
+    return model.eval()
+
+
+def small_timm(seed: int = 0, **overrides) -> nn.Module:
+    torch.manual_seed(seed)
+    return randomise(timm.create_model(CIFAR, **{**SMALL, **overrides}), seed)
+
+
+def images(n: int = 2, size: int = 32) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(123))
+
+
+def run_cli(*argv: str) -> int:
+    return cli.main([str(a) for a in argv])
+
+
+def load_dir(path: Path) -> nn.Module:
+    return timm.create_model(f"local-dir:{path}", pretrained=True).eval()
+
+
+def assert_nothing_left(parent: Path, expected: set[str]) -> None:
+    """Only the entries we expect: no output folder from a failed run, no staging or backup folders."""
+    assert {p.name for p in parent.iterdir()} == expected
+
+
+# ---------------------------------------------------------------------------------------------------- list
+
+
+def test_list_json_equals_variant_table(capsys):
+    assert run_cli("list", "--json") == 0
+    records = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in records] == [v.name for v in VARIANTS]
+    for record, v in zip(records, VARIANTS, strict=True):
+        assert (record["h"], record["d"], record["k"], record["p"], record["act"]) == (v.h, v.d, v.k, v.p, v.act)
+        assert record["params"] == v.param_count()
+        assert record["macs"] == v.macs()
+        assert record["gmacs"] == pytest.approx(v.macs() / 1e9, abs=1e-3)
+        assert record["img_size"] == v.img_size and record["num_classes"] == v.num_classes
+        assert record["dataset"] == v.dataset
+        assert record["top1"] == v.top1 and record["top1_source"] == v.top1_source
+        assert record["weights"] == v.hf_hub_id
+
+
+def test_list_table_shows_every_variant(capsys):
+    assert run_cli("list") == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = lines[0].split()
+    for column in ("name", "h", "d", "k", "p", "act", "params", "GMACs", "top-1", "weights"):
+        assert column in header
+    for v in VARIANTS:
+        row = next(line for line in lines if line.split()[:1] == [v.name])
+        cells = row.split()
+        assert cells[1:6] == [str(v.h), str(v.d), str(v.k), str(v.p), v.act]
+        assert f"{v.param_count() / 1e6:.2f}M" in cells
+        assert f"{v.macs() / 1e9:.2f}" in cells
+        assert ("-" if v.top1 is None else f"{v.top1:.2f}") in cells
+        assert cells[-1] == (v.hf_hub_id or "none")
+
+
+# ---------------------------------------------------------------------------------------------------- convert
+
+
+def _save(obj, path: Path) -> Path:
+    if path.suffix == ".safetensors":
+        safetensors.torch.save_file({k: v.contiguous() for k, v in obj.items()}, path)
+    else:
+        torch.save(obj, path)
+    return path
+
+
+LAYOUT_CASES = {
+    # name: (reference model factory, wrap the state dict, file name, --model, --model-kwargs)
+    "timm-safetensors": (lambda: small_timm(1), lambda sd: sd, "w.safetensors", CIFAR, SMALL),
+    "timm-module-prefix-wrapper-pth.tar": (
+        lambda: small_timm(2), lambda sd: {"state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3},
+        "ckpt.pth.tar", CIFAR, SMALL),
+    "original-gelu-pth": (lambda: randomise(paper_convmixer(32, 2, 5, 2, 10), 3), lambda sd: sd, "orig.pth",
+                          CIFAR, SMALL),
+    "original-relu-model-wrapper-bin": (
+        lambda: randomise(paper_convmixer(16, 2, 7, 7, 1000, nn.ReLU), 4), lambda sd: {"model": sd},
+        "pytorch_model.bin", "convmixer_768_32", dict(dim=16, depth=2)),
+    "original-even-kernel-module-prefix": (
+        lambda: randomise(paper_convmixer(32, 2, 8, 7, 1000), 5), lambda sd: {f"module.{k}": v for k, v in sd.items()},
+        "even.pth", "convmixer_512_16_ks8_p7", SMALL),
+    "labml-safetensors": (lambda: randomise(LabmlConvMixer(32, 2, 5, 2, 10), 6), lambda sd: sd,
+                          "labml.safetensors", CIFAR, SMALL),
+}
+
+
+@pytest.mark.parametrize("case", list(LAYOUT_CASES))
+def test_convert_every_layout_loads_with_identical_outputs(tmp_path, case, capsys):
+    make, wrap, filename, model_name, kwargs = LAYOUT_CASES[case]
+    reference = make()
+    src = _save(wrap(reference.state_dict()), tmp_path / filename)
+    out = tmp_path / "hub" / "converted"
+    argv = ["convert", src, "--model", model_name, "--out", out, "--model-kwargs",
+            *[f"{k}={v}" for k, v in kwargs.items()]]
+    assert run_cli(*argv) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert_nothing_left(out.parent, {"converted"})
+
+    loaded = load_dir(out)
+    size = 32 if model_name == CIFAR else 56
+    x = images(2, size)
+    with torch.no_grad():
+        expected, actual = reference(x), loaded(x)
+    if case.startswith("timm"):
+        assert torch.equal(actual, expected)
+    else:  # other code, same arithmetic up to float reassociation
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+    config = json.loads((out / "config.json").read_text())
+    variant = VARIANTS_BY_NAME[model_name]
+    assert config["architecture"] == model_name
+    assert config["num_classes"] == variant.num_classes
+    assert config["num_features"] == kwargs["dim"]
+    assert config["model_args"]["dim"] == kwargs["dim"] and config["model_args"]["depth"] == kwargs["depth"]
+    assert config["model_args"]["act_layer"] == variant.act
+    assert config["pretrained_cfg"]["num_classes"] == variant.num_classes
+
+
+def test_convert_as_real_subprocess(tmp_path):
+    """``python -m convmixer_timm convert`` end to end, in a fresh interpreter (start-up hook included)."""
+    reference = small_timm(7)
+    src = _save(reference.state_dict(), tmp_path / "model.pth")
+    out = tmp_path / "folder"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, "-m", "convmixer_timm", "convert", str(src), "--model", CIFAR, "--out", str(out),
+         "--model-kwargs", "dim=32", "depth=2"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "[3/3] writing and verifying" in result.stderr
+    assert f'local-dir:{out}' in result.stdout
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(load_dir(out)(x), reference(x))
+
+
+def test_model_card_front_matter_and_numbers(tmp_path):
+    variant = VARIANTS_BY_NAME[CIFAR]
+    # The published configuration (full size, 0.59M params): the card may quote the table's top-1.
+    full = randomise(timm.create_model(CIFAR), 8)
+    out = save_hub_folder(full, tmp_path / "full", CIFAR)
+    card = (out / "README.md").read_text()
+    _, front, body = card.split("---\n", 2)
+    meta = yaml.safe_load(front)
+    assert {"image-classification", "timm"} <= set(meta["tags"])
+    assert meta["library_name"] == "timm" and meta["license"] == "mit"
+    assert meta["datasets"] == ["cifar10"]
+    assert "model-index" not in meta  # nothing was measured
+    for fact in (f"**Hidden dimension h:** {variant.h}", f"**Depth d:** {variant.d}", f"**Depthwise kernel k:** "
+                 f"{variant.k}", f"**Patch size p:** {variant.p}", f"**Activation:** {variant.act}",
+                 f"**Parameters:** {variant.param_count():,}", f"{variant.macs() / 1e9:.4g} GMACs",
+                 f"{2 * variant.macs() / 1e9:.4g} GFLOPs", f"{variant.top1:.2f} %", variant.top1_source, "MIT"):
+        assert fact in body, fact
+    assert sum(p.numel() for p in full.parameters()) == variant.param_count()
+
+    # An overridden configuration has no published accuracy; measured metrics are stated as such.
+    small = small_timm(9)
+    out = save_hub_folder(small, tmp_path / "small", CIFAR, metrics={"top1": 98.6, "dataset": "sklearn digits"})
+    card = (out / "README.md").read_text()
+    _, front, body = card.split("---\n", 2)
+    meta = yaml.safe_load(front)
+    assert meta["datasets"] == ["sklearn digits"]
+    result = meta["model-index"][0]["results"][0]
+    assert result["dataset"]["name"] == "sklearn digits"
+    assert result["metrics"][0]["value"] == 98.6
+    assert "| top1 | 98.6 |" in body
+    assert f"{variant.top1:.2f}" not in body
+    assert "**Hidden dimension h:** 32" in body and "**Depth d:** 2" in body
+
+    reloaded = load_hub_folder(out)  # the library's shortcut for local-dir: with weights, in eval mode
+    assert not reloaded.training
+    with torch.no_grad():
+        assert torch.equal(reloaded(images()), small(images()))
+
+
+# ---------------------------------------------------------------------------------------------------- failures
+
+
+def test_corrupt_checkpoint_leaves_nothing(tmp_path, capsys):
+    good = _save(small_timm(10).state_dict(), tmp_path / "good.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    parent = tmp_path / "hub"
+    parent.mkdir()
+    assert run_cli("convert", bad, "--model", CIFAR, "--out", parent / "out", "--model-kwargs", "dim=32",
+                   "depth=2") == 1
+    assert "truncated or corrupt" in capsys.readouterr().err
+    assert_nothing_left(parent, set())
+
+    good_pth = _save(small_timm(10).state_dict(), tmp_path / "good.pth")
+    bad_pth = tmp_path / "bad.pth"
+    bad_pth.write_bytes(good_pth.read_bytes()[: good_pth.stat().st_size // 2])
+    assert run_cli("convert", bad_pth, "--model", CIFAR, "--out", parent / "out") == 1
+    err = capsys.readouterr().err
+    assert "bad.pth is truncated or corrupt" in err
+    assert_nothing_left(parent, set())
+
+
+def test_checkpoint_of_another_shape_leaves_nothing(tmp_path, capsys):
+    src = _save(small_timm(11, dim=48).state_dict(), tmp_path / "w48.safetensors")
+    parent = tmp_path / "hub"
+    parent.mkdir()
+    assert run_cli("convert", src, "--model", CIFAR, "--out", parent / "out", "--model-kwargs", "dim=32",
+                   "depth=2") == 1
+    err = capsys.readouterr().err
+    assert "do not fit" in err and "h=48" in err
+    assert "pass --model-kwargs dim=48 depth=2 kernel_size=5 patch_size=2 --num-classes 10" in err
+    assert_nothing_left(parent, set())
+
+    # The classifier size alone differs: the message names the flag that fixes it.
+    src10 = _save(small_timm(12).state_dict(), tmp_path / "w10.safetensors")
+    assert run_cli("convert", src10, "--model", "convmixer_1536_20", "--out", parent / "out", "--model-kwargs",
+                   "dim=32", "depth=2", "kernel_size=5", "patch_size=2") == 1
+    assert "--num-classes 10" in capsys.readouterr().err
+    assert_nothing_left(parent, set())
+
+
+def test_existing_folder_is_never_overwritten_silently(tmp_path, capsys):
+    first, second = small_timm(13), small_timm(14)
+    src1 = _save(first.state_dict(), tmp_path / "a.safetensors")
+    src2 = _save(second.state_dict(), tmp_path / "b.safetensors")
+    parent = tmp_path / "hub"
+    out = parent / "out"
+    kwargs = ["--model-kwargs", "dim=32", "depth=2"]
+    assert run_cli("convert", src1, "--model", CIFAR, "--out", out, *kwargs) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    assert run_cli("convert", src2, "--model", CIFAR, "--out", out, *kwargs) == 1
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    # --overwrite with an input that fails: the old folder stays as it was.
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"garbage")
+    assert run_cli("convert", bad, "--model", CIFAR, "--out", out, "--overwrite", *kwargs) == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert_nothing_left(parent, {"out"})
+
+    # --overwrite that succeeds replaces it, and leaves no backup behind.
+    assert run_cli("convert", src2, "--model", CIFAR, "--out", out, "--overwrite", *kwargs) == 0
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(load_dir(out)(x), second(x))
+    assert_nothing_left(parent, {"out"})
+
+
+def test_failure_while_writing_keeps_old_folder_and_removes_staging(tmp_path):
+    """A real mid-write failure: timm writes the weights, then refuses a config it cannot serialise."""
+    parent = tmp_path / "hub"
+    old = save_hub_folder(small_timm(15), parent / "out", CIFAR)
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
+    with pytest.raises(HubFolderError, match="not serializable"):
+        save_hub_folder(small_timm(16), old, CIFAR, overwrite=True, model_args={"act_layer": nn.GELU})
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == before
+    assert_nothing_left(parent, {"out"})
+    with pytest.raises(HubFolderError, match="not serializable"):
+        save_hub_folder(small_timm(16), parent / "new", CIFAR, model_args={"act_layer": nn.GELU})
+    assert_nothing_left(parent, {"out"})
+    # Parent folders created for the output go too.
+    with pytest.raises(HubFolderError, match="not serializable"):
+        save_hub_folder(small_timm(16), parent / "a" / "b" / "new", CIFAR, model_args={"act_layer": nn.GELU})
+    assert_nothing_left(parent, {"out"})
+
+
+def test_unknown_model_names_the_nearest(tmp_path, capsys):
+    src = _save(small_timm(17).state_dict(), tmp_path / "w.safetensors")
+    assert run_cli("convert", src, "--model", "convmixer_768", "--out", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "unknown ConvMixer variant 'convmixer_768'" in err and "Did you mean convmixer_768_32" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv", [[], ["list"], ["convert"], ["push"], ["demo"]])
+def test_help_everywhere_exits_zero(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*argv, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: convmixer-timm" in out
