@@ -119,7 +119,9 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device) -> tuple[float
     return correct / max(seen, 1), seen
 
 
-def _eval_loader(dataset: Any, data_config: dict[str, Any], batch_size: int, workers: int, device: torch.device):
+def eval_loader(dataset: Any, data_config: dict[str, Any], batch_size: int, workers: int,
+                device: torch.device) -> Any:
+    """timm's evaluation loader over ``dataset`` with the transforms of ``data_config`` (no augmentation)."""
     from timm.data import create_loader
 
     # Not distributed on purpose: rank 0 scores the whole held-out split, so the figure is exact (a distributed
@@ -134,21 +136,16 @@ def _eval_loader(dataset: Any, data_config: dict[str, Any], batch_size: int, wor
 
 def run(args: argparse.Namespace) -> int:
     """Train, evaluate, save and reload; returns the process exit code (0: held-out accuracy reached the claim)."""
-    import timm
-    from timm.data import create_dataset, create_loader, resolve_data_config
-    from timm.loss import LabelSmoothingCrossEntropy
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
-    from timm.utils import init_distributed_device, random_seed, reduce_tensor
-    from tqdm import tqdm
-
-    from .training import write_digits_image_folder
+    from timm.utils import init_distributed_device, random_seed
 
     if args.epochs < 1 or args.batch_size < 1 or args.threads < 1 or args.workers < 0:
         print("error: --epochs, --batch-size and --threads must be positive and --workers not negative",
               file=sys.stderr)
         return 2
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        print(f"error: --out {out} is a file, not a folder", file=sys.stderr)
+        return 2
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         # Checked before training so a minute is not spent on a run whose result cannot be saved.
         print(f"error: {out} exists and is not empty; pass --overwrite to replace it", file=sys.stderr)
@@ -158,14 +155,33 @@ def run(args: argparse.Namespace) -> int:
     dist_args = argparse.Namespace(device="cuda" if torch.cuda.is_available() else "cpu")
     device = init_distributed_device(dist_args)  # gloo on CPU, NCCL on CUDA; plain single process otherwise
     rank, world_size, distributed = dist_args.rank, dist_args.world_size, dist_args.distributed
-    primary = rank == 0
     if args.batch_size % world_size:
         print(f"error: --batch-size {args.batch_size} does not split evenly over {world_size} processes",
               file=sys.stderr)
         return 2
     random_seed(args.seed, rank)
+    threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
+    try:
+        return _train_and_save(args, out, device, rank, world_size, distributed, started)
+    finally:
+        torch.set_num_threads(threads)  # run() is also called in-process (tests, notebooks): leave no trace
+
+
+def _train_and_save(args: argparse.Namespace, out: Path, device: torch.device, rank: int, world_size: int,
+                    distributed: bool, started: float) -> int:
+    import timm
+    from timm.data import create_dataset, create_loader, resolve_data_config
+    from timm.loss import LabelSmoothingCrossEntropy
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import reduce_tensor
+    from tqdm import tqdm
+
+    from .training import write_digits_image_folder
+
+    primary = rank == 0
 
     # Each process writes its own copy: the split depends only on the seed, so all ranks see the same images
     # and nothing has to be shared through the file system.
@@ -254,7 +270,7 @@ def _finish(args: argparse.Namespace, model: nn.Module, val_set: Any, data_confi
             device: torch.device, world_size: int, train_seconds: float, started: float, out: Path) -> int:
     import timm
 
-    val_loader = _eval_loader(val_set, data_config, batch_size=256, workers=args.workers, device=device)
+    val_loader = eval_loader(val_set, data_config, batch_size=256, workers=args.workers, device=device)
     accuracy, seen = evaluate(model, val_loader, device)
     print(f"held-out accuracy (trained model): {accuracy:.4f} ({round(accuracy * seen)}/{seen})")
 
@@ -269,7 +285,7 @@ def _finish(args: argparse.Namespace, model: nn.Module, val_set: Any, data_confi
 
     reloaded = timm.create_model(f"local-dir:{saved}", pretrained=True).to(device)
     reload_config = timm.data.resolve_data_config(model=reloaded)
-    reload_loader = _eval_loader(val_set, reload_config, batch_size=256, workers=args.workers, device=device)
+    reload_loader = eval_loader(val_set, reload_config, batch_size=256, workers=args.workers, device=device)
     reloaded_accuracy, _ = evaluate(reloaded, reload_loader, device)
     print(f"held-out accuracy (reloaded from local-dir:{saved}): {reloaded_accuracy:.4f}")
     total = time.perf_counter() - started
