@@ -235,3 +235,21 @@ def test_real_train_py_and_validate_py(digits, tmp_path):
     result = _result_json(validate.stdout)
     assert result["model"] == MODEL
     assert result["top1"] == pytest.approx(best, abs=1e-3), "validate.py should reproduce train.py's best top-1"
+
+
+@needs_scripts
+def test_real_train_py_with_an_imagenet_recipe(digits, tmp_path):
+    # The authors' ImageNet recipe end to end at toy size: mixup/cutmix (soft-target loss), RandAugment, random
+    # erasing, lr scaled from lr_base 0.01 at batch 640. `mmax9` is the documented workaround for the posterize
+    # crash of `inc1` with Pillow 13 (see the recipe's comments).
+    proc = _run_script("train.py", [
+        "--config", str(recipe_path("convmixer_768_32")), "--data-dir", str(digits.root), "--val-split", "validation",
+        "--num-classes", "10", "--input-size", "3", "16", "16", "--model-kwargs", "dim=16", "depth=1", "patch_size=2",
+        "--aa", "rand-m9-mstd0.5-inc1-mmax9", "-b", "64", "--epochs", "1", "--device", "cpu", "--workers", "0",
+        "--output", str(tmp_path), "--experiment", "in1k", "--log-interval", "100",
+    ], cwd=tmp_path)
+    log = proc.stdout + proc.stderr
+    assert "Model convmixer_768_32 created" in log
+    assert "Learning rate (0.001) calculated from base learning rate (0.01)" in log  # 0.01 * 64 / 640
+    assert "SoftTargetCrossEntropy" in log  # mixup/cutmix from the recipe are on
+    assert (tmp_path / "in1k" / "last.pth.tar").is_file()
