@@ -199,7 +199,7 @@ def test_every_imagenet_variant_has_the_authors_recipe(variant):
     assert recipe["input_size"] == [3, variant.img_size, variant.img_size]
     # The authors' command line (10 x 64 = 640 global batch); lr is scaled by train.py from lr_base.
     expected = dict(batch_size=64, opt="adamw", opt_eps=1e-3, lr_base=0.01, lr_base_size=640, weight_decay=2e-5,
-                    smoothing=0.1, aa="rand-m9-mstd0.5-inc1", mixup=0.5, cutmix=0.5, reprob=0.25, remode="pixel",
+                    smoothing=0.1, aa="rand-m9-mstd0.5-inc1-mmax9", mixup=0.5, cutmix=0.5, reprob=0.25, remode="pixel",
                     clip_grad=1.0)
     assert {k: recipe.get(k) for k in expected} == expected
     assert "lr" not in recipe, "a fixed lr would stop train.py from scaling it with the world size"
@@ -269,3 +269,18 @@ if __name__ == "__main__":
     if len(sys.argv) != 4:
         sys.exit("usage: python tests/test_recipes.py PATH/TO/train.py TIMM_COMMIT TIMM_VERSION")
     write_train_args(Path(sys.argv[1]), sys.argv[2], sys.argv[3])
+
+
+def test_imagenet_augmentation_runs_on_this_stack():
+    """The recipes' RandAugment string never asks Pillow for an impossible posterize (see the recipe comment)."""
+    import random
+
+    from PIL import Image
+    from timm.data.auto_augment import rand_augment_transform
+
+    aa = load_recipe(recipe_for_model("convmixer_1536_20"))["aa"]
+    transform = rand_augment_transform(aa, dict(translate_const=100, img_mean=(124, 116, 104)))
+    random.seed(0)
+    image = Image.new("RGB", (8, 8), (120, 30, 200))
+    for _ in range(4000):  # the unclamped string failed about 1 call in 750 here
+        assert transform(image).size == (8, 8)
