@@ -9,14 +9,13 @@ State-dict keys are those of timm's built-in ``timm.models.convmixer`` (``stem.0
 so the published ``timm/convmixer_*.in1k`` weights load unchanged; checkpoints in the authors' original
 ``nn.Sequential`` layout and the labml.ai layout are converted on load (see ``checkpoint.py``).
 """
-from __future__ import annotations
 
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, SelectAdaptivePool2d, get_act_layer, get_device_dtype
+from timm.layers import DropPath, SelectAdaptivePool2d, get_act_layer, get_device_dtype, register_notrace_function
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
@@ -44,6 +43,16 @@ def _act_name(act_layer: ActLayer) -> str:
     return act_layer.lower() if isinstance(act_layer, str) else getattr(act_layer, "__name__", str(act_layer))
 
 
+@register_notrace_function  # a leaf for FX: tracing cannot branch on the input's shape
+def check_input_channels(x: torch.Tensor, in_chans: int) -> None:
+    """Fail early, naming the expected channels, instead of deep inside the stem convolution."""
+    if x.dim() != 4 or x.shape[1] != in_chans:
+        raise ValueError(
+            "ConvMixer expects images of shape (N, " + str(in_chans) + ", H, W) but got " + str(list(x.shape))
+            + "; build the model with in_chans=" + str(x.shape[1] if x.dim() == 4 else 3) + " or convert the input"
+        )
+
+
 class ConvMixerStem(nn.Sequential):
     """Patch embedding: a p x p convolution with stride p, then activation and BatchNorm."""
 
@@ -56,12 +65,7 @@ class ConvMixerStem(nn.Sequential):
         self.in_chans = in_chans
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(
-                "ConvMixer expects images of shape (N, " + str(self.in_chans) + ", H, W) but got "
-                + str(list(x.shape)) + "; build the model with in_chans=" + str(x.shape[1] if x.dim() == 4 else 3)
-                + " or convert the input"
-            )
+        check_input_channels(x, self.in_chans)
         for module in self:
             x = module(x)
         return x
