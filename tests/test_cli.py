@@ -17,6 +17,7 @@ import safetensors.torch
 import timm
 import torch
 import yaml
+from reference import LabmlConvMixer, paper_convmixer, randomize_batchnorm
 from torch import nn
 
 from convmixer_timm import cli
@@ -28,86 +29,9 @@ SMALL = dict(dim=32, depth=2)
 CIFAR = "convmixer_256_8_ks5_p2"  # k=5, p=2, GELU, 10 classes, 32 px
 
 
-# ---------------------------------------------------------------------------------------------------- references
-
-
-class Residual(nn.Module):
-    def __init__(self, fn: nn.Module):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(x) + x
-
-
-def paper_convmixer(h: int, d: int, k: int, p: int, n: int, act: type[nn.Module] = nn.GELU) -> nn.Sequential:
-    """The authors' listing from the paper (locuslab/convmixer), activation as a parameter for the ReLU model."""
-    return nn.Sequential(
-        nn.Conv2d(3, h, p, stride=p), act(), nn.BatchNorm2d(h),
-        *[nn.Sequential(
-            Residual(nn.Sequential(nn.Conv2d(h, h, k, groups=h, padding="same"), act(), nn.BatchNorm2d(h))),
-            nn.Conv2d(h, h, 1), act(), nn.BatchNorm2d(h),
-        ) for _ in range(d)],
-        nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(), nn.Linear(h, n),
-    )
-
-
-class LabmlConvMixer(nn.Module):
-    """Module names and forward of the labml.ai annotated implementation (patch_emb, conv_mixer_layers, ...)."""
-
-    class PatchEmbeddings(nn.Module):
-        def __init__(self, h: int, p: int):
-            super().__init__()
-            self.conv, self.act, self.norm = nn.Conv2d(3, h, p, stride=p), nn.GELU(), nn.BatchNorm2d(h)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.norm(self.act(self.conv(x)))
-
-    class ConvMixerLayer(nn.Module):
-        def __init__(self, h: int, k: int):
-            super().__init__()
-            self.depth_wise_conv = nn.Conv2d(h, h, k, groups=h, padding=(k - 1) // 2)
-            self.act1, self.norm1 = nn.GELU(), nn.BatchNorm2d(h)
-            self.point_wise_conv = nn.Conv2d(h, h, 1)
-            self.act2, self.norm2 = nn.GELU(), nn.BatchNorm2d(h)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            x = x + self.norm1(self.act1(self.depth_wise_conv(x)))
-            return self.norm2(self.act2(self.point_wise_conv(x)))
-
-    class ClassificationHead(nn.Module):
-        def __init__(self, h: int, n: int):
-            super().__init__()
-            self.linear = nn.Linear(h, n)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.linear(x.mean(dim=(2, 3)))
-
-    def __init__(self, h: int, d: int, k: int, p: int, n: int):
-        super().__init__()
-        self.patch_emb = self.PatchEmbeddings(h, p)
-        self.conv_mixer_layers = nn.ModuleList([self.ConvMixerLayer(h, k) for _ in range(d)])
-        self.classification = self.ClassificationHead(h, n)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_emb(x)
-        for layer in self.conv_mixer_layers:
-            x = layer(x)
-        return self.classification(x)
-
-
 def randomise(model: nn.Module, seed: int) -> nn.Module:
     """Random weights *and* BatchNorm statistics, so every tensor influences the output."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.1)
-                module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
-                module.weight.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
-                module.bias.copy_(torch.randn(module.num_features, generator=generator) * 0.1)
-                module.num_batches_tracked.fill_(7)
-    return model.eval()
+    return randomize_batchnorm(model, seed).eval()
 
 
 def small_timm(seed: int = 0, **overrides) -> nn.Module:
