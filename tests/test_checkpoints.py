@@ -124,10 +124,12 @@ def test_truncated_or_corrupt_files_say_so(tmp_path):
         truncated.write_bytes(data[: len(data) // 2])
         with pytest.raises(CheckpointError, match="truncated or corrupt"):
             load_checkpoint_file(truncated)
-    garbage = tmp_path / "garbage.bin"
-    garbage.write_bytes(os.urandom(4096))
-    with pytest.raises(CheckpointError, match="truncated or corrupt"):
-        load_checkpoint_file(garbage)
+    generator = torch.Generator().manual_seed(0)
+    for i in range(30):  # random bytes trip the unpickler in many different ways; each must read as corrupt
+        garbage = tmp_path / f"garbage{i}.bin"
+        garbage.write_bytes(torch.randint(0, 256, (4096,), generator=generator, dtype=torch.uint8).numpy().tobytes())
+        with pytest.raises(CheckpointError, match="truncated or corrupt"):
+            load_checkpoint_file(garbage)
     with pytest.raises(FileNotFoundError, match="no checkpoint file"):
         load_checkpoint_file(tmp_path / "missing.pth")
 
