@@ -83,3 +83,23 @@ def test_rejects_wrong_input():
         optimize_for_inference(ours)(torch.randn(1, 1, 8, 8))
     with pytest.raises(ValueError, match="pointwise"):
         FusedConvMixerInference(ours, pointwise="fft")
+
+
+@pytest.mark.parametrize(("k", "act"), [(5, "gelu"), (8, "relu")])
+def test_onnxruntime_backend_matches_timm_builtin(k, act):
+    pytest.importorskip("onnxruntime")
+    from convmixer_timm.inference import OnnxRuntimeConvMixer
+
+    ref, ours = _pair(k, act, 2)
+    fast = optimize_for_inference(ours, (3, 16, 16), backend="onnxruntime")
+    assert isinstance(fast, OnnxRuntimeConvMixer)
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        _assert_exact(ref(x), fast(x.contiguous(memory_format=torch.channels_last)))
+    auto = optimize_for_inference(ours, (2, 3, 16, 16), backend="auto")
+    with torch.no_grad():
+        _assert_exact(ref(x), auto(x))
+    with pytest.raises(ValueError, match="input_size"):
+        optimize_for_inference(ours, backend="onnxruntime")
+    with pytest.raises(ValueError, match="backend"):
+        optimize_for_inference(ours, backend="tvm")
