@@ -162,7 +162,7 @@ def bench_inference(variant: Variant, batch: int, repeats: int, warmup: int, onn
             times["onnxruntime"] = [t * scale for t in own["onnxruntime"]]
             del session
     flops = 2 * variant.macs() * batch
-    extra = {"pointwise": fast.pointwise if isinstance(fast, FusedConvMixerInference) else None,
+    extra = {"pointwise": fast.pointwise if isinstance(fast, FusedConvMixerInference) else "plain eval model",
              "optimize_seconds": opt_seconds}
     if onnx_note:
         extra["note"] = onnx_note
