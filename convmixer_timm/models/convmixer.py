@@ -22,7 +22,6 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
 from torch import nn
 
-from ._fused import fused_block_forward, fused_block_supported
 from .checkpoint import check_shapes_before_load, checkpoint_filter_fn
 from .variants import DATASET_CONFIGS, VARIANTS, Variant
 
@@ -122,23 +121,6 @@ class ConvMixerBlock(nn.Sequential):
             _create_act(act_layer),
             nn.BatchNorm2d(dim, device=device, dtype=dtype),
         )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Training goes through fused ops (one pass for BN scale + residual add, BN shift folded into the 1x1
-        # conv bias); eval keeps the plain modules, and optimize_for_inference() is the fast eval path.
-        if self.training and not torch.jit.is_scripting():
-            return self._train_forward(x)
-        for module in self:
-            x = module(x)
-        return x
-
-    @torch.jit.unused
-    def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fused_block_supported(self):
-            return fused_block_forward(self, x)
-        for module in self:
-            x = module(x)
-        return x
 
 
 def _cpu_channels_last(x: torch.Tensor, training: bool) -> torch.Tensor:
