@@ -74,8 +74,8 @@ class ConvMixerStem(nn.Sequential):
 class SamePaddingDepthwiseConv(nn.Conv2d):
     """Depthwise k x k convolution that keeps the grid size for odd and even k.
 
-    For even k PyTorch's ``padding="same"`` pads (k-1)//2 before and k//2 after; the explicit pad here gives the
-    same result and exports to ONNX, where ``"same"`` has a history of failures.
+    For even k PyTorch's ``padding="same"`` pads (k-1)//2 before and k//2 after; ONNX export uses an explicit pad
+    with the same result instead, because ``"same"`` has a history of export failures.
     """
 
     def __init__(self, dim: int, kernel_size: int, device=None, dtype=None):
@@ -87,8 +87,18 @@ class SamePaddingDepthwiseConv(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.needs_explicit_pad:
-            x = F.pad(x, self.explicit_pad)
+            if not torch.jit.is_scripting() and _exporting_onnx():
+                x = F.pad(x, self.explicit_pad)
+            else:
+                # Same numbers as the explicit pad, without the padded copy: 1.18x faster depthwise training
+                # step for 512/16-k8 on CPU (benchmarks/bench.py measured the F.pad form 0.9x of timm's).
+                return F.conv2d(x, self.weight, self.bias, self.stride, "same", self.dilation, self.groups)
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+@torch.jit.unused
+def _exporting_onnx():  # unannotated: TorchScript cannot resolve postponed annotations of unused functions
+    return torch.onnx.is_in_onnx_export()
 
 
 class DepthwiseMixing(nn.Sequential):
@@ -125,6 +135,16 @@ class ConvMixerBlock(nn.Sequential):
             _create_act(act_layer),
             nn.BatchNorm2d(dim, device=device, dtype=dtype),
         )
+
+
+def _cpu_channels_last(x: torch.Tensor, training: bool) -> torch.Tensor:
+    # On CPU, oneDNN trains the depthwise and 1x1 convolutions on channels_last input 1.1-1.3x faster, and up to
+    # 6x for even kernels (measured, benchmarks/bench.py); a channels_last input is enough, every later op keeps
+    # the format. Eval stays in the caller's format so it is bit-identical to the reference NCHW models;
+    # optimize_for_inference() is the fast eval path.
+    if training and x.dim() == 4 and x.device.type == "cpu":
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 class ConvMixer(nn.Module):
@@ -233,7 +253,7 @@ class ConvMixer(nn.Module):
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        x = self.stem(x)
+        x = self.stem(_cpu_channels_last(x, self.training))
         if torch.jit.is_scripting() or not stop_early:  # TorchScript cannot slice a Sequential
             blocks = self.blocks
         else:
@@ -263,7 +283,7 @@ class ConvMixer(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
+        x = self.stem(_cpu_channels_last(x, self.training))
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.blocks, x)
         else:

@@ -1,0 +1,81 @@
+"""ONNX export of any ConvMixer variant, even kernels included.
+
+The model's even-kernel depthwise convolution pads explicitly ((k-1)//2 before, k//2 after) instead of using
+``padding="same"``, whose ONNX export has failed for years (pytorch#68880, pytorch#108975), so every variant
+exports as plain Pad/Conv/Erf/BatchNormalization nodes.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["check_onnx", "export_onnx"]
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: Sequence[int] = (1, 3, 224, 224),
+                opset: int = 17, dynamic_batch: bool = True) -> Path:
+    """Export ``model`` in eval mode to ``path`` (ONNX, ``opset`` >= 17); returns the path.
+
+    The file is written next to ``path`` under a temporary name and renamed into place only once the export
+    succeeded, so a failed export never leaves a truncated model behind. The graph input is ``input``
+    (``(N, C, H, W)`` float32, batch dimension dynamic unless ``dynamic_batch=False``), the output ``logits``.
+    """
+    if opset < 17:
+        raise ValueError(f"opset must be >= 17, the oldest this export is tested with, got {opset}")
+    size = tuple(int(s) for s in input_size)
+    if len(size) == 3:
+        size = (1, *size)
+    if len(size) != 4:
+        raise ValueError(f"input_size must be (N, C, H, W) or (C, H, W), got {tuple(input_size)}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = copy.deepcopy(model).float().eval()
+    x = torch.randn(size)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            # The TorchScript exporter writes the requested opset exactly; the dynamo exporter (newer torch
+            # without it) targets its own minimum opset and down-converts, which has no adapter for Pad to 17.
+            warnings.simplefilter("ignore")
+            try:
+                torch.onnx.export(
+                    model, (x,), tmp, opset_version=opset, input_names=["input"], output_names=["logits"],
+                    dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None,
+                    dynamo=False,
+                )
+            except TypeError:  # torch without the ``dynamo`` switch: the TorchScript exporter is the only one
+                torch.onnx.export(
+                    model, (x,), tmp, opset_version=opset, input_names=["input"], output_names=["logits"],
+                    dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None,
+                )
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def check_onnx(model: nn.Module, path: str | os.PathLike, x: torch.Tensor, rtol: float = 1e-4) -> float:
+    """Run the exported file with onnxruntime on ``x`` and return max |ort - torch| / max |torch|.
+
+    Raises ``AssertionError`` if that exceeds ``rtol``.
+    """
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        ref = copy.deepcopy(model).float().eval()(x.float())
+    out = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.float().numpy()})[0])
+    err = ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+    if err > rtol:
+        raise AssertionError(f"onnxruntime output differs from PyTorch by {err:.3g} (relative), above {rtol}")
+    return err

@@ -1,0 +1,38 @@
+"""ONNX export (opset 17) of odd and even kernels, GELU and ReLU, checked with onnxruntime to 1e-4 of scale."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from reference import randomize_batchnorm
+
+from convmixer_timm import ConvMixer
+from convmixer_timm.export import check_onnx, export_onnx
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+
+@pytest.mark.parametrize(("k", "act"), [(5, "gelu"), (8, "gelu"), (7, "relu"), (4, "relu")])
+def test_export_matches_onnxruntime(tmp_path, k, act):
+    import onnx
+
+    torch.manual_seed(0)
+    model = randomize_batchnorm(ConvMixer(16, 2, k, 2, num_classes=10, act_layer=act))
+    path = export_onnx(model, tmp_path / "m.onnx", (1, 3, 32, 32), opset=17)
+    assert [o.version for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx")] == [17]
+    assert check_onnx(model, path, torch.randn(3, 3, 32, 32)) < 1e-4  # batch 3: the batch axis is dynamic
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
+
+
+def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("exporter failed")
+
+    monkeypatch.setattr(torch.onnx, "export", boom)
+    with pytest.raises(RuntimeError, match="exporter failed"):
+        export_onnx(ConvMixer(8, 1, 3, 2, num_classes=4), tmp_path / "m.onnx", (3, 16, 16))
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(ValueError, match="opset"):
+        export_onnx(ConvMixer(8, 1, 3, 2, num_classes=4), tmp_path / "m.onnx", (3, 16, 16), opset=13)
