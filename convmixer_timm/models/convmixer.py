@@ -137,7 +137,8 @@ class ConvMixerBlock(nn.Sequential):
         )
 
 
-def _cpu_channels_last(x: torch.Tensor, training: bool) -> torch.Tensor:
+@register_notrace_function  # FX cannot branch on a traced tensor's rank or device (and skips _private names)
+def channels_last_when_training_on_cpu(x: torch.Tensor, training: bool) -> torch.Tensor:
     # On CPU, oneDNN trains the depthwise and 1x1 convolutions on channels_last input 1.1-1.3x faster, and up to
     # 6x for even kernels (measured, benchmarks/bench.py); a channels_last input is enough, every later op keeps
     # the format. Eval stays in the caller's format so it is bit-identical to the reference NCHW models;
@@ -253,7 +254,7 @@ class ConvMixer(nn.Module):
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        x = self.stem(_cpu_channels_last(x, self.training))
+        x = self.stem(channels_last_when_training_on_cpu(x, self.training))
         if torch.jit.is_scripting() or not stop_early:  # TorchScript cannot slice a Sequential
             blocks = self.blocks
         else:
@@ -283,7 +284,7 @@ class ConvMixer(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(_cpu_channels_last(x, self.training))
+        x = self.stem(channels_last_when_training_on_cpu(x, self.training))
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.blocks, x)
         else:
