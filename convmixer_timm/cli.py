@@ -118,16 +118,16 @@ class _ParseKwargs(argparse.Action):
 def _fitting_options(state_dict: dict[str, Any], act: str) -> str:
     """The command-line options that build a model these weights fit."""
     from .hub import architecture_of
-    from .models.variants import VARIANTS
+    from .models.variants import find_variant
 
     try:
         arch = architecture_of(state_dict, act)
     except ValueError:
         return "the weights are not a complete ConvMixer"
-    known = [v for v in VARIANTS if (v.h, v.d, v.k, v.p) == (arch.h, arch.d, arch.k, arch.p)]
+    known = find_variant(arch.h, arch.d, arch.k, arch.p)
     if known:
-        options = f"--model {known[0].name}"
-        if arch.num_classes != known[0].num_classes:
+        options = f"--model {known.name}"
+        if arch.num_classes != known.num_classes:
             options += f" --num-classes {arch.num_classes}"
     else:
         options = (f"--model-kwargs dim={arch.h} depth={arch.d} kernel_size={arch.k} patch_size={arch.p}"

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .model_card import Architecture, render_model_card
-from .models.checkpoint import CheckpointError, describe_architecture, to_timm_layout
+from .models.checkpoint import CheckpointError, describe_architecture, read_dimensions, to_timm_layout
 from .models.variants import Variant, get_variant
 
 __all__ = [
@@ -45,15 +45,8 @@ class HubPushError(RuntimeError):
 
 def architecture_of(state_dict: Mapping[str, torch.Tensor], act: str) -> Architecture:
     """Read h, d, k, p, input channels and classes from timm-layout weights (the activation has no weights)."""
-    try:
-        h, in_chans, p, _ = state_dict["stem.0.weight"].shape
-        k = state_dict["blocks.0.0.fn.0.weight"].shape[-1]
-    except (KeyError, ValueError) as exc:
-        raise CheckpointError(f"not a ConvMixer state dict: {exc!r} (stem.0 or blocks.0 missing)") from exc
-    d = len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")})
-    head = state_dict.get("head.weight")
-    num_classes = int(head.shape[0]) if head is not None else 0
-    return Architecture(h=int(h), d=d, k=int(k), p=int(p), act=act, in_chans=int(in_chans), num_classes=num_classes)
+    h, d, k, p, in_chans, num_classes = read_dimensions(state_dict)
+    return Architecture(h=h, d=d, k=k, p=p, act=act, in_chans=in_chans, num_classes=num_classes)
 
 
 def _activation_of(model: nn.Module, default: str) -> str:

@@ -125,18 +125,29 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: torch.nn.Module) 
     return to_timm_layout(state_dict)
 
 
-def describe_architecture(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """Name the (h, d, k, p) a timm-layout state dict was made for, and the variant if it is a known one."""
-    from .variants import VARIANTS
-
+def read_dimensions(state_dict: Mapping[str, torch.Tensor]) -> tuple[int, int, int, int, int, int]:
+    """(h, d, k, p, in_chans, num_classes) of timm-layout weights; num_classes is 0 without a head."""
     try:
         h, in_chans, p, _ = state_dict["stem.0.weight"].shape
         k = state_dict["blocks.0.0.fn.0.weight"].shape[-1]
-    except (KeyError, ValueError):
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"not a ConvMixer state dict: {exc!r} (stem.0 or blocks.0 missing)") from exc
+    d = len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")})
+    head = state_dict.get("head.weight")
+    num_classes = int(head.shape[0]) if head is not None else 0
+    return int(h), d, int(k), int(p), int(in_chans), num_classes
+
+
+def describe_architecture(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Name the (h, d, k, p) a timm-layout state dict was made for, and the variant if it is a known one."""
+    from .variants import find_variant
+
+    try:
+        h, d, k, p, in_chans, _ = read_dimensions(state_dict)
+    except CheckpointError:
         return "an unrecognised ConvMixer"
-    d = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
-    known = [v.name for v in VARIANTS if (v.h, v.d, v.k, v.p) == (h, d, k, p)]
-    which = f" ({known[0]})" if known else ""
+    known = find_variant(h, d, k, p)
+    which = f" ({known.name})" if known else ""
     return f"ConvMixer h={h}, d={d}, k={k}, p={p}, in_chans={in_chans}{which}"
 
 

@@ -94,6 +94,11 @@ VARIANTS: tuple[Variant, ...] = (
 VARIANTS_BY_NAME: dict[str, Variant] = {v.name: v for v in VARIANTS}
 
 
+def find_variant(h: int, d: int, k: int, p: int) -> Variant | None:
+    """The published variant with this hidden dim, depth, kernel and patch, if there is one."""
+    return next((v for v in VARIANTS if (v.h, v.d, v.k, v.p) == (h, d, k, p)), None)
+
+
 def get_variant(name: str) -> Variant:
     """Look up a variant by model name (a ``.tag`` suffix is ignored), naming the nearest ones if unknown."""
     import difflib
