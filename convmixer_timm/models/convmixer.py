@@ -21,6 +21,8 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
 from torch import nn
 
+from .. import kernels
+from ..allocator import tune_cpu_allocator
 from .checkpoint import check_shapes_before_load, checkpoint_filter_fn
 from .variants import DATASET_CONFIGS, VARIANTS, Variant
 
@@ -86,6 +88,8 @@ class SamePaddingDepthwiseConv(nn.Conv2d):
         self.needs_explicit_pad = kernel_size % 2 == 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and not torch.jit.is_scripting():
+            return depthwise_conv_for_training(x, self.weight, self.bias)
         if self.needs_explicit_pad:
             if not torch.jit.is_scripting() and _exporting_onnx():
                 x = F.pad(x, self.explicit_pad)
@@ -94,6 +98,17 @@ class SamePaddingDepthwiseConv(nn.Conv2d):
                 # step for 512/16-k8 on CPU (benchmarks/bench.py measured the F.pad form 0.9x of timm's).
                 return F.conv2d(x, self.weight, self.bias, self.stride, "same", self.dilation, self.groups)
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+@register_notrace_function  # FX: the choice depends on the input's device and dtype
+@torch.jit.unused
+def depthwise_conv_for_training(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    # oneDNN's depthwise backward runs at a fifth to a tenth of its forward's rate on CPU, the largest cost of a
+    # CIFAR-scale training step; DepthwiseConvSame computes the same gradients with the forward convolution and
+    # a compiled weight-gradient kernel (convmixer_timm.kernels), and is skipped wherever it does not apply.
+    if kernels.use_fast_backward(x, weight):
+        return kernels.DepthwiseConvSame.apply(x, weight, bias)
+    return kernels.conv_same(x, weight, bias)
 
 
 @torch.jit.unused
@@ -187,6 +202,7 @@ class ConvMixer(nn.Module):
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
         dd = {"device": device, "dtype": dtype}
+        tune_cpu_allocator()  # every activation is large (no downsampling); see convmixer_timm/allocator.py
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.num_features = dim
