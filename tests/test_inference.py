@@ -5,6 +5,8 @@ tolerance 1e-4 of the reference logits' largest magnitude (observed ~3e-7: only 
 """
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from reference import randomize_batchnorm
@@ -103,3 +105,23 @@ def test_onnxruntime_backend_matches_timm_builtin(k, act):
         optimize_for_inference(ours, backend="onnxruntime")
     with pytest.raises(ValueError, match="backend"):
         optimize_for_inference(ours, backend="tvm")
+
+
+class _Sleeper(nn.Module):
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.seconds)
+        return x
+
+
+def test_layout_choice_keeps_the_incumbent_unless_clearly_beaten():
+    from convmixer_timm.inference import _fastest
+
+    x = torch.zeros(1)
+    # 1% faster is within the 3% margin: noise must not swap the model being replaced for another.
+    assert _fastest({"incumbent": _Sleeper(0.020), "challenger": _Sleeper(0.0198)}, x) == "incumbent"
+    assert _fastest({"incumbent": _Sleeper(0.020), "challenger": _Sleeper(0.010)}, x) == "challenger"
+    assert _fastest({"incumbent": _Sleeper(0.010), "challenger": _Sleeper(0.020)}, x) == "incumbent"

@@ -15,7 +15,14 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, SelectAdaptivePool2d, get_act_layer, get_device_dtype, register_notrace_function
+from timm.layers import (
+    DropPath,
+    SelectAdaptivePool2d,
+    get_act_layer,
+    get_device_dtype,
+    register_notrace_function,
+    register_notrace_module,
+)
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
@@ -26,7 +33,7 @@ from ..allocator import tune_cpu_allocator
 from .checkpoint import check_shapes_before_load, checkpoint_filter_fn
 from .variants import DATASET_CONFIGS, VARIANTS, Variant
 
-__all__ = ["ConvMixer", "ConvMixerBlock", "ConvMixerStem", "DepthwiseMixing", "SamePaddingDepthwiseConv"]
+__all__ = ["BatchNorm2d", "ConvMixer", "ConvMixerBlock", "ConvMixerStem", "DepthwiseMixing", "SamePaddingDepthwiseConv"]
 
 ActLayer = Union[str, Type[nn.Module]]
 
@@ -55,6 +62,46 @@ def check_input_channels(x: torch.Tensor, in_chans: int) -> None:
         )
 
 
+@register_notrace_module  # an FX leaf like nn.BatchNorm2d: its fast path depends on the input's device and dtype
+class BatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` (same keys, same numbers) whose CPU training pass runs as two fused passes each way.
+
+    Every BatchNorm in ConvMixer normalises a full-resolution activation, which PyTorch's CPU kernels traverse
+    several times; ``convmixer_timm.kernels.BatchNormChannelsLast`` reads it twice. Elsewhere (eval, GPU,
+    autocast, ``torch.compile``, no compiler) it computes what ``nn.BatchNorm2d`` computes, with ``F.batch_norm``.
+    """
+
+    # nn.BatchNorm2d's own forward with the kernel as the batch-statistics path (TorchScript has no super()).
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        running_mean, running_var, average_factor, use_batch_stats = self.step_running_stats()
+        if use_batch_stats and not torch.jit.is_scripting() and batch_norm_kernel_applies(x, self.weight, self.bias):
+            return kernels.BatchNormChannelsLast.apply(
+                x, self.weight, self.bias, running_mean, running_var, average_factor, self.eps)
+        return F.batch_norm(x, running_mean, running_var, self.weight, self.bias, use_batch_stats, average_factor,
+                            self.eps)
+
+    def step_running_stats(self) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], float, bool]:
+        """Count the batch and return (running_mean, running_var, average factor, use batch statistics)."""
+        average_factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                average_factor = 1.0 / float(self.num_batches_tracked)
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        update_buffers = not self.training or self.track_running_stats
+        running_mean = self.running_mean if update_buffers else None
+        running_var = self.running_var if update_buffers else None
+        return running_mean, running_var, average_factor, use_batch_stats
+
+
+@torch.jit.unused
+def batch_norm_kernel_applies(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> bool:
+    # More than one value per channel, else PyTorch's own error message applies.
+    return (weight is not None and bias is not None and x.dim() == 4 and x.numel() > x.shape[1]
+            and kernels.kernels_apply(x, weight, bias))
+
+
 class ConvMixerStem(nn.Sequential):
     """Patch embedding: a p x p convolution with stride p, then activation and BatchNorm."""
 
@@ -62,7 +109,7 @@ class ConvMixerStem(nn.Sequential):
         super().__init__(
             nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size, device=device, dtype=dtype),
             _create_act(act_layer),
-            nn.BatchNorm2d(dim, device=device, dtype=dtype),
+            BatchNorm2d(dim, device=device, dtype=dtype),
         )
         self.in_chans = in_chans
 
@@ -106,7 +153,7 @@ def depthwise_conv_for_training(x: torch.Tensor, weight: torch.Tensor, bias: Opt
     # oneDNN's depthwise backward runs at a fifth to a tenth of its forward's rate on CPU, the largest cost of a
     # CIFAR-scale training step; DepthwiseConvSame computes the same gradients with the forward convolution and
     # a compiled weight-gradient kernel (convmixer_timm.kernels), and is skipped wherever it does not apply.
-    if kernels.use_fast_backward(x, weight):
+    if kernels.kernels_apply(x, weight, bias):
         return kernels.DepthwiseConvSame.apply(x, weight, bias)
     return kernels.conv_same(x, weight, bias)
 
@@ -123,7 +170,7 @@ class DepthwiseMixing(nn.Sequential):
         super().__init__(
             SamePaddingDepthwiseConv(dim, kernel_size, device=device, dtype=dtype),
             _create_act(act_layer),
-            nn.BatchNorm2d(dim, device=device, dtype=dtype),
+            BatchNorm2d(dim, device=device, dtype=dtype),
         )
 
 
@@ -148,7 +195,7 @@ class ConvMixerBlock(nn.Sequential):
             Residual(DepthwiseMixing(dim, kernel_size, act_layer, device=device, dtype=dtype), drop_path),
             nn.Conv2d(dim, dim, kernel_size=1, device=device, dtype=dtype),
             _create_act(act_layer),
-            nn.BatchNorm2d(dim, device=device, dtype=dtype),
+            BatchNorm2d(dim, device=device, dtype=dtype),
         )
 
 
