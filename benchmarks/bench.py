@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from timm.models.convmixer import ConvMixer as TimmConvMixer
 from torch import nn
 
-from convmixer_timm import VARIANTS_BY_NAME, ConvMixer, Variant
+from convmixer_timm import VARIANTS_BY_NAME, ConvMixer, Variant, kernels
+from convmixer_timm.allocator import tune_cpu_allocator
 from convmixer_timm.inference import FusedConvMixerInference, optimize_for_inference
 
 # The batch sizes: CIFAR 64 (k5, k7) / 32 (k9), 512/16 batch 8, 768/32 batch 4, 1536/20 batch 2.
@@ -232,6 +233,8 @@ def markdown(results: list[dict], header: dict) -> str:
         "# ConvMixer CPU benchmark", "",
         f"torch {header['torch']}, timm {header['timm']}, {header['threads']} threads, {header['cpu']}; "
         f"{header['repeats']} interleaved repeats, medians. Command: `{header['command']}`", "",
+        f"Process settings, shared by every candidate: glibc allocator thresholds {header['allocator']}; "
+        f"convmixer-timm training kernels {header['kernels']}.", "",
     ]
     for r in results:
         extra = f", pointwise={r['pointwise']}" if r.get("pointwise") else ""
@@ -254,6 +257,16 @@ def markdown(results: list[dict], header: dict) -> str:
     return "\n".join(out)
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_BATCH), choices=list(VARIANTS_BY_NAME))
@@ -271,8 +284,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     import timm
 
+    # Building a ConvMixer applies these anyway; done first so the header states them (the allocator setting is
+    # process-wide, so timm's built-in runs with it too: CONVMIXER_TIMM_TUNE_MALLOC=0 for glibc's defaults).
+    allocator = "raised (convmixer_timm.allocator)" if tune_cpu_allocator() else "glibc defaults"
+    built = "built" if kernels.load() is not None else "off (PyTorch ops)"
     header = dict(torch=torch.__version__, timm=timm.__version__, threads=torch.get_num_threads(),
-                  cpu=platform.processor() or platform.machine(), repeats=args.repeats,
+                  cpu=_cpu_name(), repeats=args.repeats, allocator=allocator, kernels=built,
                   command="python " + " ".join([os.path.relpath(__file__), *(argv if argv is not None
                                                                              else sys.argv[1:])]))
     results = []
