@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import kernels
+
 __all__ = ["FusedConvMixerInference", "OnnxRuntimeConvMixer", "optimize_for_inference"]
 
 _ACTS = ("gelu", "relu")
@@ -91,6 +93,7 @@ class _Block(nn.Module):
         w = pw.weight.detach().double().reshape(dim, dim)
         b = pw.bias.detach().double() if pw.bias is not None else torch.zeros(dim, dtype=torch.float64)
         self.register_buffer("dw_w", dw.weight.detach().float().contiguous())
+        self.register_buffer("dw_w_kkc", dw.weight.detach().float()[:, 0].permute(1, 2, 0).contiguous())
         self.register_buffer("dw_b", dw.bias.detach().float().clone() if dw.bias is not None else torch.zeros(dim))
         self.register_buffer("s1", s1.float().view(1, dim, 1, 1))
         self.register_buffer("pw_w", w.float().view(dim, dim, 1, 1).contiguous())
@@ -101,15 +104,26 @@ class _Block(nn.Module):
 
 
 class FusedConvMixerInference(nn.Module):
-    """Eval-only ConvMixer with BatchNorm folded and fused oneDNN kernels; build it with
-    :func:`optimize_for_inference`. ``pointwise`` is ``"conv"`` (oneDNN 1x1 convolution with the activation
-    fused) or ``"mm"`` (``addmm`` written straight into a held tensor, then the activation in place)."""
+    """Eval-only ConvMixer with BatchNorm folded and fused kernels; build it with :func:`optimize_for_inference`.
 
-    def __init__(self, model: nn.Module, pointwise: str = "conv"):
+    ``pointwise`` is ``"conv"`` (oneDNN 1x1 convolution with the activation fused) or ``"mm"`` (``addmm`` written
+    straight into a held tensor, then the activation in place). ``depthwise`` is ``"kernel"`` (the compiled
+    spatial-mixing kernel: depthwise conv, activation, both BatchNorm affines and the residual in one pass,
+    ``convmixer_timm.kernels.spatial_mixing``) or ``"onednn"`` (oneDNN's depthwise conv with the activation fused,
+    then the affine passes); ``None`` takes the kernel where it is built."""
+
+    def __init__(self, model: nn.Module, pointwise: str = "conv", depthwise: str | None = None):
         super().__init__()
         if pointwise not in ("conv", "mm"):
             raise ValueError(f"pointwise must be 'conv' or 'mm', got {pointwise!r}")
+        if depthwise is None:
+            depthwise = "kernel" if kernels.load() is not None else "onednn"
+        if depthwise not in ("kernel", "onednn"):
+            raise ValueError(f"depthwise must be 'kernel' or 'onednn', got {depthwise!r}")
+        if depthwise == "kernel" and kernels.load() is None:
+            raise RuntimeError("depthwise='kernel' needs the compiled kernels (a C++ compiler); use 'onednn'")
         self.pointwise = pointwise
+        self.depthwise = depthwise
         self.act = _act_kind(model.stem[1])
         stem_conv = model.stem[0]
         self.patch_size = int(stem_conv.stride[0])
@@ -171,6 +185,42 @@ class FusedConvMixerInference(nn.Module):
         return torch.ops.mkldnn._convolution_pointwise(
             x, w, b, [padding, padding], [stride, stride], [1, 1], groups, self.act, scalars, algorithm)
 
+    def _pointwise(self, z: torch.Tensor, y: torch.Tensor, blk: _Block, packed_w: torch.Tensor) -> torch.Tensor:
+        if self.pointwise == "mm":
+            # y is dead once z exists, so the matmul writes into its memory: no fresh tensor.
+            dim = y.shape[1]
+            y2 = y.permute(0, 2, 3, 1).reshape(-1, dim)
+            torch.addmm(blk.pw_b, z.permute(0, 2, 3, 1).reshape(-1, dim), blk.pw_wt, out=y2)
+            return y.relu_() if self.act == "relu" else torch._C._nn.gelu_(y)
+        return self._conv_act(z, packed_w, blk.pw_b, 0, 1, 1)
+
+    def _blocks_with_onednn(self, y: torch.Tensor, packed: list[torch.Tensor]) -> torch.Tensor:
+        torch.addcmul(self.stem_t, y, self.stem_s, out=y)
+        dim = y.shape[1]
+        last = len(self.blocks) - 1
+        for i, blk in enumerate(self.blocks):
+            k = blk.kernel_size
+            g = self._conv_act(y, packed[2 * i + 1], blk.dw_b, k // 2, 1, dim)
+            if k % 2:
+                z = torch.addcmul(y, g, blk.s1, out=g)
+            else:
+                # Symmetric padding k//2 gives one extra row and column; dropping the first ones is
+                # "same" padding with (k-1)//2 before and k//2 after.
+                z = torch.addcmul(y, g[:, :, 1:, 1:], blk.s1)
+                z = z.contiguous(memory_format=torch.channels_last)
+            u = self._pointwise(z, y, blk, packed[2 * i + 2])
+            y = u if i == last else torch.addcmul(blk.t2, u, blk.s2, out=u)
+        return y
+
+    def _blocks_with_mixing_kernel(self, u: torch.Tensor, packed: list[torch.Tensor]) -> torch.Tensor:
+        # u is each layer's activation before its BatchNorm: the kernel applies that affine as it reads u.
+        s_in, t_in = self.stem_s.view(-1), self.stem_t.view(-1)
+        for i, blk in enumerate(self.blocks):
+            z = kernels.spatial_mixing(u, s_in, t_in, blk.dw_w_kkc, blk.dw_b, blk.s1.view(-1), self.act)
+            u = self._pointwise(z, u, blk, packed[2 * i + 2])
+            s_in, t_in = blk.s2.view(-1), blk.t2.view(-1)
+        return u  # the last BatchNorm is folded into the head
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"expected images of shape (N, {self.in_chans}, H, W), got {list(x.shape)}")
@@ -183,30 +233,10 @@ class FusedConvMixerInference(nn.Module):
                     memory_format=torch.channels_last)
             packed = self._packed_weights(x, (x.shape[-2] // p, x.shape[-1] // p))
             y = self._conv_act(x, packed[0], self.stem_b, 0, p, 1)
-            torch.addcmul(self.stem_t, y, self.stem_s, out=y)
-            dim = y.shape[1]
-            last = len(self.blocks) - 1
-            for i, blk in enumerate(self.blocks):
-                k = blk.kernel_size
-                g = self._conv_act(y, packed[2 * i + 1], blk.dw_b, k // 2, 1, dim)
-                if k % 2:
-                    z = torch.addcmul(y, g, blk.s1, out=g)
-                else:
-                    # Symmetric padding k//2 gives one extra row and column; dropping the first ones is
-                    # "same" padding with (k-1)//2 before and k//2 after.
-                    z = torch.addcmul(y, g[:, :, 1:, 1:], blk.s1)
-                    z = z.contiguous(memory_format=torch.channels_last)
-                if self.pointwise == "mm":
-                    # y is dead once z exists, so the matmul writes into its memory: no fresh tensor.
-                    y2 = y.permute(0, 2, 3, 1).reshape(-1, dim)
-                    torch.addmm(blk.pw_b, z.permute(0, 2, 3, 1).reshape(-1, dim), blk.pw_wt, out=y2)
-                    u = y.relu_() if self.act == "relu" else torch._C._nn.gelu_(y)
-                else:
-                    u = self._conv_act(z, packed[2 * i + 2], blk.pw_b, 0, 1, 1)
-                if i == last:
-                    y = u
-                else:
-                    y = torch.addcmul(blk.t2, u, blk.s2, out=u)
+            if self.depthwise == "kernel":
+                y = self._blocks_with_mixing_kernel(y, packed)
+            else:
+                y = self._blocks_with_onednn(y, packed)
             pooled = y.mean((2, 3))
             if self.has_head:
                 return torch.addmm(self.head_b, pooled, self.head_w.t())
@@ -309,7 +339,9 @@ def optimize_for_inference(model: nn.Module, input_size: Sequence[int] | None = 
         layouts = {"plain": plain, "plain channels_last": copy.deepcopy(plain).to(memory_format=torch.channels_last)}
         incumbent = _fastest(layouts, x, margin=0.0)
         variants: dict[str, nn.Module] = {incumbent: layouts[incumbent]}
-        variants.update({mode: FusedConvMixerInference(model, mode) for mode in ("conv", "mm")})
+        depthwise = ["onednn", "kernel"] if kernels.load() is not None else ["onednn"]
+        for pw in ("conv", "mm"):
+            variants.update({f"{pw}+{dw}": FusedConvMixerInference(model, pw, dw) for dw in depthwise})
         fused = variants[_fastest(variants, x)]
     if backend == "auto":
         try:

@@ -13,7 +13,7 @@ from reference import randomize_batchnorm
 from timm.models.convmixer import ConvMixer as TimmConvMixer
 from torch import nn
 
-from convmixer_timm import ConvMixer
+from convmixer_timm import ConvMixer, kernels
 from convmixer_timm.inference import FusedConvMixerInference, optimize_for_inference
 
 CASES = [(5, "gelu", 2), (8, "gelu", 2), (3, "relu", 1), (4, "relu", 3)]
@@ -32,15 +32,19 @@ def _assert_exact(ref: torch.Tensor, out: torch.Tensor) -> None:
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-4 * ref.abs().max().item())
 
 
+DEPTHWISE = ["onednn", pytest.param("kernel", marks=pytest.mark.skipif(kernels.load() is None, reason="no compiler"))]
+
+
+@pytest.mark.parametrize("depthwise", DEPTHWISE)
 @pytest.mark.parametrize("pointwise", ["conv", "mm"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize(("k", "act", "patch"), CASES)
-def test_matches_timm_builtin(k, act, patch, channels_last, pointwise):
+def test_matches_timm_builtin(k, act, patch, channels_last, pointwise, depthwise):
     ref, ours = _pair(k, act, patch)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     fast = optimize_for_inference(ours.to(memory_format=fmt))
     assert isinstance(fast, FusedConvMixerInference)
-    fast.pointwise = pointwise
+    fast.pointwise, fast.depthwise = pointwise, depthwise
     x = torch.randn(3, 3, 24, 24)
     with torch.no_grad():
         expected = ref(x)
@@ -54,6 +58,7 @@ def test_accepts_timm_builtin_and_leaves_the_model_alone():
     state = {k: v.clone() for k, v in ref.state_dict().items()}
     fast = optimize_for_inference(ref, input_size=(2, 3, 16, 16))
     assert getattr(fast, "pointwise", "plain") in ("conv", "mm", "plain")
+    assert getattr(fast, "depthwise", "kernel") in ("kernel", "onednn")
     assert ref.training
     for key, value in ref.state_dict().items():
         torch.testing.assert_close(value, state[key])
@@ -85,6 +90,8 @@ def test_rejects_wrong_input():
         optimize_for_inference(ours)(torch.randn(1, 1, 8, 8))
     with pytest.raises(ValueError, match="pointwise"):
         FusedConvMixerInference(ours, pointwise="fft")
+    with pytest.raises(ValueError, match="depthwise"):
+        FusedConvMixerInference(ours, depthwise="fft")
 
 
 @pytest.mark.parametrize(("k", "act"), [(5, "gelu"), (8, "relu")])
@@ -125,3 +132,18 @@ def test_layout_choice_keeps_the_incumbent_unless_clearly_beaten():
     assert _fastest({"incumbent": _Sleeper(0.020), "challenger": _Sleeper(0.0198)}, x) == "incumbent"
     assert _fastest({"incumbent": _Sleeper(0.020), "challenger": _Sleeper(0.010)}, x) == "challenger"
     assert _fastest({"incumbent": _Sleeper(0.010), "challenger": _Sleeper(0.020)}, x) == "incumbent"
+
+
+@pytest.mark.skipif(kernels.load() is None, reason="no compiler")
+@pytest.mark.parametrize(("dim", "k", "size"), [(37, 9, 11), (48, 8, 19), (20, 11, 6), (16, 3, 1)])
+def test_mixing_kernel_on_uneven_channels_widths_and_kernels(dim, k, size):
+    # Channel tails (not a multiple of the vector width), row tails (not a multiple of 8 outputs), kernel sizes
+    # without a compiled specialisation, a 1x1 grid.
+    torch.manual_seed(dim)
+    ref = randomize_batchnorm(TimmConvMixer(dim, 2, k, 1, num_classes=5)).eval()
+    ours = ConvMixer(dim, 2, k, 1, num_classes=5)
+    ours.load_state_dict(ref.state_dict())
+    fast = FusedConvMixerInference(ours, depthwise="kernel")
+    x = torch.randn(2, 3, size, size + 3)
+    with torch.no_grad():
+        _assert_exact(ref(x), fast(x))

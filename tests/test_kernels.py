@@ -230,3 +230,25 @@ def test_batch_norm_module_matches_torch_in_training_and_eval(options):
     torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=1e-5)  # running stats differ by float rounding
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         ours.train()(torch.randn(1, 6, 1, 1, requires_grad=True))
+
+
+@needs_kernels
+@pytest.mark.parametrize("act", ["identity", "relu", "gelu"])
+def test_spatial_mixing_matches_float64_ops(act):
+    torch.manual_seed(4)
+    channels, k = 21, 6
+    u = (torch.randn(2, channels, 7, 10) * 2).contiguous(memory_format=torch.channels_last)
+    s_in = torch.rand(channels) + 0.5
+    t_in, bias, s1 = torch.randn(channels), torch.randn(channels), torch.randn(channels)
+    weight = torch.randn(channels, 1, k, k) * 0.2
+    z = kernels.spatial_mixing(u, s_in, t_in, weight[:, 0].permute(1, 2, 0).contiguous(), bias, s1, act)
+    y = (u * s_in.view(1, -1, 1, 1) + t_in.view(1, -1, 1, 1)).double()
+    mixed = kernels.conv_same(y, weight.double(), bias.double())
+    activated = {"identity": mixed, "relu": F.relu(mixed), "gelu": F.gelu(mixed)}[act]
+    expected = y + s1.double().view(1, -1, 1, 1) * activated
+    assert z.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(z.double(), expected, rtol=0, atol=1e-6 * expected.abs().max().item())
+    with pytest.raises(ValueError, match="float32"):
+        kernels.spatial_mixing(u.double(), s_in, t_in, weight[:, 0].permute(1, 2, 0), bias, s1, act)
+    with pytest.raises(ValueError, match=r"\(k, k, 21\)"):
+        kernels.spatial_mixing(u, s_in, t_in, weight[:, 0], bias, s1, act)

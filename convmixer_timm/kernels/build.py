@@ -26,9 +26,10 @@ _SOURCE = Path(__file__).with_name("training_kernels.cpp")
 _FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
 _POINTER, _INT64, _INT, _DOUBLE = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
 _SIGNATURES = {
-    "depthwise_weight_grad": [_POINTER] * 3 + [_INT64] * 4 + [_INT] * 3,
-    "batch_norm_forward": [_POINTER] * 7 + [_INT64, _INT64, _DOUBLE, _INT],
-    "batch_norm_backward": [_POINTER] * 8 + [_INT64, _INT64, _INT],
+    **{f"depthwise_weight_grad_{t}": [_POINTER] * 3 + [_INT64] * 4 + [_INT] * 3 for t in ("f32", "f64")},
+    **{f"batch_norm_forward_{t}": [_POINTER] * 7 + [_INT64, _INT64, _DOUBLE, _INT] for t in ("f32", "f64")},
+    **{f"batch_norm_backward_{t}": [_POINTER] * 8 + [_INT64, _INT64, _INT] for t in ("f32", "f64")},
+    "spatial_mixing_f32": [_INT] + [_POINTER] * 7 + [_INT64] * 4 + [_INT] * 3,
 }
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -101,10 +102,9 @@ def load() -> ctypes.CDLL | None:
                 raise RuntimeError("no C++ compiler found (looked for $CXX, g++, c++, clang++)")
             library = ctypes.CDLL(str(_build(compiler)))
             for name, argtypes in _SIGNATURES.items():
-                for suffix in ("f32", "f64"):
-                    fn = getattr(library, f"{name}_{suffix}")
-                    fn.restype = None
-                    fn.argtypes = argtypes
+                fn = getattr(library, name)
+                fn.restype = None
+                fn.argtypes = argtypes
             _library = library
         except (OSError, RuntimeError) as error:
             warnings.warn(
