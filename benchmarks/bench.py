@@ -163,7 +163,9 @@ def bench_inference(variant: Variant, batch: int, repeats: int, warmup: int, onn
             times["onnxruntime"] = [t * scale for t in own["onnxruntime"]]
             del session
     flops = 2 * variant.macs() * batch
-    extra = {"pointwise": fast.pointwise if isinstance(fast, FusedConvMixerInference) else "plain eval model",
+    fused = isinstance(fast, FusedConvMixerInference)
+    extra = {"pointwise": fast.pointwise if fused else "plain eval model",
+             "depthwise": fast.depthwise if fused else "plain eval model",
              "optimize_seconds": opt_seconds}
     if onnx_note:
         extra["note"] = onnx_note
@@ -237,7 +239,8 @@ def markdown(results: list[dict], header: dict) -> str:
         f"convmixer-timm training kernels {header['kernels']}.", "",
     ]
     for r in results:
-        extra = f", pointwise={r['pointwise']}" if r.get("pointwise") else ""
+        extra = f", optimize_for_inference picked pointwise={r['pointwise']}" if r.get("pointwise") else ""
+        extra += f", depthwise={r['depthwise']}" if r.get("depthwise") else ""
         out += [
             f"## {r['variant']} {r['mode']}, batch {r['batch']} ({r['img_size']} px)",
             f"sgemm 2048^3 in the same rounds: {r['sgemm_gflops']:.1f} GFLOP/s; "
