@@ -307,15 +307,16 @@ def optimize_for_inference(model: nn.Module, input_size: Sequence[int] | None = 
                            backend: str = "torch") -> nn.Module:
     """Return the fastest exact eval-mode version of ``model`` (a convmixer-timm or timm ``ConvMixer``).
 
-    The model itself is left untouched. With ``input_size`` (``(N, C, H, W)`` or ``(C, H, W)``) the pointwise
-    implementation is picked by timing both on that shape, because which of oneDNN's 1x1 convolution and MKL's
-    sgemm wins depends on the shape and the CPU, and the plain eval model (NCHW and channels_last) is timed
-    beside them and returned if it is faster; without ``input_size``, oneDNN's convolution is used. Outputs match the
-    eval-mode model to float32 rounding (checked by ``tests/test_inference.py``).
+    The model itself is left untouched. With ``input_size`` (``(N, C, H, W)`` or ``(C, H, W)``) the implementation
+    is picked by timing on that shape: the 1x1 convolution as oneDNN's convolution or MKL's sgemm, the spatial
+    mixing as the compiled kernel or oneDNN's depthwise convolution (which wins depends on the shape and the CPU).
+    The plain eval model in its faster layout is the incumbent, returned unless another beats it by 3%. Without
+    ``input_size``: oneDNN's 1x1 convolution and the compiled kernel where it is built. Outputs match the eval-mode
+    model to float32 rounding (checked by ``tests/test_inference.py``).
 
     ``backend="onnxruntime"`` (needs ``input_size`` and the ``onnx`` extra) returns an
-    :class:`OnnxRuntimeConvMixer`, which on CPU measured 1.5-2x faster than the PyTorch module for the CIFAR
-    variants; ``backend="auto"`` times both on ``input_size`` and keeps the faster.
+    :class:`OnnxRuntimeConvMixer` (measured 0.7-1.0x of this module on CPU here; faster on some machines);
+    ``backend="auto"`` times both on ``input_size`` and keeps the faster.
     """
     if backend not in ("torch", "onnxruntime", "auto"):
         raise ValueError(f"backend must be 'torch', 'onnxruntime' or 'auto', got {backend!r}")
