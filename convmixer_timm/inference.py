@@ -315,7 +315,7 @@ def optimize_for_inference(model: nn.Module, input_size: Sequence[int] | None = 
     model to float32 rounding (checked by ``tests/test_inference.py``).
 
     ``backend="onnxruntime"`` (needs ``input_size`` and the ``onnx`` extra) returns an
-    :class:`OnnxRuntimeConvMixer` (measured 0.7-1.0x of this module on CPU here; faster on some machines);
+    :class:`OnnxRuntimeConvMixer` (measured 0.7-1.2x the speed of this module here, depending on the variant);
     ``backend="auto"`` times both on ``input_size`` and keeps the faster.
     """
     if backend not in ("torch", "onnxruntime", "auto"):
