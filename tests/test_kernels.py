@@ -252,3 +252,14 @@ def test_spatial_mixing_matches_float64_ops(act):
         kernels.spatial_mixing(u.double(), s_in, t_in, weight[:, 0].permute(1, 2, 0), bias, s1, act)
     with pytest.raises(ValueError, match=r"\(k, k, 21\)"):
         kernels.spatial_mixing(u, s_in, t_in, weight[:, 0], bias, s1, act)
+
+
+@needs_kernels
+def test_unwritable_cache_falls_back_to_the_temp_folder(tmp_path):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder should be")
+    (tmp_path / "tmp").mkdir()
+    result = _run(TRAIN_ONE_STEP, CONVMIXER_TIMM_CACHE=str(blocked / "cache"), TMPDIR=str(tmp_path / "tmp"))
+    assert "library True" in result.stdout, result.stderr
+    built = list((tmp_path / "tmp").glob("convmixer_timm-*/training_kernels-*.so"))
+    assert len(built) == 1

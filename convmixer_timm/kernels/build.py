@@ -68,12 +68,23 @@ def _compiler() -> str | None:
 def _build(compiler: str) -> Path:
     source = _SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join([compiler, *_FLAGS, _cpu_signature()]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"training_kernels-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and rename: concurrent processes (torchrun) never load a half-written library.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    name = f"training_kernels-{key}.so"
+    # A read-only home (some CI runners, containers) falls back to a per-user folder in the temp directory.
+    fallback = Path(tempfile.gettempdir()) / f"convmixer_timm-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+    for folder in (cache_dir(), fallback):
+        if (folder / name).exists():
+            return folder / name
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            # Build beside the target and rename: concurrent processes (torchrun) never load a half-written file.
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+            break
+        except OSError:
+            continue
+    else:
+        raise RuntimeError(f"no writable folder for the compiled kernels (tried {cache_dir()} and {fallback}); "
+                           "set CONVMIXER_TIMM_CACHE to a writable folder")
+    target = folder / name
     os.close(fd)
     try:
         result = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True)
