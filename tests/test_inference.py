@@ -8,12 +8,13 @@ from __future__ import annotations
 import time
 
 import pytest
+import timm
 import torch
 from reference import randomize_batchnorm
 from timm.models.convmixer import ConvMixer as TimmConvMixer
 from torch import nn
 
-from convmixer_timm import ConvMixer, kernels
+from convmixer_timm import VARIANTS, ConvMixer, kernels
 from convmixer_timm.inference import FusedConvMixerInference, optimize_for_inference
 
 CASES = [(5, "gelu", 2), (8, "gelu", 2), (3, "relu", 1), (4, "relu", 3)]
@@ -147,3 +148,16 @@ def test_mixing_kernel_on_uneven_channels_widths_and_kernels(dim, k, size):
     x = torch.randn(2, 3, size, size + 3)
     with torch.no_grad():
         _assert_exact(ref(x), fast(x))
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.name)
+def test_every_registered_variant_optimizes_exactly(variant):
+    torch.manual_seed(0)
+    act = nn.GELU if variant.act == "gelu" else nn.ReLU
+    ref = randomize_batchnorm(TimmConvMixer(16, 2, variant.k, variant.p, num_classes=10, act_layer=act)).eval()
+    ours = timm.create_model(variant.name, dim=16, depth=2, num_classes=10)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, variant.img_size, variant.img_size)
+    with torch.no_grad():
+        for depthwise in ["onednn"] + (["kernel"] if kernels.load() is not None else []):
+            _assert_exact(ref(x), FusedConvMixerInference(ours, depthwise=depthwise)(x))

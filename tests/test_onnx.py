@@ -4,10 +4,11 @@ from __future__ import annotations
 import os
 
 import pytest
+import timm
 import torch
 from reference import randomize_batchnorm
 
-from convmixer_timm import ConvMixer
+from convmixer_timm import VARIANTS, ConvMixer
 from convmixer_timm.export import check_onnx, export_onnx
 
 pytest.importorskip("onnx")
@@ -36,3 +37,13 @@ def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
     with pytest.raises(ValueError, match="opset"):
         export_onnx(ConvMixer(8, 1, 3, 2, num_classes=4), tmp_path / "m.onnx", (3, 16, 16), opset=13)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.name)
+def test_every_registered_variant_exports(tmp_path, variant):
+    # Each variant's own kernel, patch, activation and image size; width and depth cut to keep CI short.
+    torch.manual_seed(0)
+    model = randomize_batchnorm(timm.create_model(variant.name, dim=16, depth=2))
+    size = (1, 3, variant.img_size, variant.img_size)
+    path = export_onnx(model, tmp_path / "m.onnx", size, opset=17)
+    assert check_onnx(model, path, torch.randn(2, *size[1:])) < 1e-4
