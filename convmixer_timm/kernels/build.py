@@ -1,7 +1,8 @@
 """Building and loading the compiled CPU kernels (``training_kernels.cpp``) on first use.
 
 The C++ source ships with the package and is compiled once per machine with the system C++ compiler into a cache
-folder (``$CONVMIXER_TIMM_CACHE``, else ``~/.cache/convmixer_timm``). Where no compiler is found or the build
+folder (``$CONVMIXER_TIMM_CACHE``, else ``~/.cache/convmixer_timm``, else a per-user folder in the temp
+directory where that is not writable). Where no compiler is found or the build
 fails, ``load()`` returns None, warns once, and callers keep PyTorch's own ops: slower, same numbers.
 ``CONVMIXER_TIMM_KERNELS=0`` turns the kernels off.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -23,7 +25,9 @@ import torch
 __all__ = ["cache_dir", "enabled", "kernels_apply", "load"]
 
 _SOURCE = Path(__file__).with_name("training_kernels.cpp")
-_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
+_FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
+if platform.machine().lower() in ("x86_64", "amd64"):
+    _FLAGS.append("-mprefer-vector-width=512")  # GCC prefers 256-bit vectors even where AVX-512 is there
 _POINTER, _INT64, _INT, _DOUBLE = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
 _SIGNATURES = {
     **{f"depthwise_weight_grad_{t}": [_POINTER] * 3 + [_INT64] * 4 + [_INT] * 3 for t in ("f32", "f64")},
@@ -53,8 +57,6 @@ def _cpu_signature() -> str:
                 return line
     except OSError:
         pass
-    import platform
-
     return platform.processor() or platform.machine()
 
 
@@ -119,7 +121,7 @@ def load() -> ctypes.CDLL | None:
             _library = library
         except (OSError, RuntimeError) as error:
             warnings.warn(
-                f"convmixer_timm: CPU training kernels unavailable ({error}); using PyTorch's depthwise backward "
+                f"convmixer_timm: compiled CPU kernels unavailable ({error}); using PyTorch's own ops instead "
                 "(same results, slower). Install a C++ compiler (g++) to enable them, or set "
                 "CONVMIXER_TIMM_KERNELS=0 to silence this.",
                 RuntimeWarning,
