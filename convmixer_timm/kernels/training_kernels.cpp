@@ -1,4 +1,4 @@
-// CPU training kernels for ConvMixer on channels_last (NHWC) float tensors, with a plain C ABI (no torch headers
+// CPU kernels for ConvMixer on channels_last (NHWC) float tensors, with a plain C ABI (no torch headers
 // keeps the build to seconds and the binary free of torch's ABI). Threads are OpenMP's, over row bands.
 //
 // 1. Weight gradient of a stride-1 depthwise k x k convolution.
@@ -14,6 +14,8 @@
 // take more passes over these tensors, which never fit in cache: ConvMixer does not downsample). Per-channel
 // sums are accumulated in double per thread: float32 results measured 100x closer to a float64 reference than
 // PyTorch's float32 BatchNorm.
+//
+// 3. Inference: one spatial-mixing step with both neighbouring BatchNorms folded (spatial_mixing_f32, below).
 
 #include <algorithm>
 #include <cmath>
@@ -300,7 +302,7 @@ void batch_norm_backward(const T* grad_out, const T* y, const T* mean, const T* 
 // 3. Inference: one ConvMixer spatial-mixing step, z = y + s1 * act(depthwise_k(y) + b) with y = u * s_in + t_in,
 // where u is the previous layer's output before its BatchNorm (folded to s_in, t_in) and zero padding applies to y,
 // as in the model. PyTorch needs a depthwise convolution and two affine passes over memory for this; here each
-// output row reads k affine-applied input rows from a per-thread buffer.
+// output row reads k affine-applied input rows from a per-thread ring of padded rows.
 enum Activation { kIdentity = 0, kRelu = 1, kGelu = 2 };
 
 // A Cephes-style exp (relative error ~1e-7) in operations GCC vectorises (std::floor would not be).
