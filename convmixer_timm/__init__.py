@@ -4,7 +4,6 @@ Importing this package registers every model with timm. Programs that only ``imp
 through the ``convmixer_timm.pth`` start-up hook installed beside the package.
 """
 from .export import export_onnx
-from .inference import optimize_for_inference
 from .models import (
     VARIANTS,
     VARIANTS_BY_NAME,
@@ -15,6 +14,7 @@ from .models import (
     load_checkpoint_file,
     to_timm_layout,
 )
+from .speed import optimize_for_inference, restore_cpu_allocator
 
 __version__ = "0.1.0"
 
@@ -29,5 +29,6 @@ __all__ = [
     "get_variant",
     "load_checkpoint_file",
     "optimize_for_inference",
+    "restore_cpu_allocator",
     "to_timm_layout",
 ]

@@ -5,8 +5,6 @@ tolerance 1e-4 of the reference logits' largest magnitude (observed ~3e-7: only 
 """
 from __future__ import annotations
 
-import time
-
 import pytest
 import timm
 import torch
@@ -14,8 +12,8 @@ from reference import randomize_batchnorm
 from timm.models.convmixer import ConvMixer as TimmConvMixer
 from torch import nn
 
-from convmixer_timm import VARIANTS, ConvMixer, kernels
-from convmixer_timm.inference import FusedConvMixerInference, optimize_for_inference
+from convmixer_timm import VARIANTS, ConvMixer, speed
+from convmixer_timm.speed import FusedConvMixerInference, optimize_for_inference
 
 CASES = [(5, "gelu", 2), (8, "gelu", 2), (3, "relu", 1), (4, "relu", 3)]
 
@@ -33,7 +31,7 @@ def _assert_exact(ref: torch.Tensor, out: torch.Tensor) -> None:
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-4 * ref.abs().max().item())
 
 
-DEPTHWISE = ["onednn", pytest.param("kernel", marks=pytest.mark.skipif(kernels.load() is None, reason="no compiler"))]
+DEPTHWISE = ["onednn", pytest.param("kernel", marks=pytest.mark.skipif(speed.load() is None, reason="no compiler"))]
 
 
 @pytest.mark.parametrize("depthwise", DEPTHWISE)
@@ -98,7 +96,7 @@ def test_rejects_wrong_input():
 @pytest.mark.parametrize(("k", "act"), [(5, "gelu"), (8, "relu")])
 def test_onnxruntime_backend_matches_timm_builtin(k, act):
     pytest.importorskip("onnxruntime")
-    from convmixer_timm.inference import OnnxRuntimeConvMixer
+    from convmixer_timm.speed import OnnxRuntimeConvMixer
 
     ref, ours = _pair(k, act, 2)
     fast = optimize_for_inference(ours, (3, 16, 16), backend="onnxruntime")
@@ -115,27 +113,7 @@ def test_onnxruntime_backend_matches_timm_builtin(k, act):
         optimize_for_inference(ours, backend="tvm")
 
 
-class _Sleeper(nn.Module):
-    def __init__(self, seconds: float):
-        super().__init__()
-        self.seconds = seconds
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        time.sleep(self.seconds)
-        return x
-
-
-def test_layout_choice_keeps_the_incumbent_unless_clearly_beaten():
-    from convmixer_timm.inference import _fastest
-
-    x = torch.zeros(1)
-    # 1% faster is within the 3% margin: noise must not swap the model being replaced for another.
-    assert _fastest({"incumbent": _Sleeper(0.020), "challenger": _Sleeper(0.0198)}, x) == "incumbent"
-    assert _fastest({"incumbent": _Sleeper(0.020), "challenger": _Sleeper(0.010)}, x) == "challenger"
-    assert _fastest({"incumbent": _Sleeper(0.010), "challenger": _Sleeper(0.020)}, x) == "incumbent"
-
-
-@pytest.mark.skipif(kernels.load() is None, reason="no compiler")
+@pytest.mark.skipif(speed.load() is None, reason="no compiler")
 @pytest.mark.parametrize(("dim", "k", "size"), [(37, 9, 11), (48, 8, 19), (20, 11, 6), (16, 3, 1)])
 def test_mixing_kernel_on_uneven_channels_widths_and_kernels(dim, k, size):
     # Channel tails (not a multiple of the vector width), row tails (not a multiple of 8 outputs), kernel sizes
@@ -161,5 +139,5 @@ def test_every_registered_variant_optimizes_exactly(variant):
     ours.load_state_dict(ref.state_dict())
     x = torch.randn(2, 3, variant.img_size, variant.img_size)
     with torch.no_grad():
-        for depthwise in ["onednn"] + (["kernel"] if kernels.load() is not None else []):
+        for depthwise in ["onednn"] + (["kernel"] if speed.load() is not None else []):
             _assert_exact(ref(x), FusedConvMixerInference(ours, depthwise=depthwise)(x))

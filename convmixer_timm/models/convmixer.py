@@ -21,19 +21,17 @@ from timm.layers import (
     get_act_layer,
     get_device_dtype,
     register_notrace_function,
-    register_notrace_module,
 )
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
 from torch import nn
 
-from .. import kernels
-from ..allocator import tune_cpu_allocator
+from ..speed import layers as speed
 from .checkpoint import check_shapes_before_load, checkpoint_filter_fn
 from .variants import DATASET_CONFIGS, VARIANTS, Variant
 
-__all__ = ["BatchNorm2d", "ConvMixer", "ConvMixerBlock", "ConvMixerStem", "DepthwiseMixing", "SamePaddingDepthwiseConv"]
+__all__ = ["ConvMixer", "ConvMixerBlock", "ConvMixerStem", "DepthwiseMixing", "SamePaddingDepthwiseConv"]
 
 ActLayer = Union[str, Type[nn.Module]]
 
@@ -62,46 +60,6 @@ def check_input_channels(x: torch.Tensor, in_chans: int) -> None:
         )
 
 
-@register_notrace_module  # an FX leaf like nn.BatchNorm2d: its fast path depends on the input's device and dtype
-class BatchNorm2d(nn.BatchNorm2d):
-    """``nn.BatchNorm2d`` (same keys, same numbers) whose CPU training pass runs as two fused passes each way.
-
-    Every BatchNorm in ConvMixer normalises a full-resolution activation, which PyTorch's CPU kernels traverse
-    several times; ``convmixer_timm.kernels.BatchNormChannelsLast`` reads it twice. Elsewhere (eval, GPU,
-    autocast, ``torch.compile``, no compiler) it computes what ``nn.BatchNorm2d`` computes, with ``F.batch_norm``.
-    """
-
-    # nn.BatchNorm2d's own forward with the kernel as the batch-statistics path (TorchScript has no super()).
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(x)
-        running_mean, running_var, average_factor, use_batch_stats = self.step_running_stats()
-        if use_batch_stats and not torch.jit.is_scripting() and batch_norm_kernel_applies(x, self.weight, self.bias):
-            return kernels.BatchNormChannelsLast.apply(
-                x, self.weight, self.bias, running_mean, running_var, average_factor, self.eps)
-        return F.batch_norm(x, running_mean, running_var, self.weight, self.bias, use_batch_stats, average_factor,
-                            self.eps)
-
-    def step_running_stats(self) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], float, bool]:
-        """Count the batch and return (running_mean, running_var, average factor, use batch statistics)."""
-        average_factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                average_factor = 1.0 / float(self.num_batches_tracked)
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        update_buffers = not self.training or self.track_running_stats
-        running_mean = self.running_mean if update_buffers else None
-        running_var = self.running_var if update_buffers else None
-        return running_mean, running_var, average_factor, use_batch_stats
-
-
-@torch.jit.unused
-def batch_norm_kernel_applies(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> bool:
-    # More than one value per channel, else PyTorch's own error message applies.
-    return (weight is not None and bias is not None and x.dim() == 4 and x.numel() > x.shape[1]
-            and kernels.kernels_apply(x, weight, bias))
-
-
 class ConvMixerStem(nn.Sequential):
     """Patch embedding: a p x p convolution with stride p, then activation and BatchNorm."""
 
@@ -109,7 +67,7 @@ class ConvMixerStem(nn.Sequential):
         super().__init__(
             nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size, device=device, dtype=dtype),
             _create_act(act_layer),
-            BatchNorm2d(dim, device=device, dtype=dtype),
+            speed.BatchNorm2d(dim, device=device, dtype=dtype),
         )
         self.in_chans = in_chans
 
@@ -135,27 +93,17 @@ class SamePaddingDepthwiseConv(nn.Conv2d):
         self.needs_explicit_pad = kernel_size % 2 == 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and not torch.jit.is_scripting():
-            return depthwise_conv_for_training(x, self.weight, self.bias)
-        if self.needs_explicit_pad:
-            if not torch.jit.is_scripting() and _exporting_onnx():
-                x = F.pad(x, self.explicit_pad)
-            else:
-                # Same numbers as the explicit pad, without the padded copy: 1.18x faster depthwise training
-                # step for 512/16-k8 on CPU (benchmarks/bench.py measured the F.pad form 0.9x of timm's).
-                return F.conv2d(x, self.weight, self.bias, self.stride, "same", self.dilation, self.groups)
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        if torch.jit.is_scripting():
+            return self.conv_same(x)
+        if _exporting_onnx():
+            return F.conv2d(F.pad(x, self.explicit_pad), self.weight, self.bias, groups=self.groups)
+        return speed.depthwise_conv_same(x, self.weight, self.bias, self.training)
 
-
-@register_notrace_function  # FX: the choice depends on the input's device and dtype
-@torch.jit.unused
-def depthwise_conv_for_training(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    # oneDNN's depthwise backward runs at a fifth to a tenth of its forward's rate on CPU, the largest cost of a
-    # CIFAR-scale training step; DepthwiseConvSame computes the same gradients with the forward convolution and
-    # a compiled weight-gradient kernel (convmixer_timm.kernels), and is skipped wherever it does not apply.
-    if kernels.kernels_apply(x, weight, bias):
-        return kernels.DepthwiseConvSame.apply(x, weight, bias)
-    return kernels.conv_same(x, weight, bias)
+    def conv_same(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.kernel_size[0]
+        out = F.conv2d(x, self.weight, self.bias, 1, k // 2, 1, self.groups)
+        # For even k, symmetric padding gives one extra first row and column: dropping them is "same" padding.
+        return out[:, :, 1:, 1:] if self.needs_explicit_pad else out
 
 
 @torch.jit.unused
@@ -170,7 +118,7 @@ class DepthwiseMixing(nn.Sequential):
         super().__init__(
             SamePaddingDepthwiseConv(dim, kernel_size, device=device, dtype=dtype),
             _create_act(act_layer),
-            BatchNorm2d(dim, device=device, dtype=dtype),
+            speed.BatchNorm2d(dim, device=device, dtype=dtype),
         )
 
 
@@ -195,19 +143,8 @@ class ConvMixerBlock(nn.Sequential):
             Residual(DepthwiseMixing(dim, kernel_size, act_layer, device=device, dtype=dtype), drop_path),
             nn.Conv2d(dim, dim, kernel_size=1, device=device, dtype=dtype),
             _create_act(act_layer),
-            BatchNorm2d(dim, device=device, dtype=dtype),
+            speed.BatchNorm2d(dim, device=device, dtype=dtype),
         )
-
-
-@register_notrace_function  # FX cannot branch on a traced tensor's rank or device (and skips _private names)
-def channels_last_when_training_on_cpu(x: torch.Tensor, training: bool) -> torch.Tensor:
-    # On CPU, oneDNN trains the depthwise and 1x1 convolutions on channels_last input 1.1-1.3x faster, and up to
-    # 6x for even kernels (measured, benchmarks/bench.py); a channels_last input is enough, every later op keeps
-    # the format. Eval stays in the caller's format so it is bit-identical to the reference NCHW models;
-    # optimize_for_inference() is the fast eval path.
-    if training and x.dim() == 4 and x.device.type == "cpu":
-        return x.contiguous(memory_format=torch.channels_last)
-    return x
 
 
 class ConvMixer(nn.Module):
@@ -249,7 +186,6 @@ class ConvMixer(nn.Module):
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
         dd = {"device": device, "dtype": dtype}
-        tune_cpu_allocator()  # every activation is large (no downsampling); see convmixer_timm/allocator.py
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.num_features = dim
@@ -317,7 +253,7 @@ class ConvMixer(nn.Module):
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        x = self.stem(channels_last_when_training_on_cpu(x, self.training))
+        x = self.stem(self._prepare_input(x))
         if torch.jit.is_scripting() or not stop_early:  # TorchScript cannot slice a Sequential
             blocks = self.blocks
         else:
@@ -347,12 +283,17 @@ class ConvMixer(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(channels_last_when_training_on_cpu(x, self.training))
+        x = self.stem(self._prepare_input(x))
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.blocks, x)
         else:
             x = self.blocks(x)
         return x
+
+    def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return x
+        return speed.prepare_training_input(x, self.training)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)

@@ -16,24 +16,30 @@ What the optimized module does differently from the eval-mode model, all exact u
 * intermediate results are written into tensors the module already holds where an op allows it: on CPU a fresh
   large tensor costs page faults that, for the CIFAR shapes, take as long as the arithmetic.
 
-Anything the fused path does not cover (another activation, pooling type, device or dtype) falls back to a copy
-of the model in eval mode and channels_last, so the function is always safe to call.
+Anything the fused path does not cover (another activation, pooling type, device or dtype) runs as a copy of
+the model in eval mode, so the function is always safe to call. Which path runs is measured per input shape on
+the machine where it runs (:class:`AutotunedConvMixer`).
 """
 from __future__ import annotations
 
 import copy
 import statistics
+import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import kernels
+from .loader import load
+from .mixing import spatial_mixing
 
-__all__ = ["FusedConvMixerInference", "OnnxRuntimeConvMixer", "optimize_for_inference"]
+__all__ = [
+    "AutotunedConvMixer", "FusedConvMixerInference", "OnnxRuntimeConvMixer", "optimize_for_inference",
+    "select_fastest",
+]
 
 _ACTS = ("gelu", "relu")
 
@@ -109,7 +115,7 @@ class FusedConvMixerInference(nn.Module):
     ``pointwise`` is ``"conv"`` (oneDNN 1x1 convolution with the activation fused) or ``"mm"`` (``addmm`` written
     straight into a held tensor, then the activation in place). ``depthwise`` is ``"kernel"`` (the compiled
     spatial-mixing kernel: depthwise conv, activation, both BatchNorm affines and the residual in one pass,
-    ``convmixer_timm.kernels.spatial_mixing``) or ``"onednn"`` (oneDNN's depthwise conv with the activation fused,
+    ``convmixer_timm.speed.spatial_mixing``) or ``"onednn"`` (oneDNN's depthwise conv with the activation fused,
     then the affine passes); ``None`` takes the kernel where it is built."""
 
     def __init__(self, model: nn.Module, pointwise: str = "conv", depthwise: str | None = None):
@@ -117,10 +123,10 @@ class FusedConvMixerInference(nn.Module):
         if pointwise not in ("conv", "mm"):
             raise ValueError(f"pointwise must be 'conv' or 'mm', got {pointwise!r}")
         if depthwise is None:
-            depthwise = "kernel" if kernels.load() is not None else "onednn"
+            depthwise = "kernel" if load() is not None else "onednn"
         if depthwise not in ("kernel", "onednn"):
             raise ValueError(f"depthwise must be 'kernel' or 'onednn', got {depthwise!r}")
-        if depthwise == "kernel" and kernels.load() is None:
+        if depthwise == "kernel" and load() is None:
             raise RuntimeError("depthwise='kernel' needs the compiled kernels (a C++ compiler); use 'onednn'")
         self.pointwise = pointwise
         self.depthwise = depthwise
@@ -155,12 +161,12 @@ class FusedConvMixerInference(nn.Module):
         self._packed: dict[tuple, list[torch.Tensor | None]] = {}
         self.eval()
 
-    def _packed_weights(self, x: torch.Tensor, grid: tuple[int, int]) -> list[torch.Tensor | None]:
+    def _packed_weights(self, x: torch.Tensor, grid: tuple[int, int], depthwise: str) -> list[torch.Tensor | None]:
         # [stem, then per block: depthwise (None where the compiled kernel reads dw_w_kkc instead), pointwise]
-        key = (*x.shape, self.depthwise)
+        key = (*x.shape, depthwise)
         packed = self._packed.get(key)
         if packed is None:
-            if len(self._packed) >= 4:  # many input shapes: keep memory bounded
+            if len(self._packed) >= 8:  # many input shapes: keep memory bounded
                 self._packed.clear()
             reorder = torch.ops.mkldnn._reorder_convolution_weight
             n = x.shape[0]
@@ -170,7 +176,7 @@ class FusedConvMixerInference(nn.Module):
             packed: list[torch.Tensor | None] = [reorder(self.stem_w, [0, 0], [p, p], [1, 1], 1, list(x.shape))]
             for blk in self.blocks:
                 k = blk.kernel_size
-                onednn = self.depthwise == "onednn"
+                onednn = depthwise == "onednn"
                 packed.append(reorder(blk.dw_w, [k // 2, k // 2], [1, 1], [1, 1], dim, inner) if onednn else None)
                 packed.append(reorder(blk.pw_w, [0, 0], [1, 1], [1, 1], 1, inner))
             self._packed[key] = packed
@@ -187,8 +193,9 @@ class FusedConvMixerInference(nn.Module):
         return torch.ops.mkldnn._convolution_pointwise(
             x, w, b, [padding, padding], [stride, stride], [1, 1], groups, self.act, scalars, algorithm)
 
-    def _pointwise(self, z: torch.Tensor, y: torch.Tensor, blk: _Block, packed_w: torch.Tensor) -> torch.Tensor:
-        if self.pointwise == "mm":
+    def _pointwise(self, z: torch.Tensor, y: torch.Tensor, blk: _Block, packed_w: torch.Tensor,
+                   pointwise: str) -> torch.Tensor:
+        if pointwise == "mm":
             # y is dead once z exists, so the matmul writes into its memory: no fresh tensor.
             dim = y.shape[1]
             y2 = y.permute(0, 2, 3, 1).reshape(-1, dim)
@@ -196,7 +203,7 @@ class FusedConvMixerInference(nn.Module):
             return y.relu_() if self.act == "relu" else torch._C._nn.gelu_(y)
         return self._conv_act(z, packed_w, blk.pw_b, 0, 1, 1)
 
-    def _blocks_with_onednn(self, y: torch.Tensor, packed: list[torch.Tensor | None]) -> torch.Tensor:
+    def _blocks_with_onednn(self, y: torch.Tensor, packed: list[torch.Tensor | None], pointwise: str) -> torch.Tensor:
         torch.addcmul(self.stem_t, y, self.stem_s, out=y)
         dim = y.shape[1]
         last = len(self.blocks) - 1
@@ -210,20 +217,25 @@ class FusedConvMixerInference(nn.Module):
                 # "same" padding with (k-1)//2 before and k//2 after.
                 z = torch.addcmul(y, g[:, :, 1:, 1:], blk.s1)
                 z = z.contiguous(memory_format=torch.channels_last)
-            u = self._pointwise(z, y, blk, packed[2 * i + 2])
+            u = self._pointwise(z, y, blk, packed[2 * i + 2], pointwise)
             y = u if i == last else torch.addcmul(blk.t2, u, blk.s2, out=u)
         return y
 
-    def _blocks_with_mixing_kernel(self, u: torch.Tensor, packed: list[torch.Tensor | None]) -> torch.Tensor:
+    def _blocks_with_mixing_kernel(self, u: torch.Tensor, packed: list[torch.Tensor | None],
+                                   pointwise: str) -> torch.Tensor:
         # u is each layer's activation before its BatchNorm: the kernel applies that affine as it reads u.
         s_in, t_in = self.stem_s.view(-1), self.stem_t.view(-1)
         for i, blk in enumerate(self.blocks):
-            z = kernels.spatial_mixing(u, s_in, t_in, blk.dw_w_kkc, blk.dw_b, blk.s1.view(-1), self.act)
-            u = self._pointwise(z, u, blk, packed[2 * i + 2])
+            z = spatial_mixing(u, s_in, t_in, blk.dw_w_kkc, blk.dw_b, blk.s1.view(-1), self.act)
+            u = self._pointwise(z, u, blk, packed[2 * i + 2], pointwise)
             s_in, t_in = blk.s2.view(-1), blk.t2.view(-1)
         return u  # the last BatchNorm is folded into the head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x, self.pointwise, self.depthwise)
+
+    def run(self, x: torch.Tensor, pointwise: str, depthwise: str) -> torch.Tensor:
+        """The forward pass with the given implementations (see the class docstring)."""
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"expected images of shape (N, {self.in_chans}, H, W), got {list(x.shape)}")
         with torch.no_grad():
@@ -233,25 +245,16 @@ class FusedConvMixerInference(nn.Module):
                 # A stride-p convolution ignores the remainder; cropping keeps oneDNN on its fast path.
                 x = x[..., : x.shape[-2] // p * p, : x.shape[-1] // p * p].contiguous(
                     memory_format=torch.channels_last)
-            packed = self._packed_weights(x, (x.shape[-2] // p, x.shape[-1] // p))
+            packed = self._packed_weights(x, (x.shape[-2] // p, x.shape[-1] // p), depthwise)
             y = self._conv_act(x, packed[0], self.stem_b, 0, p, 1)
-            if self.depthwise == "kernel":
-                y = self._blocks_with_mixing_kernel(y, packed)
+            if depthwise == "kernel":
+                y = self._blocks_with_mixing_kernel(y, packed, pointwise)
             else:
-                y = self._blocks_with_onednn(y, packed)
+                y = self._blocks_with_onednn(y, packed, pointwise)
             pooled = y.mean((2, 3))
             if self.has_head:
                 return torch.addmm(self.head_b, pooled, self.head_w.t())
             return torch.addcmul(self.head_b, pooled, self.head_w.view(1, -1))
-
-
-def _time(fn, reps: int) -> float:
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 class OnnxRuntimeConvMixer(nn.Module):
@@ -263,7 +266,7 @@ class OnnxRuntimeConvMixer(nn.Module):
         super().__init__()
         import onnxruntime as ort
 
-        from .export import export_onnx
+        from ..export import export_onnx
 
         with tempfile.TemporaryDirectory() as tmp:
             path = export_onnx(model, Path(tmp) / "model.onnx", input_size)
@@ -286,70 +289,121 @@ def _full_size(input_size: Sequence[int]) -> tuple[int, ...]:
     return (1, *size) if len(size) == 3 else size
 
 
-def _fastest(candidates: dict[str, nn.Module], x: torch.Tensor, rounds: int = 5, margin: float = 0.03) -> str:
+Clock = Callable[[], float]
+
+
+def select_fastest(candidates: Mapping[str, Callable[[], object]], clock: Clock = time.perf_counter,
+                   rounds: int = 5, margin: float = 0.03) -> str:
     """The candidate with the lowest median time over interleaved rounds (machine load hits all alike).
 
     The first candidate is the incumbent: another must beat its median by more than ``margin`` to be picked, so
-    timing noise cannot trade the model being replaced for one that is slower in steady use.
+    timing noise cannot trade what is being replaced for something slower in steady use. ``clock`` is injected
+    so the choice can be tested without timing anything.
     """
     times: dict[str, list[float]] = {name: [] for name in candidates}
-    with torch.no_grad():
-        for module in candidates.values():
-            module(x)  # first call: oneDNN primitive creation, weight reorders, onnxruntime arena growth
-        for _ in range(rounds):
-            for name, module in candidates.items():
-                times[name].append(_time(lambda m=module: m(x), 1))
+    for run in candidates.values():
+        run()  # first call: oneDNN primitive creation, weight reorders, onnxruntime arena growth
+    for _ in range(rounds):
+        for name, run in candidates.items():
+            start = clock()
+            run()
+            times[name].append(clock() - start)
     medians = {name: statistics.median(values) for name, values in times.items()}
     incumbent = next(iter(candidates))
     best = min(medians, key=medians.get)
     return best if medians[best] < medians[incumbent] * (1.0 - margin) else incumbent
 
 
+class AutotunedConvMixer(nn.Module):
+    """What :func:`optimize_for_inference` returns: for each input shape, the fastest exact path, measured once.
+
+    Like ``torch.backends.cudnn.benchmark``: the first call with a new (shape, dtype, device) times every path on
+    that input and keeps the fastest for later calls of that shape (``choices``). The paths: the plain eval
+    model with NCHW or channels_last input (the faster of the two is the incumbent, kept unless another path
+    beats it by 3%), and where the model is supported, :class:`FusedConvMixerInference` with each pointwise
+    (oneDNN conv, MKL addmm) and depthwise (compiled kernel, oneDNN) implementation.
+    """
+
+    def __init__(self, model: nn.Module, clock: Clock = time.perf_counter, rounds: int = 5, margin: float = 0.03,
+                 announce: bool = True):
+        super().__init__()
+        self.plain = copy.deepcopy(model).eval()
+        self.plain_channels_last = copy.deepcopy(self.plain).to(memory_format=torch.channels_last)
+        self.fused = FusedConvMixerInference(model, "conv", "onednn") if _supported(model) else None
+        self.clock, self.rounds, self.margin, self.announce = clock, rounds, margin, announce
+        self.choices: dict[tuple, str] = {}
+        self.eval()
+
+    def paths(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        paths: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+            "plain": self.plain,
+            "plain channels_last": lambda x: self.plain_channels_last(x.contiguous(memory_format=torch.channels_last)),
+        }
+        if self.fused is not None:
+            depthwise = ("onednn", "kernel") if load() is not None else ("onednn",)
+            for pw in ("conv", "mm"):
+                for dw in depthwise:
+                    paths[f"{pw}+{dw}"] = lambda x, pw=pw, dw=dw: self.fused.run(x, pw, dw)
+        return paths
+
+    def tune(self, x: torch.Tensor) -> str:
+        """Measure every path on ``x`` (once per shape, dtype and device) and return the chosen one's name."""
+        key = (tuple(x.shape), x.dtype, x.device.type)
+        choice = self.choices.get(key)
+        if choice is None:
+            paths = self.paths()
+            if self.announce:
+                print(f"convmixer_timm: timing {len(paths)} inference paths for input {list(x.shape)} (once per "
+                      "input shape)", file=sys.stderr, flush=True)
+            with torch.no_grad():
+                layouts = {name: paths[name] for name in ("plain", "plain channels_last")}
+                incumbent = select_fastest({n: (lambda f=f: f(x)) for n, f in layouts.items()}, self.clock,
+                                           self.rounds, margin=0.0)
+                contest = {incumbent: paths[incumbent], **{n: f for n, f in paths.items() if n not in layouts}}
+                choice = select_fastest({n: (lambda f=f: f(x)) for n, f in contest.items()}, self.clock,
+                                        self.rounds, self.margin)
+            self.choices[key] = choice
+        return choice
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.paths()[self.tune(x)](x)
+
+
 def optimize_for_inference(model: nn.Module, input_size: Sequence[int] | None = None,
                            backend: str = "torch") -> nn.Module:
     """Return the fastest exact eval-mode version of ``model`` (a convmixer-timm or timm ``ConvMixer``).
 
-    The model itself is left untouched. With ``input_size`` (``(N, C, H, W)`` or ``(C, H, W)``) the implementation
-    is picked by timing on that shape: the 1x1 convolution as oneDNN's convolution or MKL's sgemm, the spatial
-    mixing as the compiled kernel or oneDNN's depthwise convolution (which wins depends on the shape and the CPU).
-    The plain eval model in its faster layout is the incumbent, returned unless another beats it by 3%. Without
-    ``input_size``: oneDNN's 1x1 convolution and the compiled kernel where it is built. Outputs match the eval-mode
-    model to float32 rounding (checked by ``tests/test_inference.py``).
+    The model itself is left untouched. Which implementation is fastest depends on the shape and the CPU (on an
+    AVX2-only EPYC the compiled spatial-mixing kernel lost to oneDNN by up to 2x where it won on AVX-512), so
+    nothing is assumed: every path is timed on the first input of each shape, and the choice is kept for that
+    shape (:class:`AutotunedConvMixer`, like ``cudnn.benchmark``). With ``input_size`` (``(N, C, H, W)`` or
+    ``(C, H, W)``) that first measurement happens here instead of in the first call. The plain eval model in
+    its faster layout is the incumbent, kept unless another path beats it by 3%, so the result is never
+    slower than the model it replaces beyond timing noise. Outputs match the eval-mode model to float32
+    rounding (checked by ``tests/test_inference.py``).
 
     ``backend="onnxruntime"`` (needs ``input_size`` and the ``onnx`` extra) returns an
-    :class:`OnnxRuntimeConvMixer` (measured 0.7-1.2x the speed of this module here, depending on the variant);
-    ``backend="auto"`` times both on ``input_size`` and keeps the faster.
+    :class:`OnnxRuntimeConvMixer`; ``backend="auto"`` times both on ``input_size`` and keeps the faster.
     """
     if backend not in ("torch", "onnxruntime", "auto"):
         raise ValueError(f"backend must be 'torch', 'onnxruntime' or 'auto', got {backend!r}")
+    if backend in ("onnxruntime", "auto") and input_size is None:
+        raise ValueError(f"backend={backend!r} needs input_size: the ONNX graph is built for one image size")
     if backend == "onnxruntime":
-        if input_size is None:
-            raise ValueError("backend='onnxruntime' needs input_size: the ONNX graph is built for one image size")
         return OnnxRuntimeConvMixer(model, input_size)
-    if not _supported(model):
-        fallback = copy.deepcopy(model).eval()
-        fused: nn.Module = fallback.to(memory_format=torch.channels_last)
-    else:
-        fused = FusedConvMixerInference(model)
+    tuned = AutotunedConvMixer(model, announce=input_size is None)
     if input_size is None:
-        return fused
+        return tuned
     x = torch.randn(_full_size(input_size))
-    if isinstance(fused, FusedConvMixerInference):
-        # The plain eval model in both layouts competes too (the faster one as incumbent), so the result is never
-        # slower than what it replaces.
-        plain = copy.deepcopy(model).eval()
-        layouts = {"plain": plain, "plain channels_last": copy.deepcopy(plain).to(memory_format=torch.channels_last)}
-        incumbent = _fastest(layouts, x, margin=0.0)
-        variants: dict[str, nn.Module] = {incumbent: layouts[incumbent]}
-        depthwise = ["onednn", "kernel"] if kernels.load() is not None else ["onednn"]
-        for pw in ("conv", "mm"):
-            variants.update({f"{pw}+{dw}": FusedConvMixerInference(model, pw, dw) for dw in depthwise})
-        fused = variants[_fastest(variants, x)]
+    tuned.tune(x)
     if backend == "auto":
         try:
             import onnxruntime  # noqa: F401
         except ImportError:
-            return fused
-        candidates = {"torch": fused, "onnxruntime": OnnxRuntimeConvMixer(model, input_size)}
-        return candidates[_fastest(candidates, x)]
-    return fused
+            return tuned
+        candidates = {"torch": tuned, "onnxruntime": OnnxRuntimeConvMixer(model, input_size)}
+        with torch.no_grad():
+            best = select_fastest({n: (lambda m=m: m(x)) for n, m in candidates.items()})
+        return candidates[best]
+    return tuned

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .build import load
+from .loader import load
 
 __all__ = ["MIXING_ACTIVATIONS", "spatial_mixing"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .build import load
+from .loader import load
 
 __all__ = ["BatchNormChannelsLast"]
 

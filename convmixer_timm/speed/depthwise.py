@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .build import load
+from .loader import load
 
 __all__ = ["DepthwiseConvSame", "conv_same", "depthwise_weight_grad"]
 
@@ -36,10 +36,14 @@ def depthwise_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, kernel_size: 
 
 def conv_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Stride-1 depthwise convolution that keeps the grid, with PyTorch's own autograd."""
-    # "same" gives (k-1)//2 before and k//2 after for even k, as timm's built-in pads; odd k is symmetric.
     k = weight.shape[-1]
-    padding = k // 2 if k % 2 else "same"
-    return F.conv2d(x, weight, bias, 1, padding, 1, x.shape[1])
+    out = F.conv2d(x, weight, bias, 1, k // 2, 1, x.shape[1])
+    if k % 2 == 0:
+        # Symmetric k//2 padding makes one extra row and column; dropping the first ones leaves (k-1)//2 before
+        # and k//2 after, as timm's built-in pads. PyTorch's padding="same" computes the same but warns on every
+        # call that it copies the input; an F.pad copy measured slower than this view.
+        out = out[:, :, 1:, 1:]
+    return out
 
 
 class DepthwiseConvSame(torch.autograd.Function):

@@ -1,0 +1,446 @@
+"""The speed layer's safety: what is loaded, from where, on which CPU; what it does to the process; how it chooses.
+
+Nothing here times anything: the choice of inference path is tested with an injected clock, and memory is read
+from /proc, not inferred from speed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import textwrap
+import warnings
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from convmixer_timm import ConvMixer, speed
+from convmixer_timm.speed import build, loader
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "convmixer_timm"
+LIBRARY = PACKAGE / "speed" / build.LIBRARY_NAME
+MANIFEST = PACKAGE / "speed" / build.MANIFEST_NAME
+needs_kernels = pytest.mark.skipif(speed.load() is None, reason="kernels not built here (no C++ compiler)")
+needs_compiler = pytest.mark.skipif(build.find_compiler() is None, reason="no C++ compiler")
+posix_owners = pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX owners and modes")
+
+
+def _private_copy(tmp_path: Path, library: Path = LIBRARY, manifest: Path = MANIFEST) -> Path:
+    folder = tmp_path / "private"
+    folder.mkdir(mode=0o700)
+    shutil.copy(library, folder / build.LIBRARY_NAME)
+    shutil.copy(manifest, folder / build.MANIFEST_NAME)
+    return folder / build.LIBRARY_NAME
+
+
+def _load_error(path: Path) -> str:
+    with pytest.raises(loader.KernelLoadError) as caught:
+        loader.load_from(path)
+    return str(caught.value)
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+@needs_kernels
+@posix_owners
+def test_an_intact_private_copy_loads(tmp_path):
+    library = loader.load_from(_private_copy(tmp_path))
+    assert library.isa in loader.ISAS and callable(library.spatial_mixing_f32)
+
+
+@needs_kernels
+@pytest.mark.parametrize("damage", ["truncated", "empty", "one byte changed"])
+def test_a_damaged_library_is_never_mapped(tmp_path, damage):
+    path = _private_copy(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[: len(data) // 2], "empty": b"",
+                      "one byte changed": data[:-1] + bytes([data[-1] ^ 1])}[damage])
+    assert "damaged" in _load_error(path)  # refused before dlopen: a truncated ELF file would SIGBUS in it
+
+
+@needs_kernels
+def test_a_stale_build_is_refused(tmp_path):
+    path = _private_copy(tmp_path)
+    sources = tmp_path / "sources"
+    sources.mkdir()
+    for name in build.SOURCES:
+        shutil.copy(PACKAGE / "speed" / name, sources / name)
+    with (sources / build.SOURCES[1]).open("a") as edited:
+        edited.write("\n// edited after the build\n")
+    with pytest.raises(loader.KernelLoadError, match="other sources"):
+        loader.load_from(path, sources=sources)
+
+
+@needs_compiler
+@posix_owners
+def test_a_foreign_library_without_the_entry_points_is_refused(tmp_path):
+    # A real shared object that passes the manifest check but is not ours: missing symbols, not a crash later.
+    folder = tmp_path / "private"
+    folder.mkdir(mode=0o700)
+    source = tmp_path / "foreign.cpp"
+    source.write_text(textwrap.dedent("""
+        #include <cstring>
+        extern "C" int cmx_abi_version() { return ABI; }
+        extern "C" const char* cmx_compiled_isas() { return "baseline"; }
+        extern "C" int cmx_cpu_supports(const char* isa) { return std::strcmp(isa, "baseline") == 0; }
+    """).replace("ABI", str(build.ABI_VERSION)))
+    library = folder / build.LIBRARY_NAME
+    subprocess.run([build.find_compiler(), "-shared", "-fPIC", str(source), "-o", str(library)], check=True)
+    (folder / build.MANIFEST_NAME).write_text(json.dumps(dict(
+        abi=build.ABI_VERSION, library_sha256=build.file_digest(library), sources_sha256=build.sources_digest())))
+    assert "lacks the entry point" in _load_error(library)
+
+
+@needs_kernels
+@posix_owners
+@pytest.mark.parametrize("writable", ["folder", "library", "manifest"])
+def test_files_or_folders_others_can_write_are_refused(tmp_path, writable):
+    path = _private_copy(tmp_path)
+    target = {"folder": path.parent, "library": path, "manifest": path.with_name(build.MANIFEST_NAME)}[writable]
+    target.chmod(target.stat().st_mode | stat.S_IWOTH)
+    assert "writable by other users" in _load_error(path)
+
+
+@needs_kernels
+@posix_owners
+def test_a_link_into_a_shared_folder_is_judged_by_its_target(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    real = _private_copy(shared)
+    shared.chmod(0o777)  # anyone could replace what the link points to
+    folder = tmp_path / "mine"
+    folder.mkdir(mode=0o700)
+    (folder / build.LIBRARY_NAME).symlink_to(real)
+    shutil.copy(real.with_name(build.MANIFEST_NAME), folder / build.MANIFEST_NAME)
+    assert "writable by other users" in _load_error(folder / build.LIBRARY_NAME)
+
+
+@needs_kernels
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="chown to another user needs root")
+def test_a_library_owned_by_another_user_is_refused(tmp_path):
+    path = _private_copy(tmp_path)
+    os.chown(path, 54321, 54321)
+    assert "belongs to user id 54321" in _load_error(path)
+
+
+# ------------------------------------------------------------------------------------------------ fallbacks
+
+TRAIN_ONE_STEP = """
+import warnings, torch
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    from convmixer_timm import ConvMixer, speed
+    torch.manual_seed(0)
+    model = ConvMixer(8, 1, 3, 2, num_classes=2).train()
+    for _ in range(2):
+        torch.nn.functional.cross_entropy(model(torch.randn(4, 3, 8, 8)), torch.tensor([0, 1, 1, 0])).backward()
+print("library", speed.load() is not None)
+print("warnings", len([w for w in caught if "kernels" in str(w.message)]))
+print("messages", [str(w.message) for w in caught])
+print("grad", float(model.blocks[0][0].fn[0].weight.grad.abs().sum()))
+"""
+
+
+def _run_with_package(package_root: Path, code: str, **env: str) -> dict[str, str]:
+    # cwd: `python -c` puts the working folder first on sys.path, ahead of PYTHONPATH.
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            cwd=package_root, env={**os.environ, "PYTHONPATH": str(package_root), **env})
+    assert result.returncode == 0, result.stderr
+    return dict(line.split(" ", 1) for line in result.stdout.splitlines())
+
+
+def _package_copy(tmp_path: Path) -> Path:
+    root = tmp_path / "site"
+    shutil.copytree(PACKAGE, root / "convmixer_timm", ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "empty"])
+def test_without_a_usable_library_training_warns_once_and_uses_pytorch(tmp_path, damage):
+    root = _package_copy(tmp_path)
+    library = root / "convmixer_timm" / "speed" / build.LIBRARY_NAME
+    if damage == "missing":
+        library.unlink(missing_ok=True)
+    elif library.exists():
+        library.write_bytes(library.read_bytes()[:4096] if damage == "truncated" else b"")
+    else:
+        pytest.skip("no library was built here to damage")
+    out = _run_with_package(root, TRAIN_ONE_STEP)
+    assert out["library"] == "False" and out["warnings"] == "1", out["messages"]
+    assert ("missing" if damage == "missing" else "damaged") in out["messages"]
+    assert "pip install --force-reinstall" in out["messages"]
+    reference = _run_with_package(root, TRAIN_ONE_STEP, CONVMIXER_TIMM_KERNELS="0")
+    assert reference["warnings"] == "0"  # turned off on purpose: silent
+    assert float(out["grad"]) == pytest.approx(float(reference["grad"]), rel=1e-5)
+
+
+@needs_kernels
+def test_kernels_give_the_same_training_step_as_pytorch(tmp_path):
+    with_kernels = _run_with_package(ROOT, TRAIN_ONE_STEP)
+    without = _run_with_package(ROOT, TRAIN_ONE_STEP, CONVMIXER_TIMM_KERNELS="0")
+    assert with_kernels["library"] == "True" and with_kernels["warnings"] == "0", with_kernels["messages"]
+    assert float(with_kernels["grad"]) == pytest.approx(float(without["grad"]), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ dispatch
+
+
+@needs_kernels
+def test_the_copy_for_this_cpu_is_chosen_and_can_be_forced(monkeypatch):
+    best = loader.load_from(LIBRARY).isa
+    with open("/proc/cpuinfo") if Path("/proc/cpuinfo").exists() else open(os.devnull) as info:
+        flags = info.read()
+    if "avx512f" in flags and "avx512bw" in flags:
+        assert best == "avx512"
+    elif "avx2" in flags and "fma" in flags:
+        assert best == "avx2"
+    monkeypatch.setenv("CONVMIXER_TIMM_CPU_ISA", "baseline")
+    assert loader.load_from(LIBRARY).isa == "baseline"
+    if best != "avx512":
+        monkeypatch.setenv("CONVMIXER_TIMM_CPU_ISA", "avx512")
+        with pytest.warns(RuntimeWarning, match="not available on this CPU"):
+            assert loader.load_from(LIBRARY).isa == best  # never a copy this CPU cannot run
+
+
+@needs_kernels
+def test_every_copy_this_cpu_runs_computes_the_same(monkeypatch):
+    torch.manual_seed(0)
+    u = torch.randn(2, 21, 9, 13).contiguous(memory_format=torch.channels_last)
+    weight, vectors = torch.randn(9, 9, 21), [torch.randn(21) for _ in range(4)]
+    grad_out, x = torch.randn(2, 21, 9, 13), torch.randn(2, 21, 9, 13)
+    bn_x, bn_w, bn_b = torch.randn(4, 21, 5, 5), torch.rand(21) + 0.5, torch.randn(21)
+    results = {}
+    for isa in loader.ISAS:
+        monkeypatch.setenv("CONVMIXER_TIMM_CPU_ISA", isa)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a copy this CPU cannot run: tested above
+            library = loader.load_from(LIBRARY)
+        if library.isa != isa:
+            continue  # this CPU cannot run it
+        monkeypatch.setattr(loader, "_library", library)
+        monkeypatch.setattr(loader, "_tried", True)
+        results[isa] = [
+            speed.spatial_mixing(u, vectors[0], vectors[1], weight, vectors[2], vectors[3], "gelu"),
+            speed.depthwise_weight_grad(grad_out, x, 9, 4),
+            speed.BatchNormChannelsLast.apply(bn_x, bn_w, bn_b, None, None, 0.1, 1e-5),
+        ]
+    assert "baseline" in results and len(results) >= 2
+    reference = results.pop("baseline")
+    for isa, outputs in results.items():
+        for expected, actual in zip(reference, outputs, strict=True):
+            torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item(),
+                                       msg=f"{isa} differs from the baseline copy")
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None or not LIBRARY.exists(), reason="needs objdump and the library")
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.uname().machine != "x86_64", reason="x86-64 only")
+def test_each_copy_uses_only_its_own_instruction_set():
+    # One binary for every x86-64 CPU: the baseline copy and the shared C++ runtime code must hold no AVX
+    # (VEX/EVEX) instruction, the AVX2 copy no 512-bit register. Catches a -march=native or a leaked target.
+    listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(LIBRARY)], capture_output=True,
+                             text=True, check=True).stdout
+    counts: dict[str, dict[str, int]] = {}
+    current = "other"
+    for line in listing.splitlines():
+        header = re.match(r"^[0-9a-f]+ <(.+)>:", line)
+        if header:
+            name = header.group(1)
+            current = next((isa for isa in ("avx512", "avx2", "baseline") if f"cmx_{isa}" in name
+                            or name.endswith(f"__{isa}")), "other")
+            continue
+        seen = counts.setdefault(current, {"vex": 0, "zmm": 0, "lines": 0})
+        seen["lines"] += 1
+        seen["vex"] += bool(re.search(r"\tv[a-z0-9]+\s", line))
+        seen["zmm"] += "zmm" in line
+    assert counts["baseline"]["lines"] > 1000 and counts["baseline"]["vex"] == 0
+    assert counts["other"]["vex"] == 0
+    assert counts["avx2"]["vex"] > 0 and counts["avx2"]["zmm"] == 0
+    assert counts["avx512"]["zmm"] > 0
+
+
+def test_nothing_distributed_is_built_for_the_build_machine():
+    assert not any("native" in flag for flag in build._FLAGS)
+    hook = (ROOT / "hatch_build.py").read_text()
+    assert "native" not in hook
+
+
+# ------------------------------------------------------------------------------------------------ wheels
+
+
+def _build_wheel(tmp_path: Path, **env: str) -> Path:
+    source = tmp_path / "src"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__", "*.egg-info",
+                                                                "_convmixer_kernels.*", "tmp*", ".pytest_cache"))
+    out = tmp_path / "wheels"
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(out), str(source)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, **env})
+    assert result.returncode == 0, result.stdout + result.stderr
+    (wheel,) = out.glob("*.whl")
+    return wheel
+
+
+@needs_compiler
+def test_the_wheel_ships_the_compiled_kernels_for_its_platform(tmp_path):
+    pytest.importorskip("hatchling")
+    wheel = _build_wheel(tmp_path)
+    assert wheel.name.endswith(".whl") and "-py3-none-" in wheel.name and "any" not in wheel.name.split("-")[-1]
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        manifest = json.loads(archive.read(f"convmixer_timm/speed/{build.MANIFEST_NAME}"))
+        library = archive.read(f"convmixer_timm/speed/{build.LIBRARY_NAME}")
+    assert {"convmixer_timm/speed/convmixer_kernels.cpp", "convmixer_timm/speed/kernels_body.inc"} <= names
+    import hashlib
+
+    assert manifest["library_sha256"] == hashlib.sha256(library).hexdigest()
+    assert manifest["sources_sha256"] == build.sources_digest()
+
+
+def test_a_wheel_built_without_a_compiler_is_pure_python_and_warns(tmp_path):
+    pytest.importorskip("hatchling")
+    wheel = _build_wheel(tmp_path, CXX="/nonexistent/c++", PATH="/nonexistent")
+    assert wheel.name.endswith("-py3-none-any.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        assert not [n for n in archive.namelist() if "_convmixer_kernels" in n]
+
+
+# ------------------------------------------------------------------------------------------------ allocator
+
+ALLOCATOR_SCOPE = """
+import gc, torch
+from convmixer_timm import ConvMixer, restore_cpu_allocator
+from convmixer_timm.speed import allocator_tuned
+meta = ConvMixer(8, 2, 3, 2, num_classes=2, device="meta")
+model = ConvMixer(8, 2, 3, 2, num_classes=2)
+model.eval()(torch.randn(2, 3, 8, 8))
+with torch.no_grad():
+    model.train()(torch.randn(2, 3, 8, 8))
+print("built_eval_nograd", allocator_tuned())
+model.train()(torch.randn(2, 3, 8, 8)).sum().backward()
+print("training", allocator_tuned())
+del model
+gc.collect()
+print("freed", allocator_tuned())
+again = ConvMixer(8, 2, 3, 2, num_classes=2).train()
+again(torch.randn(2, 3, 8, 8)).sum().backward()
+restore_cpu_allocator()
+print("restored", allocator_tuned())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc")
+def test_the_allocator_setting_lives_exactly_as_long_as_cpu_training():
+    out = _run_with_package(ROOT, ALLOCATOR_SCOPE)
+    assert out == {"built_eval_nograd": "False", "training": "True", "freed": "False", "restored": "False"}
+    assert _run_with_package(ROOT, ALLOCATOR_SCOPE, CONVMIXER_TIMM_TUNE_MALLOC="0")["training"] == "False"
+
+
+MEMORY_AFTER_TRAINING = """
+import gc, sys, torch, torch.nn.functional as F
+from timm.models.convmixer import ConvMixer as TimmConvMixer
+from convmixer_timm import ConvMixer
+torch.manual_seed(0)
+cls = ConvMixer if sys.argv[1] == "ours" else TimmConvMixer
+kwargs = dict(act_layer="gelu") if sys.argv[1] == "ours" else {}
+model = cls(64, 4, kernel_size=5, patch_size=1, num_classes=10, **kwargs).train()
+x = torch.randn(48, 3, 32, 32)
+if sys.argv[1] == "timm":
+    model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+for _ in range(2):
+    opt.zero_grad()
+    F.cross_entropy(model(x), torch.randint(0, 10, (48,))).backward()
+    opt.step()
+del model, opt, x
+gc.collect()
+rss = int(open("/proc/self/statm").read().split()[1]) * __import__("os").sysconf("SC_PAGE_SIZE")
+print("rss", rss)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads /proc")
+def test_after_training_is_freed_the_process_holds_no_more_than_timm_would():
+    def rss(which: str) -> int:
+        result = subprocess.run([sys.executable, "-c", MEMORY_AFTER_TRAINING, which], capture_output=True,
+                                text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert result.returncode == 0, result.stderr
+        return int(result.stdout.split()[-1])
+
+    timm_rss, ours = rss("timm"), rss("ours")
+    assert ours <= 1.25 * timm_rss + (100 << 20), (ours >> 20, timm_rss >> 20)
+
+
+# ------------------------------------------------------------------------------------------------ choosing
+
+
+class FakeClock:
+    """A clock that only moves when a fake path runs, by that path's scripted cost."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.readings = 0
+
+    def __call__(self) -> float:
+        self.readings += 1
+        return self.now
+
+    def path(self, seconds: float):
+        def run(*_args: object) -> None:
+            self.now += seconds
+
+        return run
+
+
+@pytest.mark.parametrize(("incumbent", "challenger", "winner"), [
+    (0.020, 0.0198, "incumbent"),  # 1% faster is inside the 3% margin: noise must not replace the incumbent
+    (0.020, 0.010, "challenger"),
+    (0.010, 0.020, "incumbent"),
+])
+def test_a_challenger_must_beat_the_incumbent_clearly(incumbent, challenger, winner):
+    clock = FakeClock()
+    paths = {"incumbent": clock.path(incumbent), "challenger": clock.path(challenger)}
+    assert speed.select_fastest(paths, clock=clock, rounds=5) == winner
+    assert clock.readings == 2 * 2 * 5  # each path timed once per round, the warm-up call untimed
+
+
+def test_the_median_ignores_one_slow_outlier():
+    clock = FakeClock()
+    costs = iter([0.0, 0.010, 0.010, 0.500, 0.010, 0.010])  # warm-up, then one preempted round
+
+    def jittery() -> None:
+        clock.now += next(costs)
+
+    assert speed.select_fastest({"steady": clock.path(0.012), "jittery": jittery}, clock=clock) == "jittery"
+
+
+def test_optimize_for_inference_measures_each_new_shape_once(capsys):
+    model = ConvMixer(8, 1, 3, 2, num_classes=3).eval()
+    clock = FakeClock()
+    tuned = speed.AutotunedConvMixer(model, clock=clock, rounds=3)
+    assert clock.readings == 0  # nothing is measured before the first input
+    with torch.no_grad():
+        expected = model(torch.ones(2, 3, 8, 8))
+        torch.testing.assert_close(tuned(torch.ones(2, 3, 8, 8)), expected, rtol=1e-5, atol=1e-5)
+        first = clock.readings
+        assert first > 0 and len(tuned.choices) == 1
+        tuned(torch.ones(2, 3, 8, 8))
+        assert clock.readings == first  # the same shape reuses its choice
+        tuned(torch.ones(1, 3, 10, 10))
+        assert clock.readings > first and len(tuned.choices) == 2
+    announced = [line for line in capsys.readouterr().err.splitlines() if "timing" in line]
+    assert len(announced) == 2 and "[2, 3, 8, 8]" in announced[0]
+
+
+def test_with_input_size_the_measurement_happens_up_front_and_silently(capsys):
+    model = ConvMixer(8, 1, 3, 2, num_classes=3).eval()
+    tuned = speed.optimize_for_inference(model, input_size=(3, 8, 8))
+    assert list(tuned.choices) == [((1, 3, 8, 8), torch.float32, "cpu")]
+    assert "timing" not in capsys.readouterr().err
