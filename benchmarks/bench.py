@@ -19,11 +19,14 @@ Then the foreign runtimes on the project's own ONNX export (``convmixer_timm.exp
 (``--no-onnx`` skips it) and OpenVINO FP32 (``--no-openvino``), each skipped with a note where not installed.
 
 A foreign runtime is timed in rounds of its own, after the PyTorch rounds, interleaved with timm channels_last,
-and its times are scaled by that candidate's per-round ratio between the two sets of rounds. Its thread pool
-would otherwise share the cores with PyTorch's OpenMP pool inside the rounds the PyTorch candidates are judged
-in; it is created after those rounds and released (and garbage-collected) before the next variant's. The
-header states how far timm channels_last moved between the two sets of rounds (the scale), the sanity check
-of the method.
+and its times are scaled by that candidate's per-round ratio between the two sets of rounds. It is created after
+the PyTorch rounds and released (and garbage-collected) before the next variant's, so its thread pool never
+runs beside the rounds the PyTorch candidates are judged in (onnxruntime's spinning workers made them 2-3x
+slower). Checked (2 cores, torch 2.14, onnxruntime 1.32, OpenVINO 2026.4): with spinning off, an idle session
+or compiled model burns 0.1-0.9 ms of CPU after a call, so it does not slow timm channels_last in its rounds;
+PyTorch's OpenMP workers burn 8-9 ms after each call, which the foreign call after it would pay for; hence the
+untimed pause before every timed call (``SETTLE_S``). Each variant's report states how far timm channels_last
+moved between the two sets of rounds (near 1.00x on a quiet machine): the check that the scaling holds.
 
 Training candidates: timm NCHW / channels_last and convmixer-timm's default model fed NCHW (what timm's
 ``train.py`` runs: the training default) / channels_last, one step of forward + cross-entropy + backward + SGD.
@@ -115,6 +118,13 @@ def peak_memory(fn: Callable[[], object]) -> int:
     return peak
 
 
+# After a call, PyTorch's OpenMP workers spin before they sleep (libgomp's GOMP_SPINCOUNT): measured here, 8-9 ms
+# of CPU time burnt in the 20 ms after a timm or sgemm call, against 0.1 ms for onnxruntime (spinning off) and
+# 0.1-0.9 ms for OpenVINO. A foreign runtime's call timed right after a PyTorch one would share the cores with
+# that spinning, so every timed call starts after this pause (untimed), with the previous call's threads asleep.
+SETTLE_S = 0.05
+
+
 def interleave(fns: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, list[float]]:
     for fn in fns.values():
         for _ in range(warmup):
@@ -122,6 +132,7 @@ def interleave(fns: dict[str, Callable[[], object]], repeats: int, warmup: int) 
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            time.sleep(SETTLE_S)
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
@@ -248,7 +259,10 @@ def time_foreign(runtime: str, build: Callable[..., dict], path: Path, x: torch.
         if name != "bridge":
             times[name] = [t * main / b for t, b in zip(values, own["bridge"], strict=True)]
     info["foreign"] += [name for name in own if name != "bridge"]
-    info["foreign_scale"][runtime] = statistics.median(own["bridge"]) / main
+    info["foreign_scale"][runtime] = scale = statistics.median(own["bridge"]) / main
+    if abs(scale - 1.0) > 0.1:
+        info["notes"].append(f"Warning: timm channels_last ran {scale:.2f}x its main-round time beside {runtime}: "
+                             "the machine's load changed, so that runtime's scaled times are uncertain.")
     if details:
         info.setdefault("foreign_details", {})[runtime] = details
 
