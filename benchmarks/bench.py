@@ -232,7 +232,7 @@ def openvino_candidates(path: Path, x: torch.Tensor, threads: int, options: dict
 FOREIGN = {"onnxruntime": onnxruntime_candidates, "openvino": openvino_candidates}
 
 
-def time_foreign(runtime: str, build: Callable[..., dict], path: Path, x: torch.Tensor, options: dict,
+def time_foreign(runtime: str, build: Callable[..., tuple[dict, dict]], path: Path, x: torch.Tensor, options: dict,
                  bridge: Callable[[], torch.Tensor], expected: torch.Tensor, repeats: int, warmup: int,
                  times: dict[str, list[float]], errors: dict[str, float], info: dict) -> None:
     """Time one foreign runtime in rounds of its own against ``bridge`` (timm channels_last), scaled into ``times``.
