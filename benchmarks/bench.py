@@ -17,6 +17,8 @@ Inference candidates: timm NCHW, timm channels_last, convmixer-timm's model (NCH
 any first-call tuning is reported apart, as its first-call seconds) and ``input_size=`` the benchmark's shape.
 Then the foreign runtimes on the project's own ONNX export (``convmixer_timm.export.export_onnx``): onnxruntime
 (``--no-onnx`` skips it) and OpenVINO FP32 (``--no-openvino``), each skipped with a note where not installed.
+OpenVINO runs under both PERFORMANCE_HINTs, LATENCY (one request of the whole batch on all threads) and THROUGHPUT
+(the batch split over its streams' infer requests); the faster counts as OpenVINO (``--openvino-hint`` times one).
 
 A foreign runtime is timed in rounds of its own, after the PyTorch rounds, interleaved with timm channels_last,
 and its times are scaled by that candidate's per-round ratio between the two sets of rounds. It is created after
@@ -26,7 +28,7 @@ slower). Checked (2 cores, torch 2.14, onnxruntime 1.32, OpenVINO 2026.4): with 
 or compiled model burns 0.1-0.9 ms of CPU after a call, so it does not slow timm channels_last in its rounds;
 PyTorch's OpenMP workers burn 8-9 ms after each call, which the foreign call after it would pay for; hence the
 untimed pause before every timed call (``SETTLE_S``). Each variant's report states how far timm channels_last
-moved between the two sets of rounds (near 1.00x on a quiet machine): the check that the scaling holds.
+moved between the two sets of rounds (1.00x where the load did not change), and warns beyond 10%.
 
 Training candidates: timm NCHW / channels_last and convmixer-timm's default model fed NCHW (what timm's
 ``train.py`` runs: the training default) / channels_last, one step of forward + cross-entropy + backward + SGD.
