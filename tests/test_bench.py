@@ -1,0 +1,93 @@
+"""benchmarks/bench.py's bookkeeping, on fake runtimes and fixed times: no wall clock is compared."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from convmixer_timm import VARIANTS_BY_NAME
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("convmixer_bench", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    module.SETTLE_S = 0.0
+    return module
+
+
+def _info() -> dict:
+    return {"notes": [], "foreign": [], "foreign_scale": {}, "picked": {}, "seconds": {}}
+
+
+def test_missing_or_failing_runtime_is_a_note_not_a_crash(bench):
+    def missing(*args):
+        raise ModuleNotFoundError("No module named 'openvino'", name="openvino")
+
+    def broken(*args):
+        raise RuntimeError("no CPU plugin")
+
+    times, errors, info = {"timm channels_last": [1.0]}, {}, _info()
+    x = torch.zeros(1, 3, 4, 4)
+    for runtime, build in (("openvino", missing), ("onnxruntime", broken)):
+        bench.time_foreign(runtime, build, Path("model.onnx"), x, {}, lambda: x, x, 1, 0, times, errors, info)
+    assert list(times) == ["timm channels_last"] and not info["foreign"]
+    assert "openvino skipped: not installed (openvino)" in info["notes"][0]
+    assert "onnxruntime skipped" in info["notes"][1] and "no CPU plugin" in info["notes"][1]
+
+
+def test_foreign_times_are_scaled_by_the_bridge_per_round(bench, monkeypatch):
+    own = {"fake": [2.0, 4.0, 6.0], "bridge": [1.0, 2.0, 3.0]}  # the bridge ran 2x its main-round median
+    monkeypatch.setattr(bench, "interleave", lambda fns, repeats, warmup: {k: own[k] for k in fns})
+    x = torch.ones(1, 3, 4, 4)
+    released = []
+
+    class Session:
+        def __del__(self):
+            released.append(True)
+
+    def build(path, x, threads, options):
+        session = Session()
+        return {"fake": lambda: (session, x)[1]}, {"detail": "1 stream"}
+
+    times, errors, info = {"timm channels_last": [1.0, 1.0, 1.0]}, {}, _info()
+    bench.time_foreign("fake", build, Path("model.onnx"), x, {}, lambda: x, x, 3, 0, times, errors, info)
+    assert times["fake"] == [2.0, 2.0, 2.0] and errors["fake"] == 0.0
+    assert info["foreign"] == ["fake"] and info["foreign_scale"]["fake"] == 2.0 and released == [True]
+    assert any("Warning" in note for note in info["notes"])  # the load moved between the two sets of rounds
+
+
+def test_summary_compares_ours_with_timm_and_the_fastest_foreign_runtime(bench):
+    variant = VARIANTS_BY_NAME["convmixer_256_8_ks5_p2"]
+    info = _info()
+    info["foreign"] = ["onnxruntime", "OpenVINO LATENCY"]
+    info["picked"] = {"optimize_for_inference": {"module": "M", "depthwise": "onednn"},
+                      "optimize_for_inference(input_size)": {"module": "M"}}
+    info["seconds"] = {k: {"build": 0.1, "first_call": 0.2} for k in info["picked"]}
+    times = {"timm NCHW": [4.0], "timm channels_last": [5.0], "convmixer-timm": [4.0],
+             "optimize_for_inference": [2.0], "optimize_for_inference(input_size)": [1.6],
+             "sgemm 2048^3": [1.0], "onnxruntime": [3.0], "OpenVINO LATENCY": [2.4]}
+    inference = bench.summarise(variant, "inference", 64, 10 ** 9, times, {}, {}, info)
+    assert inference["fastest_foreign"] == "OpenVINO LATENCY"
+    rows = {row["candidate"]: row for row in inference["rows"]}
+    assert rows["optimize_for_inference"]["speedup_vs_timm_best"] == pytest.approx(2.0)
+    assert rows["optimize_for_inference"]["speedup_vs_fastest_foreign"] == pytest.approx(1.2)
+    assert rows["onnxruntime"]["peak_mib"] is None
+    training = bench.summarise(variant, "training", 64, 10 ** 9, {
+        "timm NCHW": [4.0], "timm channels_last": [5.0], "convmixer-timm NCHW": [2.5],
+        "convmixer-timm channels_last": [2.6], "sgemm 2048^3": [1.0]}, {}, {}, {})
+    header = dict(cpu="CPU", machine="x86_64", cpu_features="AVX2+FMA yes; AVX-512 no", torch_cpu_capability="AVX2",
+                  threads=2, env={"ONEDNN_MAX_CPU_ISA": "AVX2"}, torch="t", timm="t", onnxruntime="o",
+                  openvino="v", repeats=1, command="c", allocator="a", kernels="k", openvino_setup="s",
+                  foreign_runtimes=["onnxruntime", "openvino"])
+    md = bench.markdown([inference, training], header)
+    assert "ONEDNN_MAX_CPU_ISA=AVX2" in md and "AVX-512 no" in md
+    assert "| convmixer_256_8_ks5_p2 (64) | 2.00x | 2.50x | 1.20x / 1.50x | OpenVINO LATENCY | " in md
+    assert md.rstrip().endswith("| 1.60x | 2% |")  # training default vs timm best, then its share of sgemm
