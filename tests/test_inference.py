@@ -38,17 +38,27 @@ DEPTHWISE = ["onednn", pytest.param("kernel", marks=pytest.mark.skipif(speed.loa
 @pytest.mark.parametrize("pointwise", ["conv", "mm"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize(("k", "act", "patch"), CASES)
-def test_matches_timm_builtin(k, act, patch, channels_last, pointwise, depthwise):
+def test_every_path_matches_timm_builtin(k, act, patch, channels_last, pointwise, depthwise):
     ref, ours = _pair(k, act, patch)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    fast = optimize_for_inference(ours.to(memory_format=fmt))
-    assert isinstance(fast, FusedConvMixerInference)
-    fast.pointwise, fast.depthwise = pointwise, depthwise
+    paths = speed.AutotunedConvMixer(ours.to(memory_format=fmt)).paths()
     x = torch.randn(3, 3, 24, 24)
     with torch.no_grad():
         expected = ref(x)
-        _assert_exact(expected, fast(x.contiguous(memory_format=fmt)))
-        _assert_exact(expected[:1], fast(x[:1]))  # batch 1
+        for name in (f"{pointwise}+{depthwise}", "plain", "plain channels_last"):
+            _assert_exact(expected, paths[name](x.contiguous(memory_format=fmt)))
+            _assert_exact(expected[:1], paths[name](x[:1]))  # batch 1
+
+
+@pytest.mark.parametrize(("k", "act", "patch"), CASES)
+def test_the_default_matches_timm_builtin_on_every_shape_it_sees(k, act, patch):
+    ref, ours = _pair(k, act, patch)
+    fast = optimize_for_inference(ours)
+    with torch.no_grad():
+        for shape in [(2, 3, 24, 24), (1, 3, 24, 24), (2, 3, 16, 20), (2, 3, 24, 24)]:
+            x = torch.randn(shape)
+            _assert_exact(ref(x), fast(x))
+    assert len(fast.choices) == 3
 
 
 def test_accepts_timm_builtin_and_leaves_the_model_alone():
@@ -56,8 +66,8 @@ def test_accepts_timm_builtin_and_leaves_the_model_alone():
     ref.train()
     state = {k: v.clone() for k, v in ref.state_dict().items()}
     fast = optimize_for_inference(ref, input_size=(2, 3, 16, 16))
-    assert getattr(fast, "pointwise", "plain") in ("conv", "mm", "plain")
-    assert getattr(fast, "depthwise", "kernel") in ("kernel", "onednn")
+    assert set(fast.choices.values()) <= set(fast.paths()) | set(speed.RUNTIMES) | {"openvino latency",
+                                                                                     "openvino throughput"}
     assert ref.training
     for key, value in ref.state_dict().items():
         torch.testing.assert_close(value, state[key])
@@ -75,8 +85,8 @@ def test_odd_image_size_and_feature_extractor():
 
 def test_unsupported_models_fall_back_to_an_eval_copy():
     model = ConvMixer(8, 2, 3, 2, num_classes=4, act_layer="silu").train()
-    fast = optimize_for_inference(model)
-    assert not isinstance(fast, FusedConvMixerInference)
+    fast = optimize_for_inference(model, backend="torch")
+    assert fast.fused is None and set(fast.paths()) == {"plain", "plain channels_last"}
     assert model.training and not fast.training
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
@@ -85,8 +95,10 @@ def test_unsupported_models_fall_back_to_an_eval_copy():
 
 def test_rejects_wrong_input():
     _, ours = _pair(3, "relu", 1)
-    with pytest.raises(ValueError, match="expected images"):
+    with pytest.raises(ValueError, match="expects images"):
         optimize_for_inference(ours)(torch.randn(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="expected images"):
+        FusedConvMixerInference(ours)(torch.randn(1, 1, 8, 8))
     with pytest.raises(ValueError, match="pointwise"):
         FusedConvMixerInference(ours, pointwise="fft")
     with pytest.raises(ValueError, match="depthwise"):
@@ -94,23 +106,42 @@ def test_rejects_wrong_input():
 
 
 @pytest.mark.parametrize(("k", "act"), [(5, "gelu"), (8, "relu")])
-def test_onnxruntime_backend_matches_timm_builtin(k, act):
-    pytest.importorskip("onnxruntime")
-    from convmixer_timm.speed import OnnxRuntimeConvMixer
-
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_optional_runtimes_match_timm_builtin(k, act, runtime):
+    pytest.importorskip(runtime)
     ref, ours = _pair(k, act, 2)
-    fast = optimize_for_inference(ours, (3, 16, 16), backend="onnxruntime")
-    assert isinstance(fast, OnnxRuntimeConvMixer)
+    fast = optimize_for_inference(ours, (3, 3, 16, 16), backend=runtime)
+    assert isinstance(fast, speed.OnnxRuntimeConvMixer if runtime == "onnxruntime" else speed.OpenVinoConvMixer)
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         _assert_exact(ref(x), fast(x.contiguous(memory_format=torch.channels_last)))
-    auto = optimize_for_inference(ours, (2, 3, 16, 16), backend="auto")
-    with torch.no_grad():
-        _assert_exact(ref(x), auto(x))
     with pytest.raises(ValueError, match="input_size"):
-        optimize_for_inference(ours, backend="onnxruntime")
+        optimize_for_inference(ours, backend=runtime)
+
+
+def test_auto_also_times_the_installed_runtimes_and_stays_exact():
+    runtimes = speed.installed_runtimes()
+    if not runtimes:
+        pytest.skip("neither onnxruntime nor openvino is installed")
+    ref, ours = _pair(5, "gelu", 2)
+    clock_readings = []
+
+    def clock() -> float:
+        clock_readings.append(None)
+        return 0.0  # every path ties: the incumbent (the plain model) is kept
+
+    tuned = speed.AutotunedConvMixer(ours, clock=clock, rounds=1, runtimes=runtimes)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        _assert_exact(ref(x), tuned(x))
+    foreign = 2 * ("onnxruntime" in runtimes) + 4 * ("openvino" in runtimes)  # openvino: two hints
+    torch_paths = len(tuned.paths())
+    assert len(clock_readings) == 2 * 2 + 2 * (1 + torch_paths - 2) + foreign
+    assert tuned.choices[((2, 3, 16, 16), torch.float32, "cpu")] in ("plain", "plain channels_last")
     with pytest.raises(ValueError, match="backend"):
         optimize_for_inference(ours, backend="tvm")
+    with pytest.raises(ValueError, match="unknown runtimes"):
+        speed.AutotunedConvMixer(ours, runtimes=("tvm",))
 
 
 @pytest.mark.skipif(speed.load() is None, reason="no compiler")

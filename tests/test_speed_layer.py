@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from convmixer_timm import ConvMixer, speed
+from convmixer_timm import VARIANTS, ConvMixer, speed
 from convmixer_timm.speed import build, loader
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -444,3 +444,21 @@ def test_with_input_size_the_measurement_happens_up_front_and_silently(capsys):
     tuned = speed.optimize_for_inference(model, input_size=(3, 8, 8))
     assert list(tuned.choices) == [((1, 3, 8, 8), torch.float32, "cpu")]
     assert "timing" not in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ quiet
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.name)
+def test_a_plain_forward_and_backward_of_every_variant_prints_no_warning(variant):
+    import timm
+
+    model = timm.create_model(variant.name, dim=8, depth=1, num_classes=3)
+    x = torch.randn(2, 3, variant.img_size // 2, variant.img_size // 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning, PyTorch's padding='same' one included, fails the test
+        for training in (True, False):
+            model.train(training)
+            model(x).sum().backward()
+        with torch.no_grad():
+            model.eval()(x)

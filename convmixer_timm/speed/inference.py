@@ -37,8 +37,8 @@ from .loader import load
 from .mixing import spatial_mixing
 
 __all__ = [
-    "AutotunedConvMixer", "FusedConvMixerInference", "OnnxRuntimeConvMixer", "optimize_for_inference",
-    "select_fastest",
+    "RUNTIMES", "AutotunedConvMixer", "FusedConvMixerInference", "OnnxRuntimeConvMixer", "OpenVinoConvMixer",
+    "installed_runtimes", "optimize_for_inference", "select_fastest",
 ]
 
 _ACTS = ("gelu", "relu")
@@ -284,6 +284,64 @@ class OnnxRuntimeConvMixer(nn.Module):
         return torch.from_numpy(self.session.run(None, {self.input_name: x.numpy()})[0])
 
 
+class OpenVinoConvMixer(nn.Module):
+    """Eval-only wrapper running the model's ONNX export in OpenVINO on the CPU, in float32
+    (``INFERENCE_PRECISION_HINT=f32``), compiled for one input shape. ``hint="LATENCY"`` runs the batch as one
+    request; ``"THROUGHPUT"`` splits it over OpenVINO's streams and requests. Needs the ``openvino`` extra."""
+
+    def __init__(self, model: nn.Module, input_size: Sequence[int], hint: str = "LATENCY",
+                 threads: int | None = None):
+        super().__init__()
+        import numpy as np
+        import openvino as ov
+
+        from ..export import export_onnx
+
+        self.input_size = _full_size(input_size)
+        self.hint = hint.upper()
+        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": self.hint,
+                  "INFERENCE_NUM_THREADS": threads or torch.get_num_threads()}
+        core = ov.Core()
+        with tempfile.TemporaryDirectory() as tmp:
+            graph = core.read_model(str(export_onnx(model, Path(tmp) / "model.onnx", self.input_size)))
+        batch = self.input_size[0]
+        jobs = 1
+        if self.hint == "THROUGHPUT":
+            probe = core.compile_model(graph, "CPU", config)
+            jobs = max(1, min(batch, int(probe.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))))
+            del probe
+        self.sizes = [len(part) for part in np.array_split(np.arange(batch), jobs)]
+        if len(set(self.sizes)) == 1:  # equal parts: a static shape, OpenVINO's fastest
+            graph.reshape({graph.inputs[0]: [self.sizes[0], *self.input_size[1:]]})
+        self.compiled = core.compile_model(graph, "CPU", config)
+        self.queue = ov.AsyncInferQueue(self.compiled, jobs)
+        self.results: list = [None] * jobs
+        self.queue.set_callback(self._keep)
+        self.eval()
+
+    def _keep(self, request, index: int) -> None:
+        self.results[index] = request.get_output_tensor(0).data.copy()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape) != self.input_size:
+            raise ValueError(f"this OpenVINO model is compiled for input {list(self.input_size)}, got {list(x.shape)}")
+        parts = x.detach().to("cpu", torch.float32).contiguous().split(self.sizes)
+        for index, part in enumerate(parts):
+            self.queue.start_async({0: part.numpy()}, index)
+        self.queue.wait_all()
+        return torch.cat([torch.from_numpy(r) for r in self.results])
+
+
+RUNTIMES = ("onnxruntime", "openvino")
+
+
+def installed_runtimes() -> tuple[str, ...]:
+    """The optional inference runtimes importable here (the ``onnx`` and ``openvino`` extras)."""
+    import importlib.util
+
+    return tuple(name for name in RUNTIMES if importlib.util.find_spec(name) is not None)
+
+
 def _full_size(input_size: Sequence[int]) -> tuple[int, ...]:
     size = tuple(int(s) for s in input_size)
     return (1, *size) if len(size) == 3 else size
@@ -325,14 +383,36 @@ class AutotunedConvMixer(nn.Module):
     """
 
     def __init__(self, model: nn.Module, clock: Clock = time.perf_counter, rounds: int = 5, margin: float = 0.03,
-                 announce: bool = True):
+                 announce: bool = True, runtimes: Sequence[str] = ()):
         super().__init__()
+        unknown = set(runtimes) - set(RUNTIMES)
+        if unknown:
+            raise ValueError(f"unknown runtimes {sorted(unknown)}: choose from {RUNTIMES}")
+        self.runtimes = tuple(runtimes)
         self.plain = copy.deepcopy(model).eval()
         self.plain_channels_last = copy.deepcopy(self.plain).to(memory_format=torch.channels_last)
         self.fused = FusedConvMixerInference(model, "conv", "onednn") if _supported(model) else None
         self.clock, self.rounds, self.margin, self.announce = clock, rounds, margin, announce
         self.choices: dict[tuple, str] = {}
+        self.runners: dict[tuple, nn.Module] = {}  # a foreign runtime compiled for the shape it won
         self.eval()
+
+    def _foreign_paths(self, x: torch.Tensor) -> dict[str, nn.Module]:
+        """The optional runtimes, each compiled for ``x``'s shape; one that fails to build is left out."""
+        builders: dict[str, Callable[[], nn.Module]] = {}
+        if "onnxruntime" in self.runtimes:
+            builders["onnxruntime"] = lambda: OnnxRuntimeConvMixer(self.plain, tuple(x.shape))
+        if "openvino" in self.runtimes:
+            for hint in ("LATENCY", "THROUGHPUT"):
+                builders[f"openvino {hint.lower()}"] = lambda h=hint: OpenVinoConvMixer(self.plain, tuple(x.shape), h)
+        paths = {}
+        for name, make in builders.items():
+            try:
+                paths[name] = make()
+            except Exception as error:  # an optional path: the others still give the answer
+                print(f"convmixer_timm: {name} left out of the choice for {list(x.shape)}: {error}",
+                      file=sys.stderr, flush=True)
+        return paths
 
     def paths(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         paths: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -351,10 +431,12 @@ class AutotunedConvMixer(nn.Module):
         key = (tuple(x.shape), x.dtype, x.device.type)
         choice = self.choices.get(key)
         if choice is None:
-            paths = self.paths()
             if self.announce:
-                print(f"convmixer_timm: timing {len(paths)} inference paths for input {list(x.shape)} (once per "
-                      "input shape)", file=sys.stderr, flush=True)
+                runtimes = f" and {', '.join(self.runtimes)}" if self.runtimes else ""
+                print(f"convmixer_timm: timing PyTorch's inference paths{runtimes} for input {list(x.shape)} (once "
+                      "per input shape)", file=sys.stderr, flush=True)
+            foreign = self._foreign_paths(x) if x.device.type == "cpu" and x.dtype == torch.float32 else {}
+            paths = {**self.paths(), **foreign}
             with torch.no_grad():
                 layouts = {name: paths[name] for name in ("plain", "plain channels_last")}
                 incumbent = select_fastest({n: (lambda f=f: f(x)) for n, f in layouts.items()}, self.clock,
@@ -362,48 +444,47 @@ class AutotunedConvMixer(nn.Module):
                 contest = {incumbent: paths[incumbent], **{n: f for n, f in paths.items() if n not in layouts}}
                 choice = select_fastest({n: (lambda f=f: f(x)) for n, f in contest.items()}, self.clock,
                                         self.rounds, self.margin)
+            if choice in foreign:
+                self.runners[key] = foreign[choice]
             self.choices[key] = choice
         return choice
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return self.paths()[self.tune(x)](x)
+            choice = self.tune(x)
+            runner = self.runners.get((tuple(x.shape), x.dtype, x.device.type))
+            return runner(x) if runner is not None else self.paths()[choice](x)
 
 
 def optimize_for_inference(model: nn.Module, input_size: Sequence[int] | None = None,
-                           backend: str = "torch") -> nn.Module:
+                           backend: str = "auto") -> nn.Module:
     """Return the fastest exact eval-mode version of ``model`` (a convmixer-timm or timm ``ConvMixer``).
 
     The model itself is left untouched. Which implementation is fastest depends on the shape and the CPU (on an
     AVX2-only EPYC the compiled spatial-mixing kernel lost to oneDNN by up to 2x where it won on AVX-512), so
     nothing is assumed: every path is timed on the first input of each shape, and the choice is kept for that
-    shape (:class:`AutotunedConvMixer`, like ``cudnn.benchmark``). With ``input_size`` (``(N, C, H, W)`` or
-    ``(C, H, W)``) that first measurement happens here instead of in the first call. The plain eval model in
-    its faster layout is the incumbent, kept unless another path beats it by 3%, so the result is never
-    slower than the model it replaces beyond timing noise. Outputs match the eval-mode model to float32
-    rounding (checked by ``tests/test_inference.py``).
+    shape (:class:`AutotunedConvMixer`, like ``cudnn.benchmark``; the first call of a new shape prints one line
+    and takes a few seconds). With ``input_size`` (``(N, C, H, W)`` or ``(C, H, W)``) that first measurement
+    happens here instead, silently. The plain eval model in its faster layout is the incumbent, kept unless
+    another path beats it by 3%, so the result is not slower than the model it replaces beyond timing noise.
+    Outputs match the eval-mode model to float32 rounding (``tests/test_inference.py``).
 
-    ``backend="onnxruntime"`` (needs ``input_size`` and the ``onnx`` extra) returns an
-    :class:`OnnxRuntimeConvMixer`; ``backend="auto"`` times both on ``input_size`` and keeps the faster.
+    ``backend``: ``"auto"`` (default) also times the optional runtimes installed here, onnxruntime (the ``onnx``
+    extra) and OpenVINO FP32 (the ``openvino`` extra), on the model's own ONNX export, and uses one where it is
+    faster; ``"torch"`` keeps to PyTorch's paths; ``"onnxruntime"`` or ``"openvino"`` (needs ``input_size``)
+    returns that runtime's wrapper alone.
     """
-    if backend not in ("torch", "onnxruntime", "auto"):
-        raise ValueError(f"backend must be 'torch', 'onnxruntime' or 'auto', got {backend!r}")
-    if backend in ("onnxruntime", "auto") and input_size is None:
-        raise ValueError(f"backend={backend!r} needs input_size: the ONNX graph is built for one image size")
-    if backend == "onnxruntime":
-        return OnnxRuntimeConvMixer(model, input_size)
-    tuned = AutotunedConvMixer(model, announce=input_size is None)
-    if input_size is None:
-        return tuned
-    x = torch.randn(_full_size(input_size))
-    tuned.tune(x)
-    if backend == "auto":
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError:
-            return tuned
-        candidates = {"torch": tuned, "onnxruntime": OnnxRuntimeConvMixer(model, input_size)}
-        with torch.no_grad():
-            best = select_fastest({n: (lambda m=m: m(x)) for n, m in candidates.items()})
-        return candidates[best]
+    backends = ("auto", "torch", *RUNTIMES)
+    if backend not in backends:
+        raise ValueError(f"backend must be one of {backends}, got {backend!r}")
+    if backend in RUNTIMES:
+        if input_size is None:
+            raise ValueError(f"backend={backend!r} needs input_size: the ONNX graph is built for one input size")
+        if backend == "onnxruntime":
+            return OnnxRuntimeConvMixer(model, input_size)
+        return OpenVinoConvMixer(model, input_size)
+    runtimes = installed_runtimes() if backend == "auto" else ()
+    tuned = AutotunedConvMixer(model, announce=input_size is None, runtimes=runtimes)
+    if input_size is not None:
+        tuned.tune(torch.randn(_full_size(input_size)))
     return tuned
