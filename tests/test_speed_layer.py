@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 import warnings
 import zipfile
 from pathlib import Path
@@ -270,6 +271,79 @@ def test_nothing_distributed_is_built_for_the_build_machine():
     assert not any("native" in flag for flag in build._FLAGS)
     hook = (ROOT / "hatch_build.py").read_text()
     assert "native" not in hook
+
+
+# ------------------------------------------------------------------------------------------------ kills, races
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat_file.parent.name))
+    return found
+
+
+def _poll(condition, limit: float = 120.0) -> bool:
+    """Wait until ``condition()`` holds; the clock here only bounds a hang, it compares no speeds."""
+    import time
+
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        threading.Event().wait(0.05)
+    return bool(condition())
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state == "Z"
+
+
+@needs_compiler
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_build_killed_midway_leaves_no_compiler_and_its_leftovers_are_cleared(tmp_path):
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, str(PACKAGE / "speed" / "build.py"), str(out)], cwd=tmp_path)
+    try:
+        assert _poll(lambda: _children(process.pid) and list(out.glob(".building-*"))), "no compiler started"
+        compilers = _children(process.pid)
+        process.kill()
+        process.wait(timeout=60)
+        assert _poll(lambda: all(_gone(pid) for pid in compilers)), "the compiler outlived the killed build"
+    finally:
+        if process.poll() is None:
+            process.kill()
+    leftovers = sorted(out.glob(".building-*"))
+    assert leftovers and not (out / build.LIBRARY_NAME).exists() and not (out / build.MANIFEST_NAME).exists()
+    assert sorted(build.remove_stale_builds(out)) == leftovers  # what the next build does first
+    assert list(out.iterdir()) == []
+
+
+@needs_kernels
+def test_processes_starting_together_load_without_writing_anything(tmp_path):
+    # torchrun with N ranks: nothing is compiled, cached or written at run time, so there is nothing to race for.
+    home = tmp_path / "home"
+    home.mkdir(mode=0o500)  # not even writable
+    before = {p: p.stat().st_mtime_ns for p in (PACKAGE / "speed").iterdir()}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HOME": str(home), "TMPDIR": str(home)}
+    processes = [subprocess.Popen([sys.executable, "-c", TRAIN_ONE_STEP], cwd=ROOT, env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(4)]
+    outputs = [p.communicate(timeout=300) for p in processes]
+    for process, (stdout, stderr) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, stderr
+        assert "library True" in stdout and "warnings 0" in stdout, stdout
+    assert list(home.iterdir()) == []
+    assert {p: p.stat().st_mtime_ns for p in (PACKAGE / "speed").iterdir() if p.name != "__pycache__"} == {
+        p: t for p, t in before.items() if p.name != "__pycache__"}
 
 
 # ------------------------------------------------------------------------------------------------ wheels

@@ -27,9 +27,9 @@ from .loader import KernelLoadError, enabled, kernel_info, load, load_from
 from .mixing import MIXING_ACTIVATIONS, spatial_mixing
 
 __all__ = [
-    "MIXING_ACTIVATIONS", "RUNTIMES", "AutotunedConvMixer", "BatchNorm2d", "BatchNormChannelsLast", "DepthwiseConvSame",
-    "FusedConvMixerInference", "KernelLoadError", "OnnxRuntimeConvMixer", "OpenVinoConvMixer", "allocator_tuned", "conv_same",
-    "depthwise_conv_same", "depthwise_weight_grad", "enabled", "installed_runtimes", "kernel_info", "kernels_apply", "load", "load_from",
-    "optimize_for_inference", "prepare_training_input", "restore_cpu_allocator", "select_fastest",
-    "spatial_mixing", "tune_cpu_allocator",
+    "MIXING_ACTIVATIONS", "RUNTIMES", "AutotunedConvMixer", "BatchNorm2d", "BatchNormChannelsLast",
+    "DepthwiseConvSame", "FusedConvMixerInference", "KernelLoadError", "OnnxRuntimeConvMixer", "OpenVinoConvMixer",
+    "allocator_tuned", "conv_same", "depthwise_conv_same", "depthwise_weight_grad", "enabled", "installed_runtimes",
+    "kernel_info", "kernels_apply", "load", "load_from", "optimize_for_inference", "prepare_training_input",
+    "restore_cpu_allocator", "select_fastest", "spatial_mixing", "tune_cpu_allocator",
 ]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 __all__ = [
     "LIBRARY_NAME", "MANIFEST_NAME", "KernelBuildError", "build_kernels", "find_compiler", "is_current",
-    "sources_digest",
+    "remove_stale_builds", "sources_digest",
 ]
 
 HERE = Path(__file__).resolve().parent
@@ -55,6 +55,38 @@ def find_compiler() -> str | None:
     return None
 
 
+_PARTIAL_PREFIX = ".building-"
+
+
+def _die_with_parent() -> None:
+    # A build killed with SIGKILL cannot clean up; its compiler must not outlive it and keep writing.
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_builds(out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Remove the partial files of builds in ``out_dir`` whose process is gone (killed); return what was removed."""
+    removed = []
+    for path in Path(out_dir).glob(f"{_PARTIAL_PREFIX}*"):
+        pid = path.name[len(_PARTIAL_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 def is_current(out_dir: str | os.PathLike[str] | None = None) -> bool:
     """Whether ``out_dir`` already holds an intact library built from these sources (an editable reinstall)."""
     out = Path(out_dir) if out_dir is not None else HERE
@@ -77,14 +109,16 @@ def build_kernels(out_dir: str | os.PathLike[str] | None = None, compiler: str |
     if compiler is None:
         raise KernelBuildError("no C++ compiler found (looked for $CXX, g++, c++, clang++)")
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_builds(out)
     library, manifest = out / LIBRARY_NAME, out / MANIFEST_NAME
-    fd, tmp_library = tempfile.mkstemp(prefix=".building-", suffix=".so", dir=out)
+    fd, tmp_library = tempfile.mkstemp(prefix=f"{_PARTIAL_PREFIX}{os.getpid()}-", suffix=".so", dir=out)
     os.close(fd)
     tmp_manifest = tmp_library + ".json"
     try:
         command = [compiler, *_FLAGS, str(HERE / SOURCES[0]), "-o", tmp_library]
         try:
-            result = subprocess.run(command, capture_output=True, text=True, check=False)
+            result = subprocess.run(command, capture_output=True, text=True, check=False,
+                                    preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         except OSError as error:
             raise KernelBuildError(f"{compiler} could not run: {error}") from error
         if result.returncode != 0:
