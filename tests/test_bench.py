@@ -69,10 +69,10 @@ def test_summary_compares_ours_with_timm_and_the_fastest_foreign_runtime(bench):
     info = _info()
     info["foreign"] = ["onnxruntime", "OpenVINO LATENCY"]
     info["picked"] = {"optimize_for_inference": {"module": "M", "depthwise": "onednn"},
-                      "optimize_for_inference(input_size)": {"module": "M"}}
+                      "optimize_for_inference(input_size)": {"module": "M"}, bench.TORCH_ONLY: {"module": "M"}}
     info["seconds"] = {k: {"build": 0.1, "first_call": 0.2} for k in info["picked"]}
     times = {"timm NCHW": [4.0], "timm channels_last": [5.0], "convmixer-timm": [4.0],
-             "optimize_for_inference": [2.0], "optimize_for_inference(input_size)": [1.6],
+             "optimize_for_inference": [2.0], "optimize_for_inference(input_size)": [1.6], bench.TORCH_ONLY: [3.2],
              "sgemm 2048^3": [1.0], "onnxruntime": [3.0], "OpenVINO LATENCY": [2.4]}
     inference = bench.summarise(variant, "inference", 64, 10 ** 9, times, {}, {}, info)
     assert inference["fastest_foreign"] == "OpenVINO LATENCY"
@@ -89,5 +89,5 @@ def test_summary_compares_ours_with_timm_and_the_fastest_foreign_runtime(bench):
                   foreign_runtimes=["onnxruntime", "openvino"])
     md = bench.markdown([inference, training], header)
     assert "ONEDNN_MAX_CPU_ISA=AVX2" in md and "AVX-512 no" in md
-    assert "| convmixer_256_8_ks5_p2 (64) | 2.00x | 2.50x | 1.20x / 1.50x | OpenVINO LATENCY | " in md
+    assert "| convmixer_256_8_ks5_p2 (64) | 2.00x | 2.50x | 1.25x | 1.20x / 1.50x / 0.75x | OpenVINO LATENCY | " in md
     assert md.rstrip().endswith("| 1.60x | 2% |")  # training default vs timm best, then its share of sgemm
