@@ -2,7 +2,7 @@
 
 ConvMixer keeps the full grid in every layer, so each BatchNorm of a training step reads and writes tensors far
 larger than the caches, and PyTorch's CPU BatchNorm makes more passes over them (its backward measured 25 ms on
-a 32 MiB activation in a CIFAR training step, where ``training_kernels.cpp`` takes 7).
+a 32 MiB activation in a CIFAR training step, where ``convmixer_kernels.cpp`` takes 7).
 """
 
 from __future__ import annotations

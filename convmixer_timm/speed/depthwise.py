@@ -1,4 +1,4 @@
-"""Depthwise 'same' convolution with a fast CPU backward (weight gradient from ``training_kernels.cpp``)."""
+"""Depthwise 'same' convolution with a fast CPU backward (weight gradient from ``convmixer_kernels.cpp``)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def depthwise_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, kernel_size: 
     """
     library = load()
     if library is None:
-        raise RuntimeError("convmixer_timm kernels are not available; check convmixer_timm.kernels.load()")
+        raise RuntimeError("convmixer_timm kernels are not available; see convmixer_timm.speed.kernel_info()")
     if x.dtype not in (torch.float32, torch.float64) or grad_out.dtype != x.dtype:
         raise TypeError(f"depthwise_weight_grad needs float32 or float64 tensors, got {x.dtype}, {grad_out.dtype}")
     if x.device.type != "cpu" or x.shape != grad_out.shape or x.dim() != 4:

@@ -22,7 +22,7 @@ def spatial_mixing(u: torch.Tensor, s_in: torch.Tensor, t_in: torch.Tensor, weig
     """z (channels_last float32, like ``u``); ``weight_kkc`` is the depthwise weight as (k, k, C)."""
     library = load()
     if library is None:
-        raise RuntimeError("convmixer_timm kernels are not available; check convmixer_timm.kernels.load()")
+        raise RuntimeError("convmixer_timm kernels are not available; see convmixer_timm.speed.kernel_info()")
     if u.dtype != torch.float32 or u.device.type != "cpu" or u.dim() != 4:
         raise ValueError(f"spatial_mixing needs a 4-d float32 CPU tensor, got {u.dtype} {list(u.shape)} on {u.device}")
     batch, channels, height, width = u.shape
