@@ -2,7 +2,7 @@
 
     convmixer-timm list [--json]
     convmixer-timm convert SRC --model NAME --out DIR [--overwrite] [--num-classes N] [--model-kwargs K=V ...]
-    convmixer-timm push DIR --repo-id ID [--token T] [--endpoint URL] [--private] [--revision R]
+    convmixer-timm push DIR --repo-id ID [--token-stdin] [--endpoint URL] [--private] [--revision R]
     convmixer-timm demo [...]
 
 Also ``python -m convmixer_timm``. Progress and status go to stderr, results (tables, JSON) to stdout, so the
@@ -227,17 +227,47 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------- push
 
 
-def _cmd_push(args: argparse.Namespace) -> int:
-    from .hub import push_hub_folder, verify_hub_folder
+_TOKEN_ON_COMMAND_LINE = (
+    "warning: --token puts the token on the command line, where every user of this machine can read it (ps, "
+    "/proc/PID/cmdline) and where shell history keeps it; prefer HF_TOKEN, `hf auth login`, or --token-stdin")
 
+
+def _token_from(args: argparse.Namespace) -> str | None:
+    """The token the user gave on the command line or standard input; None lets huggingface_hub use HF_TOKEN or
+    its stored login."""
+    if args.token_stdin or args.token == "-":
+        if sys.stdin is None:
+            raise CliError("--token-stdin: there is no standard input to read the token from", code=2)
+        if sys.stdin.isatty():
+            import getpass
+
+            token = getpass.getpass("Hub token (not echoed): ")
+        else:
+            token = sys.stdin.readline()
+        token = token.strip()
+        if not token:
+            raise CliError("--token-stdin read an empty token; pipe it in, e.g. "
+                           f"`{PROG} push DIR --repo-id ID --token-stdin < token-file`", code=2)
+        return token
+    if args.token:
+        print(_TOKEN_ON_COMMAND_LINE, file=sys.stderr)
+        return args.token
+    return None
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from .hub import _test_pause, push_hub_folder, verify_hub_folder
+
+    token = _token_from(args)
     progress = _Progress(2, args.quiet)
     with progress.step(f"checking that {args.dir} loads with timm"):
         verify_hub_folder(args.dir)
     from huggingface_hub import constants
 
+    _test_pause("before-upload")
     endpoint = args.endpoint or None  # None: huggingface_hub's own default (HF_ENDPOINT, else huggingface.co)
     with progress.step(f"uploading to {args.repo_id} at {endpoint or constants.ENDPOINT}"):
-        url = push_hub_folder(args.dir, args.repo_id, token=args.token, endpoint=endpoint, private=args.private,
+        url = push_hub_folder(args.dir, args.repo_id, token=token, endpoint=endpoint, private=args.private,
                               revision=args.revision, commit_message=args.commit_message, verify=False)
     revision = f"@{args.revision}" if args.revision else ""
     print(f"pushed {args.dir} to {args.repo_id}: {url}\nload it with "
@@ -320,11 +350,17 @@ def build_parser() -> argparse.ArgumentParser:
         "push", help="publish a Hub folder with huggingface_hub",
         description="Upload a folder written by `convert` to a Hugging Face Hub model repo (created if missing). "
                     "The folder must load with timm first: it is built through local-dir: and run once.",
-        epilog="example: HF_TOKEN=hf_... convmixer-timm push ./convmixer_768_32 --repo-id me/convmixer_768_32",
+        epilog="The token comes from HF_TOKEN, the stored login (`hf auth login`) or --token-stdin. example: "
+               "convmixer-timm push ./convmixer_768_32 --repo-id me/convmixer_768_32 --token-stdin < token-file",
     )
     p.add_argument("dir", metavar="DIR", help="folder written by `convmixer-timm convert`")
     p.add_argument("--repo-id", required=True, metavar="ID", help="ORG/NAME of the model repo")
-    p.add_argument("--token", metavar="T", help="Hub token (default: HF_TOKEN or the stored login)")
+    tokens = p.add_mutually_exclusive_group()
+    tokens.add_argument("--token-stdin", action="store_true",
+                        help="read the Hub token from standard input (default: HF_TOKEN or the stored login)")
+    tokens.add_argument("--token", metavar="T",
+                        help="Hub token; visible to every local user in the process list, so prefer HF_TOKEN or "
+                             "--token-stdin ('-' reads standard input)")
     p.add_argument("--endpoint", metavar="URL", help="Hub URL (default: HF_ENDPOINT or https://huggingface.co)")
     p.add_argument("--private", action="store_true", help="create the repo as private")
     p.add_argument("--revision", metavar="R", help="branch to commit to (created if missing; default: main)")

@@ -12,8 +12,8 @@ import errno
 import os
 import re
 import shutil
-import signal
 import sys
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -166,9 +166,10 @@ def load_hub_folder(path: str | os.PathLike[str]) -> nn.Module:
 # them, while never touching the folders of a run still in progress.
 _LEFTOVER_SUFFIXES = ("partial", "old")
 
-# Test-only hooks (tests/test_cli.py kills real subprocesses at these points). Not an interface:
-# CONVMIXER_TIMM_TEST_PAUSE_AT="POINT:MARKER" makes the process write MARKER at POINT and wait for a signal;
-# CONVMIXER_TIMM_TEST_NO_EXCHANGE=1 takes the path of systems without renameat2(RENAME_EXCHANGE).
+# Test-only hooks (tests/test_convert_safety.py and tests/test_tokens.py stop real subprocesses at these
+# points). Not an interface: CONVMIXER_TIMM_TEST_PAUSE_AT="POINT:MARKER" makes the process write MARKER at
+# POINT and wait there until the test deletes MARKER (or a signal ends it); CONVMIXER_TIMM_TEST_NO_EXCHANGE=1
+# takes the path of systems without renameat2(RENAME_EXCHANGE).
 _TEST_PAUSE_ENV = "CONVMIXER_TIMM_TEST_PAUSE_AT"
 _TEST_NO_EXCHANGE_ENV = "CONVMIXER_TIMM_TEST_NO_EXCHANGE"
 
@@ -177,9 +178,10 @@ def _test_pause(point: str) -> None:
     spec = os.environ.get(_TEST_PAUSE_ENV)
     if not spec or spec.partition(":")[0] != point:
         return
-    Path(spec.partition(":")[2]).write_text(str(os.getpid()))
-    while True:  # until a signal ends the process (or its handler raises)
-        signal.pause()
+    marker = Path(spec.partition(":")[2])
+    marker.write_text(str(os.getpid()))
+    while marker.exists():
+        time.sleep(0.02)
 
 
 def _leftover_name(out_dir: Path, kind: str) -> Path:
@@ -421,7 +423,7 @@ def push_hub_folder(
 
         status = getattr(getattr(exc, "response", None), "status_code", None)
         unauthorised = ("the token was rejected" if token or get_token() else "no token was found") + \
-            ": pass --token or set HF_TOKEN (or run `hf auth login`)"
+            ": set HF_TOKEN, run `hf auth login` or pass --token-stdin"
         hint = {
             401: unauthorised,
             403: "the token may not write to this repo: use a token with write access to it",
