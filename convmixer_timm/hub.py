@@ -188,6 +188,13 @@ def _leftover_name(out_dir: Path, kind: str) -> Path:
     return out_dir.parent / f".{out_dir.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.{kind}"
 
 
+def _remove(path: Path) -> None:
+    if path.is_symlink():  # an output that was a symlink, swapped out: drop the link, never its target
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
@@ -217,12 +224,12 @@ def recover_output(out_dir: str | os.PathLike[str]) -> None:
         if match.group(2) == "old" and not out_dir.exists() and not out_dir.is_symlink():
             backups.append(entry)
         else:
-            shutil.rmtree(entry, ignore_errors=True)
+            _remove(entry)
     if backups:  # one killed overwrite left only its backup: that is the previous output, complete
         backups.sort(key=lambda p: p.stat().st_mtime)
         os.rename(backups[-1], out_dir)
         for extra in backups[:-1]:
-            shutil.rmtree(extra, ignore_errors=True)
+            _remove(extra)
 
 
 @contextlib.contextmanager
@@ -237,7 +244,7 @@ def _staging_dir(out_dir: Path) -> Iterator[Path]:
         try:
             yield staging
         except BaseException:  # includes Ctrl-C and the CLI's SIGTERM: never leave a half-written folder behind
-            shutil.rmtree(staging, ignore_errors=True)
+            _remove(staging)
             raise
     except BaseException:
         for parent in created:  # innermost first; rmdir refuses a folder someone else has put files in
@@ -290,7 +297,7 @@ def _install(staging: Path, out_dir: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{out_dir} already exists; pass --overwrite (overwrite=True) to replace it")
     if _exchange(staging, out_dir):
         _test_pause("after-exchange")
-        shutil.rmtree(staging, ignore_errors=True)  # the staging path now holds the previous folder
+        _remove(staging)  # the staging path now holds the previous folder
         return
     backup = _leftover_name(out_dir, "old")
     os.rename(out_dir, backup)
@@ -300,7 +307,7 @@ def _install(staging: Path, out_dir: Path, overwrite: bool) -> None:
     except BaseException:
         os.rename(backup, out_dir)
         raise
-    shutil.rmtree(backup, ignore_errors=True)
+    _remove(backup)
 
 
 def save_hub_folder(

@@ -255,3 +255,18 @@ def test_recover_output_leaves_live_processes_alone(tmp_path):
         (folder / "model.safetensors").write_bytes(b"x")
     recover_output(out)
     assert entries(tmp_path) == {"out", live.name, other.name}
+
+
+def test_overwrite_of_a_symlinked_output_keeps_the_link_target(tmp_path):
+    parent = tmp_path / "hub"
+    parent.mkdir()
+    target = tmp_path / "elsewhere"
+    assert cli.main(["convert", str(save(small_state(5), tmp_path / "a.safetensors")), "--out", str(target), "-q",
+                     *SMALL_ARGS]) == 0
+    before = folder_bytes(target)
+    (parent / "out").symlink_to(target, target_is_directory=True)
+    new_src = save(small_state(6), tmp_path / "b.safetensors")
+    assert cli.main(["convert", str(new_src), "--out", str(parent / "out"), "--overwrite", "-q", *SMALL_ARGS]) == 0
+    assert not (parent / "out").is_symlink() and folder_bytes(parent / "out") != before
+    assert folder_bytes(target) == before  # the link was replaced, what it pointed to was not touched
+    assert entries(parent) == {"out"}
