@@ -2,7 +2,7 @@
 
     convmixer-timm list [--json]
     convmixer-timm convert SRC --model NAME --out DIR [--overwrite] [--num-classes N] [--model-kwargs K=V ...]
-    convmixer-timm push DIR --repo-id ID [--token T] [--endpoint URL] [--private] [--revision R]
+    convmixer-timm push DIR --repo-id ID [--token-stdin] [--endpoint URL] [--private] [--revision R]
     convmixer-timm demo [...]
 
 Also ``python -m convmixer_timm``. Progress and status go to stderr, results (tables, JSON) to stdout, so the
@@ -14,7 +14,9 @@ import argparse
 import ast
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -136,9 +138,22 @@ def _fitting_options(state_dict: dict[str, Any], act: str) -> str:
     return f"pass {options} to convert these weights."
 
 
+def _non_finite_message(found: list[tuple[str, int, int]], limit: int = 5) -> str:
+    shown = ", ".join(f"{key} ({nan:,} NaN, {inf:,} inf)" for key, nan, inf in found[:limit])
+    more = f" (and {len(found) - limit} more)" if len(found) > limit else ""
+    return f"{len(found)} tensor{'s' if len(found) > 1 else ''} hold NaN or infinite values: {shown}{more}"
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .hub import WEIGHTS_NAME, save_hub_folder
-    from .models.checkpoint import CheckpointError, describe_architecture, load_checkpoint_file, to_timm_layout
+    from .hub import WEIGHTS_NAME, recover_output, save_hub_folder
+    from .models.checkpoint import (
+        CheckpointError,
+        describe_architecture,
+        key_differences,
+        load_checkpoint_file,
+        non_finite_tensors,
+        to_timm_layout,
+    )
     from .models.variants import get_variant
 
     try:
@@ -146,6 +161,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     except KeyError as exc:
         raise CliError(str(exc.args[0]), code=2) from exc
     out = Path(args.out)
+    recover_output(out)  # a run killed mid-write left staging folders (or, without renameat2, a lone backup)
     if out.exists() and not args.overwrite:
         raise CliError(f"{out} already exists; pass --overwrite to replace it (the old folder is kept if the new "
                        "write fails)")
@@ -163,6 +179,13 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             raise CliError(f"{args.src} is truncated or corrupt ({type(exc).__name__}: {exc}); download or save "
                            "it again") from exc
         state_dict = to_timm_layout(raw)
+        non_finite = non_finite_tensors(state_dict)
+        if non_finite and not args.allow_non_finite:
+            raise CliError(f"{args.src}: {_non_finite_message(non_finite)}. Such weights give NaN outputs; "
+                           "pass --allow-non-finite to convert them anyway")
+    if non_finite and not args.quiet:
+        print(f"warning: converting as asked (--allow-non-finite): {_non_finite_message(non_finite)}",
+              file=sys.stderr)
     with progress.step(f"loading the weights into {variant.name}"):
         head = state_dict.get("head.weight")
         expected_classes = model_kwargs.get("num_classes", variant.num_classes)
@@ -181,8 +204,16 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         except CheckpointError as exc:
             raise CliError(f"{exc} Here: {_fitting_options(state_dict, variant.act)}") from exc
         except RuntimeError as exc:
-            raise CliError(f"the checkpoint ({describe_architecture(state_dict)}) does not fit {variant.name}: "
-                           f"{str(exc).splitlines()[0]}") from exc
+            expected = model.state_dict()
+            differences = key_differences(state_dict, expected) or str(exc).splitlines()[0]
+            checkpoint_arch, model_arch = describe_architecture(state_dict), describe_architecture(expected)
+            if checkpoint_arch == model_arch:
+                fix = ("the architecture matches, so remove the keys named above from the state dict (or add the "
+                       "missing ones) and save it again")
+            else:
+                fix = _fitting_options(state_dict, variant.act)
+            raise CliError(f"the checkpoint ({checkpoint_arch}) does not fit {variant.name} ({model_arch}): "
+                           f"{differences}; {fix}") from exc
     with progress.step(f"writing and verifying {out}"):
         path = save_hub_folder(model.eval(), out, variant.name, overwrite=args.overwrite,
                                dataset=args.dataset, model_args=dict(args.model_kwargs or {}) or None)
@@ -196,17 +227,47 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------- push
 
 
-def _cmd_push(args: argparse.Namespace) -> int:
-    from .hub import push_hub_folder, verify_hub_folder
+_TOKEN_ON_COMMAND_LINE = (
+    "warning: --token puts the token on the command line, where every user of this machine can read it (ps, "
+    "/proc/PID/cmdline) and where shell history keeps it; prefer HF_TOKEN, `hf auth login`, or --token-stdin")
 
+
+def _token_from(args: argparse.Namespace) -> str | None:
+    """The token the user gave on the command line or standard input; None lets huggingface_hub use HF_TOKEN or
+    its stored login."""
+    if args.token_stdin or args.token == "-":
+        if sys.stdin is None:
+            raise CliError("--token-stdin: there is no standard input to read the token from", code=2)
+        if sys.stdin.isatty():
+            import getpass
+
+            token = getpass.getpass("Hub token (not echoed): ")
+        else:
+            token = sys.stdin.readline()
+        token = token.strip()
+        if not token:
+            raise CliError("--token-stdin read an empty token; pipe it in, e.g. "
+                           f"`{PROG} push DIR --repo-id ID --token-stdin < token-file`", code=2)
+        return token
+    if args.token:
+        print(_TOKEN_ON_COMMAND_LINE, file=sys.stderr)
+        return args.token
+    return None
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from .hub import _test_pause, push_hub_folder, verify_hub_folder
+
+    token = _token_from(args)
     progress = _Progress(2, args.quiet)
     with progress.step(f"checking that {args.dir} loads with timm"):
         verify_hub_folder(args.dir)
     from huggingface_hub import constants
 
+    _test_pause("before-upload")
     endpoint = args.endpoint or None  # None: huggingface_hub's own default (HF_ENDPOINT, else huggingface.co)
     with progress.step(f"uploading to {args.repo_id} at {endpoint or constants.ENDPOINT}"):
-        url = push_hub_folder(args.dir, args.repo_id, token=args.token, endpoint=endpoint, private=args.private,
+        url = push_hub_folder(args.dir, args.repo_id, token=token, endpoint=endpoint, private=args.private,
                               revision=args.revision, commit_message=args.commit_message, verify=False)
     revision = f"@{args.revision}" if args.revision else ""
     print(f"pushed {args.dir} to {args.repo_id}: {url}\nload it with "
@@ -275,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, metavar="NAME", help="variant name (see `convmixer-timm list`)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to create")
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists (kept if the write fails)")
+    p.add_argument("--allow-non-finite", action="store_true",
+                   help="convert weights holding NaN or infinite values (refused by default)")
     p.add_argument("--num-classes", type=int, metavar="N",
                    help="classes of the checkpoint's classifier (default: the variant's)")
     p.add_argument("--model-kwargs", nargs="*", default={}, action=_ParseKwargs, metavar="KEY=VALUE",
@@ -287,11 +350,17 @@ def build_parser() -> argparse.ArgumentParser:
         "push", help="publish a Hub folder with huggingface_hub",
         description="Upload a folder written by `convert` to a Hugging Face Hub model repo (created if missing). "
                     "The folder must load with timm first: it is built through local-dir: and run once.",
-        epilog="example: HF_TOKEN=hf_... convmixer-timm push ./convmixer_768_32 --repo-id me/convmixer_768_32",
+        epilog="The token comes from HF_TOKEN, the stored login (`hf auth login`) or --token-stdin. example: "
+               "convmixer-timm push ./convmixer_768_32 --repo-id me/convmixer_768_32 --token-stdin < token-file",
     )
     p.add_argument("dir", metavar="DIR", help="folder written by `convmixer-timm convert`")
     p.add_argument("--repo-id", required=True, metavar="ID", help="ORG/NAME of the model repo")
-    p.add_argument("--token", metavar="T", help="Hub token (default: HF_TOKEN or the stored login)")
+    tokens = p.add_mutually_exclusive_group()
+    tokens.add_argument("--token-stdin", action="store_true",
+                        help="read the Hub token from standard input (default: HF_TOKEN or the stored login)")
+    tokens.add_argument("--token", metavar="T",
+                        help="Hub token; visible to every local user in the process list, so prefer HF_TOKEN or "
+                             "--token-stdin ('-' reads standard input)")
     p.add_argument("--endpoint", metavar="URL", help="Hub URL (default: HF_ENDPOINT or https://huggingface.co)")
     p.add_argument("--private", action="store_true", help="create the repo as private")
     p.add_argument("--revision", metavar="R", help="branch to commit to (created if missing; default: main)")
@@ -308,10 +377,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the same clean-up (staging folders) runs."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``convmixer-timm`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # `kill` and service managers send SIGTERM, which by default ends Python without running any clean-up.
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _run(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     from .hub import HubFolderError, HubPushError
     from .models.checkpoint import CheckpointError
 
@@ -321,6 +410,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         message, code = str(exc), exc.code
     except (CheckpointError, HubFolderError, HubPushError, FileExistsError, FileNotFoundError) as exc:
         message, code = str(exc), 1
+    except _Terminated:
+        message, code = "terminated (SIGTERM)", 128 + signal.SIGTERM
     except KeyboardInterrupt:
         message, code = "interrupted", 130
     except BrokenPipeError:

@@ -7,9 +7,13 @@ A folder holds ``model.safetensors`` (timm key layout), ``config.json`` in timm'
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
+import re
 import shutil
-import tempfile
+import sys
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -24,7 +28,7 @@ from .models.variants import Variant, get_variant
 
 __all__ = [
     "CARD_NAME", "CONFIG_NAME", "WEIGHTS_NAME", "HubFolderError", "HubPushError", "architecture_of",
-    "load_hub_folder", "push_hub_folder", "save_hub_folder", "verify_hub_folder",
+    "load_hub_folder", "push_hub_folder", "recover_output", "save_hub_folder", "verify_hub_folder",
 ]
 
 WEIGHTS_NAME = "model.safetensors"
@@ -157,6 +161,77 @@ def load_hub_folder(path: str | os.PathLike[str]) -> nn.Module:
     return _load_folder(Path(path), run_forward=False)
 
 
+# Staging and backup folders sit beside the output as ".{name}.{pid}.{random}.partial" / ".old": the pid lets a
+# later run recognise the leftovers of a run that was killed (SIGKILL leaves no chance to clean up) and remove
+# them, while never touching the folders of a run still in progress.
+_LEFTOVER_SUFFIXES = ("partial", "old")
+
+# Test-only hooks (tests/test_convert_safety.py and tests/test_tokens.py stop real subprocesses at these
+# points). Not an interface: CONVMIXER_TIMM_TEST_PAUSE_AT="POINT:MARKER" makes the process write MARKER at
+# POINT and wait there until the test deletes MARKER (or a signal ends it); CONVMIXER_TIMM_TEST_NO_EXCHANGE=1
+# takes the path of systems without renameat2(RENAME_EXCHANGE).
+_TEST_PAUSE_ENV = "CONVMIXER_TIMM_TEST_PAUSE_AT"
+_TEST_NO_EXCHANGE_ENV = "CONVMIXER_TIMM_TEST_NO_EXCHANGE"
+
+
+def _test_pause(point: str) -> None:
+    spec = os.environ.get(_TEST_PAUSE_ENV)
+    if not spec or spec.partition(":")[0] != point:
+        return
+    marker = Path(spec.partition(":")[2])
+    marker.write_text(str(os.getpid()))
+    while marker.exists():
+        time.sleep(0.02)
+
+
+def _leftover_name(out_dir: Path, kind: str) -> Path:
+    return out_dir.parent / f".{out_dir.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.{kind}"
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink():  # an output that was a symlink, swapped out: drop the link, never its target
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def recover_output(out_dir: str | os.PathLike[str]) -> None:
+    """Clean up after a write to ``out_dir`` that was killed: remove the staging and backup folders of dead
+    processes, and put a backup back where a kill left ``out_dir`` missing (possible only on systems without
+    ``renameat2``). Folders of live processes are left alone."""
+    out_dir = Path(out_dir).absolute()
+    parent = out_dir.parent
+    if not parent.is_dir():
+        return
+    pattern = re.compile(rf"^\.{re.escape(out_dir.name)}\.(\d+)\.[0-9a-f]{{8}}\.({'|'.join(_LEFTOVER_SUFFIXES)})$")
+    backups = []
+    for entry in parent.iterdir():
+        match = pattern.match(entry.name)
+        if not match or _pid_alive(int(match.group(1))):
+            continue
+        if match.group(2) == "old" and not out_dir.exists() and not out_dir.is_symlink():
+            backups.append(entry)
+        else:
+            _remove(entry)
+    if backups:  # one killed overwrite left only its backup: that is the previous output, complete
+        backups.sort(key=lambda p: p.stat().st_mtime)
+        os.rename(backups[-1], out_dir)
+        for extra in backups[:-1]:
+            _remove(extra)
+
+
 @contextlib.contextmanager
 def _staging_dir(out_dir: Path) -> Iterator[Path]:
     """A hidden folder beside ``out_dir`` (same file system, so the final rename is atomic); removed on failure,
@@ -164,11 +239,12 @@ def _staging_dir(out_dir: Path) -> Iterator[Path]:
     created = [p for p in (out_dir.parent, *out_dir.parent.parents) if not p.exists()]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+        staging = _leftover_name(out_dir, "partial")
+        staging.mkdir(mode=0o700)
         try:
             yield staging
-        except BaseException:  # includes Ctrl-C: never leave a half-written folder behind
-            shutil.rmtree(staging, ignore_errors=True)
+        except BaseException:  # includes Ctrl-C and the CLI's SIGTERM: never leave a half-written folder behind
+            _remove(staging)
             raise
     except BaseException:
         for parent in created:  # innermost first; rmdir refuses a folder someone else has put files in
@@ -177,11 +253,36 @@ def _staging_dir(out_dir: Path) -> Iterator[Path]:
         raise
 
 
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically with Linux's ``renameat2(RENAME_EXCHANGE)``; False where the C library, the
+    kernel or the file system cannot (the caller then falls back to two renames)."""
+    if not sys.platform.startswith("linux") or os.environ.get(_TEST_NO_EXCHANGE_ENV) == "1":
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28
+    except (AttributeError, OSError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def _install(staging: Path, out_dir: Path, overwrite: bool) -> None:
-    """Move a complete staging folder to ``out_dir``; the previous ``out_dir`` survives any failure."""
+    """Move a complete staging folder to ``out_dir``. ``out_dir`` always exists while it is replaced: the two
+    folders are swapped in one step, or (without ``renameat2``) the old one waits in a backup that
+    ``recover_output`` puts back if a kill comes between the two renames."""
     umask = os.umask(0)
     os.umask(umask)
-    # mkdtemp makes the folder 0700 and some writers make their files 0600 (write-then-rename); a published
+    # The staging folder is made 0700 and some writers make their files 0600 (write-then-rename); a published
     # folder should have the permissions of any other the user creates.
     os.chmod(staging, 0o777 & ~umask)
     for file in staging.iterdir():
@@ -194,14 +295,19 @@ def _install(staging: Path, out_dir: Path, overwrite: bool) -> None:
         return
     if not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass --overwrite (overwrite=True) to replace it")
-    backup = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex[:8]}.old"
+    if _exchange(staging, out_dir):
+        _test_pause("after-exchange")
+        _remove(staging)  # the staging path now holds the previous folder
+        return
+    backup = _leftover_name(out_dir, "old")
     os.rename(out_dir, backup)
     try:
+        _test_pause("after-first-rename")
         os.rename(staging, out_dir)
     except BaseException:
         os.rename(backup, out_dir)
         raise
-    shutil.rmtree(backup, ignore_errors=True)
+    _remove(backup)
 
 
 def save_hub_folder(
@@ -238,6 +344,7 @@ def save_hub_folder(
 
     variant = get_variant(model_name)
     out_dir = Path(out_dir).absolute()
+    recover_output(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass --overwrite (overwrite=True) to replace it")
     if out_dir.exists() and not out_dir.is_dir():
@@ -264,6 +371,7 @@ def save_hub_folder(
             metrics=metrics, dataset=dataset,
         )
         (staging / CARD_NAME).write_text(card, encoding="utf-8")
+        _test_pause("staging-written")
 
         loaded = _load_folder(staging, run_forward=False)  # the forward below runs it
         loaded_state = loaded.state_dict()
@@ -322,7 +430,7 @@ def push_hub_folder(
 
         status = getattr(getattr(exc, "response", None), "status_code", None)
         unauthorised = ("the token was rejected" if token or get_token() else "no token was found") + \
-            ": pass --token or set HF_TOKEN (or run `hf auth login`)"
+            ": set HF_TOKEN, run `hf auth login` or pass --token-stdin"
         hint = {
             401: unauthorised,
             403: "the token may not write to this repo: use a token with write access to it",

@@ -10,10 +10,17 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import zipfile
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import torch
+
+# A zip checkpoint may inflate to at most this multiple of its size on disk, plus the constant below. torch.save
+# stores tensors uncompressed and float weights hardly compress, so real checkpoints sit near 1x; a "zip bomb"
+# (1 MiB inflating to 1 GiB) is refused before torch.load allocates anything.
+MAX_INFLATION = 4
+MAX_INFLATION_SLACK = 1 << 20
 
 WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
 _STRIP_PREFIXES = ("module.", "_orig_mod.")
@@ -125,6 +132,38 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: torch.nn.Module) 
     return to_timm_layout(state_dict)
 
 
+def count_blocks(state_dict: Mapping[str, Any]) -> int:
+    """Blocks really present: ``blocks.0``, ``blocks.1``, ... each with its depthwise weight, counted up to the
+    first gap, so that a stray ``blocks.8.*`` key (or any other extra key) does not inflate the depth."""
+    d = 0
+    while f"blocks.{d}.0.fn.0.weight" in state_dict:
+        d += 1
+    return d
+
+
+def key_differences(state_dict: Mapping[str, Any], expected: Mapping[str, Any], limit: int = 5) -> str:
+    """The unexpected and missing keys of ``state_dict`` against ``expected``, named (at most ``limit`` each)."""
+    unexpected = [k for k in state_dict if k not in expected]
+    missing = [k for k in expected if k not in state_dict]
+    parts = []
+    for label, keys in (("unexpected", unexpected), ("missing", missing)):
+        if keys:
+            shown = ", ".join(keys[:limit]) + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
+            parts.append(f"{len(keys)} {label} key{'s' if len(keys) > 1 else ''}: {shown}")
+    return "; ".join(parts)
+
+
+def non_finite_tensors(state_dict: Mapping[str, torch.Tensor]) -> list[tuple[str, int, int]]:
+    """``(key, NaN count, inf count)`` of every floating-point tensor holding NaN or infinite values."""
+    found = []
+    for key, tensor in state_dict.items():
+        if not (tensor.is_floating_point() or tensor.is_complex()) or bool(torch.isfinite(tensor).all()):
+            continue
+        nan = int(torch.isnan(tensor).sum())
+        found.append((key, nan, int((~torch.isfinite(tensor)).sum()) - nan))
+    return found
+
+
 def read_dimensions(state_dict: Mapping[str, torch.Tensor]) -> tuple[int, int, int, int, int, int]:
     """(h, d, k, p, in_chans, num_classes) of timm-layout weights; num_classes is 0 without a head."""
     try:
@@ -132,7 +171,7 @@ def read_dimensions(state_dict: Mapping[str, torch.Tensor]) -> tuple[int, int, i
         k = state_dict["blocks.0.0.fn.0.weight"].shape[-1]
     except (KeyError, ValueError) as exc:
         raise CheckpointError(f"not a ConvMixer state dict: {exc!r} (stem.0 or blocks.0 missing)") from exc
-    d = len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")})
+    d = count_blocks(state_dict)
     head = state_dict.get("head.weight")
     num_classes = int(head.shape[0]) if head is not None else 0
     return int(h), d, int(k), int(p), int(in_chans), num_classes
@@ -178,6 +217,30 @@ def check_shapes_before_load(module: torch.nn.Module, state_dict: MutableMapping
         )
 
 
+def _check_zip_inflation(path: str) -> None:
+    """Refuse a zip checkpoint whose entries would inflate far beyond the file's size (read from the central
+    directory only, so nothing is decompressed)."""
+    if not zipfile.is_zipfile(path):
+        return  # legacy pickles are read as they are: their memory is bounded by their size
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is truncated or corrupt ({type(exc).__name__}: {exc}); "
+                              "download or save it again") from exc
+    on_disk = os.path.getsize(path)
+    inflated = sum(entry.file_size for entry in entries)
+    limit = MAX_INFLATION * on_disk + MAX_INFLATION_SLACK
+    if inflated > limit:
+        largest = max(entries, key=lambda entry: entry.file_size)
+        raise CheckpointError(
+            f"{path} is a {on_disk:,}-byte zip whose entries would inflate to {inflated:,} bytes (largest: "
+            f"{largest.filename!r}, {largest.file_size:,} bytes from {largest.compress_size:,}); more than "
+            f"{MAX_INFLATION}x its size, which no torch.save checkpoint does, so it was not read. Save the "
+            "weights again with torch.save or as safetensors."
+        )
+
+
 def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Read a checkpoint file as data: safetensors, or a pickle through ``torch.load(weights_only=True)``.
 
@@ -194,6 +257,7 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
             return load_file(path, device="cpu")
         except SafetensorError as exc:
             raise CheckpointError(f"{path} is truncated or corrupt (safetensors: {exc}); download it again") from exc
+    _check_zip_inflation(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -29,6 +29,7 @@ from torch import nn
 
 from ..speed import layers as speed
 from .checkpoint import check_shapes_before_load, checkpoint_filter_fn
+from .pretrained import check_pretrained_available
 from .variants import DATASET_CONFIGS, VARIANTS, Variant
 
 __all__ = ["ConvMixer", "ConvMixerBlock", "ConvMixerStem", "DepthwiseMixing", "SamePaddingDepthwiseConv"]
@@ -308,6 +309,8 @@ class ConvMixer(nn.Module):
 
 def _create_convmixer(variant: str, pretrained: bool = False, **kwargs: Any) -> ConvMixer:
     out_indices = kwargs.pop("out_indices", 3)
+    if pretrained:  # without the network: a clear error in seconds instead of huggingface_hub's retries
+        check_pretrained_available(variant, kwargs)
     return build_model_with_cfg(
         ConvMixer,
         variant,

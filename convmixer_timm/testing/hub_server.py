@@ -26,8 +26,16 @@ Simplifications compared with the real Hub, on purpose:
   default LFS patterns (``*.safetensors``, ``*.bin``, ...) are still *described* as LFS files (sha256 in
   ``X-Linked-Etag``, ``lfs`` in listings), as on the Hub, so the client cache names their blobs by sha256.
 * Downloads are served directly, without the redirect to a CDN.
-* Any bearer token is accepted; writes and private repos only need *a* token. There are no pull
-  requests, branches other than those created from Python, tags, or gated repos.
+* Tokens: with ``tokens={"tok": "alice"}`` only those are valid (another gets 401) and each names its user;
+  by default any bearer token is valid and names ``username``. Either way a repo belongs to the token that
+  created it over HTTP (or ``owner_token=`` from Python): only that token may write to it, delete it or read
+  it while private (403 for writes and deletes, 404 for private reads, as on the Hub). Repos seeded from
+  Python without an owner are readable by all and writable by none. There are no pull requests, branches
+  other than those created from Python, tags, or gated repos.
+
+Like a real server it checks the token (and, for commits, the repo's owner) before it reads a request body,
+refuses bodies over ``max_body_bytes`` with 413 without reading them, and answers malformed requests with
+4xx. It imports nothing beyond the standard library (and ``python -m`` of it does not import torch).
 
 Standard library only. Run ``python -m convmixer_timm.testing.hub_server --root DIR`` for a standalone
 server.
@@ -151,6 +159,11 @@ def _check_path_in_repo(path: str) -> str:
     return path
 
 
+def _fingerprint(token: str) -> str:
+    # Repos record who owns them by a digest, so the token itself is never written to disk.
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
 def _check_repo_id(repo_id: str) -> str:
     parts = repo_id.split("/")
     if not 1 <= len(parts) <= 2 or not all(_NAME_RE.match(p) and ".." not in p and "--" not in p for p in parts):
@@ -210,10 +223,14 @@ class LocalHub:
         port: int = 0,
         username: str = "local-user",
         gitattributes: bool = True,
+        tokens: Mapping[str, str] | None = None,
+        max_body_bytes: int = 1 << 30,
     ) -> None:
         self.root = Path(root_dir).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.username = username
+        self.tokens = dict(tokens) if tokens is not None else None
+        self.max_body_bytes = max_body_bytes
         self.gitattributes = gitattributes
         self.requests: deque[RecordedRequest] = deque(maxlen=10_000)
         self.last_authorization: str | None = None
@@ -327,10 +344,22 @@ class LocalHub:
         tmp.write_text(json.dumps(repo.meta, indent=1))
         os.replace(tmp, repo.folder / "repo.json")
 
+    def user_of(self, token: str) -> str | None:
+        """The user a token authenticates as; None for a token this server does not accept."""
+        if not token:
+            return None
+        if self.tokens is None:
+            return self.username
+        return self.tokens.get(token)
+
     def create_repo(
-        self, repo_id: str, *, repo_type: str = "model", private: bool = False, exist_ok: bool = True
+        self, repo_id: str, *, repo_type: str = "model", private: bool = False, exist_ok: bool = True,
+        owner_token: str | None = None,
     ) -> str:
-        """Create a repo with an initial commit (holding ``.gitattributes``, as on the Hub); return its sha."""
+        """Create a repo with an initial commit (holding ``.gitattributes``, as on the Hub); return its sha.
+
+        ``owner_token`` is the token that may write to and delete the repo over HTTP (None: no one).
+        """
         with self._lock:
             folder = self._folder(repo_id, repo_type)
             if (folder / "repo.json").is_file():
@@ -339,7 +368,9 @@ class LocalHub:
                 return self.head(repo_id, repo_type=repo_type)
             (folder / "commits").mkdir(parents=True, exist_ok=True)
             (folder / "objects").mkdir(exist_ok=True)
-            repo = _Repo(repo_id, repo_type, folder, {"private": private, "createdAt": _now_iso(), "refs": {}})
+            meta = {"private": private, "createdAt": _now_iso(), "refs": {},
+                    "owner": _fingerprint(owner_token) if owner_token else None}
+            repo = _Repo(repo_id, repo_type, folder, meta)
             self._save_meta(repo)
             files = {".gitattributes": _GITATTRIBUTES} if self.gitattributes else {}
             return self._commit(repo, "main", files, title="initial commit", create_branch=True)
@@ -644,28 +675,52 @@ class _Handler(BaseHTTPRequestHandler):
     def hub(self) -> LocalHub:
         return self.server.hub
 
+    def _too_large(self, size: int) -> HubError:
+        self.close_connection = True  # the rest of the body stays unread
+        return HubError(413, f"Request body of {size:,} bytes or more exceeds this server's limit of "
+                             f"{self.hub.max_body_bytes:,} bytes (LocalHub(max_body_bytes=...))")
+
     def _read_body(self) -> bytes:
+        limit = self.hub.max_body_bytes
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks = []
+            chunks, total = [], 0
             while True:
-                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                try:
+                    size = int(self.rfile.readline(64).split(b";")[0].strip() or b"0", 16)
+                except ValueError as exc:
+                    self.close_connection = True
+                    raise HubError(400, "Invalid chunk size in a chunked body") from exc
+                total += size
+                if size < 0 or total > limit:
+                    raise self._too_large(total)
                 if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
                         pass
                     return b"".join(chunks)
                 chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-        length = int(self.headers.get("Content-Length") or 0)
+                self.rfile.readline(64)
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError as exc:
+            self.close_connection = True
+            raise HubError(400, f"Invalid Content-Length: {self.headers.get('Content-Length')!r}") from exc
+        if length > limit:
+            raise self._too_large(length)
         return self.rfile.read(length) if length > 0 else b""
 
-    def _json_body(self, body: bytes) -> Any:
+    def _json_body(self, body: bytes) -> dict[str, Any]:
         try:
-            return json.loads(body or b"{}")
+            payload = json.loads(body or b"{}")
         except ValueError as exc:
             raise HubError(400, f"Invalid JSON body: {exc}") from exc
+        if not isinstance(payload, dict):
+            raise HubError(400, f"Invalid JSON body: expected an object, got {type(payload).__name__}")
+        return payload
 
     def _send(self, status: int, body: bytes, headers: Mapping[str, str], method: str) -> None:
         self.send_response(status)
+        if self.close_connection:  # tell the client, so it does not reuse the socket
+            self.send_header("Connection", "close")
         for key, value in headers.items():
             self.send_header(key, value)
         self.send_header("Content-Length", str(len(body)))
@@ -677,27 +732,64 @@ class _Handler(BaseHTTPRequestHandler):
         hdrs = {"Content-Type": "application/json; charset=utf-8", **(headers or {})}
         self._send(status, json.dumps(payload).encode(), hdrs, method)
 
-    def _require_token(self) -> None:
-        auth = self.headers.get("Authorization") or ""
-        if not auth.lower().startswith("bearer ") or not auth[7:].strip():
+    def _token(self) -> str | None:
+        """The bearer token sent, if any; a token this server does not accept is a 401 wherever it is sent."""
+        auth = (self.headers.get("Authorization") or "").strip()
+        if not auth:
+            return None
+        token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+        if self.hub.user_of(token) is None:
+            raise HubError(401, "Invalid credentials in Authorization header")
+        return token
+
+    def _require_token(self) -> str:
+        token = self._token()
+        if token is None:
             raise HubError(401, "Invalid username or password.")
+        return token
+
+    def _require_owner(self, repo: _Repo) -> None:
+        token = self._require_token()
+        owner = repo.meta.get("owner")
+        if owner is None or owner != _fingerprint(token):
+            raise HubError(403, f"You don't have the rights to write to or delete {repo.repo_type} repo "
+                                f"{repo.repo_id}: only the token that created it may")
 
     def _check_read_access(self, repo: _Repo) -> None:
-        # The Hub hides private repos from anonymous callers behind a RepoNotFound error.
-        if repo.meta.get("private") and not self.headers.get("Authorization"):
+        token = self._token()
+        if not repo.meta.get("private"):
+            return
+        # The Hub hides private repos from everyone but their owner behind a RepoNotFound error.
+        if token is None:
             raise HubError(401, "Repository not found", "RepoNotFound")
+        owner = repo.meta.get("owner")
+        if owner is not None and owner != _fingerprint(token):
+            raise HubError(404, "Repository not found", "RepoNotFound")
+
+    def _body(self) -> bytes:
+        """The request body, read on first use: routes call this only after their token and owner checks."""
+        if self._body_cache is None:
+            self._body_cache = self._read_body()
+        return self._body_cache
+
+    def _has_body(self) -> bool:
+        return self.headers.get("Transfer-Encoding", "").lower() == "chunked" or \
+            self.headers.get("Content-Length", "0").strip() not in ("", "0")
 
     def _dispatch(self, method: str) -> None:
         self._headers_sent = False
+        self._body_cache: bytes | None = None
         auth = self.headers.get("Authorization")
         headers = {k.lower(): v for k, v in self.headers.items()}
         self.hub.requests.append(RecordedRequest(method, self.path, headers, auth))
         if auth is not None:
             self.hub.last_authorization = auth
         try:
-            body = self._read_body() if method in ("POST", "PUT", "DELETE") else b""
-            self._route(method, body)
+            self._route(method)
         except HubError as err:
+            if self._body_cache is None and self._has_body():
+                # The body was never read (refused before it): it must not be parsed as the next request.
+                self.close_connection = True
             headers = {"X-Error-Message": _header_safe(err.message), **err.headers}
             if err.code:
                 headers["X-Error-Code"] = err.code
@@ -709,14 +801,18 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 raise
             # Report server bugs to the client instead of leaving it hanging.
+            self.close_connection = True
             self._send_json(500, {"error": f"LocalHub internal error: {exc!r}"}, method)
+            return
+        if self._body_cache is None and self._has_body():
+            self.close_connection = True
 
-    def _route(self, method: str, body: bytes) -> None:
+    def _route(self, method: str) -> None:
         split = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(split.query).items()}
         segments = split.path.strip("/").split("/")
         if segments[0] == "api":
-            self._route_api(method, segments[1:], query, body)
+            self._route_api(method, segments[1:], query)
             return
         repo_type = "model"
         if segments[0] in ("datasets", "spaces") and "resolve" in segments[2:4]:
@@ -731,25 +827,34 @@ class _Handler(BaseHTTPRequestHandler):
             return
         raise HubError(404, f"LocalHub does not implement {method} {split.path}")
 
-    def _route_api(self, method: str, segments: list[str], query: dict[str, str], body: bytes) -> None:
+    def _route_api(self, method: str, segments: list[str], query: dict[str, str]) -> None:
         hub = self.hub
         route = (method, "/".join(segments))
         if route == ("GET", "whoami-v2"):
-            self._require_token()
+            user = hub.user_of(self._require_token())
+            assert user is not None  # _require_token accepted it
             self._send_json(200, {
-                "type": "user", "id": hashlib.md5(hub.username.encode()).hexdigest()[:24], "name": hub.username,
-                "fullname": hub.username, "email": None, "emailVerified": False, "isPro": False, "orgs": [],
+                "type": "user", "id": hashlib.md5(user.encode()).hexdigest()[:24], "name": user,
+                "fullname": user, "email": None, "emailVerified": False, "isPro": False, "orgs": [],
                 "auth": {"type": "access_token", "accessToken": {"displayName": "local", "role": "write"}},
             }, method)
         elif route == ("POST", "repos/create"):
-            self._create_repo(self._json_body(body), method)
+            token = self._require_token()
+            self._create_repo(self._json_body(self._body()), token, method)
         elif route == ("DELETE", "repos/delete"):
             self._require_token()
-            payload = self._json_body(body)
-            name = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
-            hub.delete_repo(name, repo_type=payload.get("type") or "model")
+            payload = self._json_body(self._body())
+            name, organization = payload.get("name"), payload.get("organization")
+            if not isinstance(name, str) or not isinstance(organization, (str, type(None))):
+                raise HubError(400, "Missing or invalid repo name")
+            repo_type = self._repo_type(payload)
+            with hub._lock:
+                repo = hub._get_repo(f"{organization}/{name}" if organization else name, repo_type)
+                self._require_owner(repo)
+                shutil.rmtree(repo.folder)
             self._send_json(200, {}, method)
         elif route == ("POST", "validate-yaml"):
+            self._body()  # bounded by max_body_bytes like any other
             self._send_json(200, {"errors": [], "warnings": []}, method)
         elif route == ("GET", "agent-harnesses"):
             # Fetched by the client to build its user agent; an empty registry means "no agent detected".
@@ -760,18 +865,24 @@ class _Handler(BaseHTTPRequestHandler):
             split_at = 1 if len(rest) >= 2 and rest[1] in _REPO_SUBROUTES else 2
             repo_id = "/".join(unquote(s) for s in rest[:split_at])
             tail = [unquote(s) for s in rest[split_at:]]
-            self._repo_api(method, repo_type, repo_id, tail, query, body)
+            self._repo_api(method, repo_type, repo_id, tail, query)
         else:
             raise HubError(404, f"LocalHub does not implement {method} /api/{'/'.join(segments)}")
 
-    def _create_repo(self, payload: dict[str, Any], method: str) -> None:
-        self._require_token()
-        hub = self.hub
-        name = payload.get("name")
-        if not isinstance(name, str):
-            raise HubError(400, "Missing repo name")
-        repo_id = f"{payload.get('organization') or hub.username}/{name}"
+    @staticmethod
+    def _repo_type(payload: Mapping[str, Any]) -> str:
         repo_type = payload.get("type") or "model"
+        if repo_type not in _URL_PREFIX:
+            raise HubError(400, f"Invalid repo type: {repo_type!r}; expected one of {', '.join(_URL_PREFIX)}")
+        return repo_type
+
+    def _create_repo(self, payload: dict[str, Any], token: str, method: str) -> None:
+        hub = self.hub
+        name, organization = payload.get("name"), payload.get("organization")
+        if not isinstance(name, str) or not isinstance(organization, (str, type(None))):
+            raise HubError(400, "Missing or invalid repo name")
+        repo_id = _check_repo_id(f"{organization or hub.user_of(token)}/{name}")
+        repo_type = self._repo_type(payload)
         private = payload.get("visibility", "private" if payload.get("private") else "public") == "private"
         url = hub._repo_url(repo_type, repo_id)
         with hub._lock:
@@ -780,12 +891,10 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send_json(409, {"error": f"You already created this {repo_type} repo", "url": url}, method,
                                 {"X-Error-Message": f"You already created this {repo_type} repo"})
                 return
-            hub.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=False)
+            hub.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=False, owner_token=token)
         self._send_json(200, {"url": url, "name": repo_id, "id": repo_id}, method)
 
-    def _repo_api(
-        self, method: str, repo_type: str, repo_id: str, tail: list[str], query: dict[str, str], body: bytes
-    ) -> None:
+    def _repo_api(self, method: str, repo_type: str, repo_id: str, tail: list[str], query: dict[str, str]) -> None:
         hub = self.hub
         with hub._lock:
             repo = hub._get_repo(repo_id, repo_type)
@@ -802,13 +911,13 @@ class _Handler(BaseHTTPRequestHandler):
                 entries = hub._tree(repo, tail[1], "/".join(tail[2:]), recursive)
             self._send_json(200, entries, method)
         elif method == "POST" and action == "preupload" and len(tail) == 2:
-            self._require_token()
-            self._preupload(repo, tail[1], self._json_body(body), method)
+            self._require_owner(repo)
+            self._preupload(repo, tail[1], self._json_body(self._body()), method)
         elif method == "POST" and action == "commit" and len(tail) == 2:
-            self._require_token()
+            self._require_owner(repo)
             if query.get("create_pr") in ("1", "true"):
                 raise HubError(400, "LocalHub does not support pull requests (create_pr)")
-            self._commit(repo, tail[1], body, method)
+            self._commit(repo, tail[1], self._body(), method)
         else:
             raise HubError(404, f"LocalHub does not implement {method} {self.path}")
 
@@ -834,18 +943,28 @@ class _Handler(BaseHTTPRequestHandler):
                 continue
             item = self._json_body(line)
             key, value = item.get("key"), item.get("value") or {}
+            if not isinstance(value, dict):
+                raise HubError(400, f"Invalid commit operation {key!r}: its value is not an object")
+            path = value.get("path")
+            if key in ("file", "deletedFile", "deletedFolder") and not isinstance(path, str):
+                raise HubError(400, f"Invalid commit operation {key!r}: missing path")
             if key == "header":
                 header = value
             elif key == "file":
                 content = value.get("content", "")
+                if not isinstance(content, str):
+                    raise HubError(400, f"Invalid content for {path!r}")
                 if value.get("encoding", "base64") == "base64":
-                    additions[value["path"]] = base64.b64decode(content)
+                    try:
+                        additions[path] = base64.b64decode(content, validate=True)
+                    except ValueError as exc:
+                        raise HubError(400, f"Invalid base64 content for {path!r}: {exc}") from exc
                 else:
-                    additions[value["path"]] = content.encode()
+                    additions[path] = content.encode()
             elif key == "deletedFile":
-                deletions.append(value["path"])
+                deletions.append(path)
             elif key == "deletedFolder":
-                deleted_folders.append(value["path"])
+                deleted_folders.append(path)
             elif key == "lfsFile":
                 raise HubError(400, "LocalHub only accepts regular (inline) files; its preupload never asks for LFS")
             else:
@@ -948,13 +1067,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--root", required=True, help="folder holding the repos (created if missing)")
     parser.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (default: any free port)")
+    parser.add_argument("--max-body-mib", type=float, default=1024,
+                        help="largest request body accepted, in MiB (default: 1024); larger ones get 413")
+    parser.add_argument("--token", action="append", default=[], metavar="TOKEN=USER",
+                        help="accept only these tokens, each naming its user (repeatable; default: any token, "
+                             "as user local-user)")
     args = parser.parse_args(argv)
+    tokens = None
+    if args.token:
+        tokens = {}
+        for item in args.token:
+            token, sep, user = item.partition("=")
+            if not sep or not token or not user:
+                parser.error("--token expects TOKEN=USER (an item had no '=' or an empty side)")
+            tokens[token] = user
     # SIGINT can arrive ignored (background jobs of a non-interactive shell); SIGTERM is what `kill` sends.
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
-    hub = LocalHub(args.root, port=args.port).start()
+    hub = LocalHub(args.root, port=args.port, tokens=tokens, max_body_bytes=int(args.max_body_mib * 2**20)).start()
     print(f"LocalHub serving {hub.root} at {hub.endpoint}", flush=True)
-    print(f"  export HF_ENDPOINT={hub.endpoint} HF_TOKEN=local-token", flush=True)
+    print(f"  export HF_ENDPOINT={hub.endpoint} HF_TOKEN={'<one of your --token values>' if tokens else 'local-token'}",
+          flush=True)
     try:
         while True:
             time.sleep(3600)

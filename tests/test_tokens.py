@@ -1,0 +1,131 @@
+"""Tokens stay secret (issue 9, item 6): ``push`` takes them from HF_TOKEN, the stored login or standard input;
+``--token`` warns; no token reaches a process's argv, our output or the files we write.
+
+Pushes go to a real ``LocalHub`` on 127.0.0.1 that accepts only the test's token.
+"""
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from convmixer_timm import cli
+from convmixer_timm.hub import save_hub_folder
+from convmixer_timm.testing.hub_env import hub_env_vars, hub_environment
+from convmixer_timm.testing.hub_server import LocalHub
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CIFAR = "convmixer_256_8_ks5_p2"
+SECRET = "hf_sEcReT0123456789abcdefTOKEN"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = timm.create_model(CIFAR, dim=16, depth=1).eval()
+    return save_hub_folder(model, tmp_path_factory.mktemp("folder") / "convmixer", CIFAR)
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Iterator[LocalHub]:
+    with LocalHub(tmp_path / "hub-root", tokens={SECRET: "me"}) as server:
+        yield server
+
+
+def files_holding(root: Path, needle: str) -> list[str]:
+    return [str(p) for p in root.rglob("*") if p.is_file() and needle.encode() in p.read_bytes()]
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it, from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(children.get(current, []))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs /proc")
+def test_token_from_stdin_never_reaches_argv_output_or_files(hub, folder, tmp_path):
+    marker = tmp_path / "paused"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+    env.update(hub_env_vars(hub.endpoint, tmp_path / "hf_home", token=None))
+    env.update(PYTHONPATH=str(REPO_ROOT), CONVMIXER_TIMM_TEST_PAUSE_AT=f"before-upload:{marker}")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "convmixer_timm", "push", str(folder), "--repo-id", "me/secret", "--token-stdin"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    process.stdin.write(SECRET + "\n")
+    process.stdin.close()
+    process.stdin = None  # written and closed: communicate() below must not flush it
+    deadline = time.monotonic() + 240  # a hang guard, not a speed check
+    while not marker.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "push never reached the upload"
+        time.sleep(0.05)
+    # The token has been read and is about to be used: no process of the push shows it in its argv.
+    pids = descendants(process.pid)
+    for pid in pids:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        assert SECRET.encode() not in cmdline, (pid, cmdline)
+    marker.unlink()  # let it upload
+    stdout, stderr = process.communicate(timeout=240)
+    assert process.returncode == 0, stderr
+    assert hub.last_authorization == f"Bearer {SECRET}"
+    assert "model.safetensors" in hub.list_files("me/secret")
+    assert SECRET not in stdout and SECRET not in stderr
+    assert "warning: --token" not in stderr
+    # Nothing we (or the client we drive) wrote holds it: the folder, the client's home, the server's store.
+    assert files_holding(tmp_path, SECRET) == [] and files_holding(folder, SECRET) == []
+
+
+def test_token_flag_warns_and_is_never_printed(hub, folder, tmp_path, capsys):
+    with hub_environment(hub.endpoint, tmp_path / "hf_home", token=None):
+        assert cli.main(["push", str(folder), "--repo-id", "me/flag", "--token", SECRET]) == 0
+    captured = capsys.readouterr()
+    assert "warning: --token puts the token on the command line, where every user of this machine can read " \
+           "it" in captured.err
+    assert "HF_TOKEN" in captured.err and "--token-stdin" in captured.err
+    assert SECRET not in captured.err and SECRET not in captured.out
+    assert hub.last_authorization == f"Bearer {SECRET}"
+
+
+def test_token_dash_reads_stdin_and_a_rejected_token_is_not_echoed(hub, folder, tmp_path, capsys, monkeypatch):
+    with hub_environment(hub.endpoint, tmp_path / "hf_home", token=None):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(SECRET + "\n"))
+        assert cli.main(["push", str(folder), "--repo-id", "me/dash", "--token", "-"]) == 0
+        assert "warning: --token" not in capsys.readouterr().err
+
+        wrong = "hf_wrong_but_secret_value"
+        monkeypatch.setattr(sys, "stdin", io.StringIO(wrong + "\n"))
+        assert cli.main(["push", str(folder), "--repo-id", "me/dash", "--token-stdin"]) == 1
+        captured = capsys.readouterr()
+        assert "(401)" in captured.err and "the token was rejected" in captured.err
+        assert wrong not in captured.err and wrong not in captured.out
+
+        monkeypatch.setattr(sys, "stdin", io.StringIO("\n"))
+        assert cli.main(["push", str(folder), "--repo-id", "me/dash", "--token-stdin"]) == 2
+        assert "--token-stdin read an empty token" in capsys.readouterr().err
+
+
+def test_token_flags_are_exclusive(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["push", "dir", "--repo-id", "me/x", "--token", SECRET, "--token-stdin"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "not allowed with argument" in err and SECRET not in err
