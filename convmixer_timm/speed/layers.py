@@ -11,7 +11,6 @@ The allocator setting (``allocator.py``) is held by the BatchNorm modules of a m
 Each takes PyTorch's own ops wherever the kernels do not apply (eval, GPU, autocast, ``torch.compile``,
 TorchScript, other dtypes, kernels not built), which compute the same values.
 """
-from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
