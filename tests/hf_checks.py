@@ -38,10 +38,12 @@ def assert_transformers_matches_timm(folder: str | Path, images: list[Image.Imag
     for key, tensor in expected_state.items():
         assert torch.equal(wrapped[key], tensor), key
 
-    # The processor is timm's own evaluation transform for the folder's preprocessing config.
+    # The processor is timm's own evaluation transform for the folder's preprocessing config. Like timm's
+    # transform it takes the image's own mode, so RGB here: the pipeline converts what it opens to RGB itself.
+    rgb = [image.convert("RGB") for image in images]
     timm_transform = timm.data.create_transform(**timm.data.resolve_data_config(model=reference))
-    pixels = processor(images, return_tensors="pt")["pixel_values"]
-    assert torch.equal(pixels, torch.stack([timm_transform(image.convert("RGB")) for image in images]))
+    pixels = processor(rgb, return_tensors="pt")["pixel_values"]
+    assert torch.equal(pixels, torch.stack([timm_transform(image) for image in rgb]))
 
     with torch.no_grad():
         expected = reference(pixels)
@@ -56,7 +58,7 @@ def assert_transformers_matches_timm(folder: str | Path, images: list[Image.Imag
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-6 * float(expected.abs().max()))
 
     classifier = pipeline("image-classification", model=folder)
-    results = classifier(images, top_k=3)
+    results = classifier(images, top_k=3)  # the images as given: grey ones too
     id2label = model.config.id2label
     for result, row in zip(results, logits, strict=True):
         top = row.softmax(-1).topk(3)
