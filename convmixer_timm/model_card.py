@@ -13,12 +13,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .labels import canonical_dataset
 from .models.variants import Variant
 
 __all__ = ["Architecture", "render_model_card"]
 
 # Hub dataset ids for the data sets of the variant table; anything else is written as the caller named it.
 HUB_DATASET_IDS = {"imagenet-1k": "imagenet-1k", "cifar-10": "cifar10"}
+
+
+def _hub_dataset_id(name: str) -> str:
+    return HUB_DATASET_IDS.get(canonical_dataset(name) or name, name)
 
 CITATION = """@article{trockman2023patches,
   title={Patches Are All You Need?},
@@ -93,7 +98,7 @@ def render_model_card(
     lines = ["---", "tags:", "- image-classification", "- timm", "- convmixer", "library_name: timm",
              "pipeline_tag: image-classification", "license: mit"]
     if trained_on:
-        lines += ["datasets:", f"- {_yaml_str(HUB_DATASET_IDS.get(trained_on, trained_on))}"]
+        lines += ["datasets:", f"- {_yaml_str(_hub_dataset_id(trained_on))}"]
     numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     evaluated_on = measured_on or trained_on
     if numeric and evaluated_on:
@@ -101,7 +106,7 @@ def render_model_card(
         lines += ["model-index:", f"- name: {_yaml_str(repo_name)}", "  results:",
                   "  - task:", "      type: image-classification",
                   "    dataset:", f"      name: {_yaml_str(evaluated_on)}",
-                  f"      type: {_yaml_str(HUB_DATASET_IDS.get(evaluated_on, evaluated_on))}",
+                  f"      type: {_yaml_str(_hub_dataset_id(evaluated_on))}",
                   "    metrics:"]
         for name, value in numeric.items():
             metric_type = "accuracy" if name.lower().startswith("top") else name
