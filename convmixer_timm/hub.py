@@ -2,7 +2,9 @@
 
 A folder holds ``model.safetensors`` (timm key layout), ``config.json`` in timm's own format (written by
 ``timm.models._hub.save_for_hf``, so ``timm.create_model("local-dir:DIR", pretrained=True)`` and
-``"hf-hub:ORG/NAME"`` rebuild the model from it) and a model card ``README.md``.
+``"hf-hub:ORG/NAME"`` rebuild the model from it) and a model card ``README.md``. The config keeps only the
+constructor arguments that differ from the registered variant and the class names, so that Hugging Face
+transformers' timm wrapper loads the folder too; the card states only facts about these weights.
 """
 from __future__ import annotations
 
