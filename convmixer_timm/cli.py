@@ -2,6 +2,7 @@
 
     convmixer-timm list [--json]
     convmixer-timm convert SRC --model NAME --out DIR [--overwrite] [--num-classes N] [--model-kwargs K=V ...]
+                           [--dataset NAME] [--labels FILE] [--top1 PCT]
     convmixer-timm push DIR --repo-id ID [--token-stdin] [--endpoint URL] [--private] [--revision R]
     convmixer-timm demo [...]
 
@@ -144,6 +145,29 @@ def _non_finite_message(found: list[tuple[str, int, int]], limit: int = 5) -> st
     return f"{len(found)} tensor{'s' if len(found) > 1 else ''} hold NaN or infinite values: {shown}{more}"
 
 
+def _card_facts(args: argparse.Namespace) -> tuple[list[str] | None, dict[str, Any] | None]:
+    """The class names (``--labels``) and accuracy (``--top1``) the user states, read before the checkpoint."""
+    from .labels import read_labels_file
+
+    labels = None
+    if args.labels is not None:
+        try:
+            labels = read_labels_file(args.labels)
+        except OSError as exc:
+            raise CliError(f"cannot read --labels {args.labels}: {exc.strerror or exc}", code=2) from exc
+        except ValueError as exc:
+            raise CliError(str(exc), code=2) from exc
+    metrics = None
+    if args.top1 is not None:
+        if not 0.0 <= args.top1 <= 100.0:
+            raise CliError(f"--top1 is a percentage between 0 and 100, got {args.top1}", code=2)
+        if not args.dataset:
+            raise CliError("--top1 needs --dataset, the data set the figure was measured on "
+                           "(e.g. --dataset imagenet-1k)", code=2)
+        metrics = {"top1": args.top1}
+    return labels, metrics
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .hub import WEIGHTS_NAME, recover_output, save_hub_folder
     from .models.checkpoint import (
@@ -168,6 +192,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     model_kwargs = dict(args.model_kwargs or {})
     if args.num_classes is not None:
         model_kwargs["num_classes"] = args.num_classes
+    labels, metrics = _card_facts(args)
 
     progress = _Progress(3, args.quiet)
     with progress.step(f"reading {args.src}"):
@@ -193,6 +218,13 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             raise CliError(
                 f"the checkpoint's classifier has {head.shape[0]} classes but {variant.name} is built with "
                 f"{expected_classes}; pass --num-classes {head.shape[0]}")
+        if labels is not None:
+            from .labels import check_labels
+
+            try:
+                labels = list(check_labels(labels, expected_classes, source=f"--labels {args.labels}"))
+            except ValueError as exc:
+                raise CliError(str(exc), code=2) from exc
         import timm
 
         try:
@@ -216,7 +248,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                            f"{differences}; {fix}") from exc
     with progress.step(f"writing and verifying {out}"):
         path = save_hub_folder(model.eval(), out, variant.name, overwrite=args.overwrite,
-                               dataset=args.dataset, model_args=dict(args.model_kwargs or {}) or None)
+                               dataset=args.dataset, model_args=dict(args.model_kwargs or {}) or None,
+                               labels=labels, metrics=metrics,
+                               metrics_note="as given by whoever converted them (`--top1`), not re-measured")
     size_mb = (path / WEIGHTS_NAME).stat().st_size / 2**20
     print(f"wrote {path} (model.safetensors {size_mb:.1f} MiB, config.json, README.md); load it with "
           f"timm.create_model(\"local-dir:{path}\", pretrained=True) or publish it with "
@@ -342,7 +376,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classes of the checkpoint's classifier (default: the variant's)")
     p.add_argument("--model-kwargs", nargs="*", default={}, action=_ParseKwargs, metavar="KEY=VALUE",
                    help="constructor overrides, as in timm's train.py, e.g. dim=256 depth=8 act_layer=relu")
-    p.add_argument("--dataset", help="data set the weights were trained on, for the model card")
+    p.add_argument("--dataset", help="data set the weights were trained on, for the model card (default: not "
+                                     "stated, unless the weights are the published ones)")
+    p.add_argument("--labels", metavar="FILE",
+                   help="class names, one per line or a JSON list, one per class in output order (default: the "
+                        "variant's data set's names when --num-classes and --dataset leave it unchanged, else none)")
+    p.add_argument("--top1", type=float, metavar="PCT",
+                   help="top-1 accuracy (%%) of these weights on --dataset, for the model card")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=_cmd_convert)
 

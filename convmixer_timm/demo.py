@@ -5,19 +5,20 @@ check of the plugin: ``timm.create_model`` on one of our variants (shrunk), timm
 loader (with a ``DistributedSampler`` under torchrun), ``create_optimizer_v2``, ``create_scheduler_v2``,
 ``timm.loss``, DistributedDataParallel, then a Hub-ready folder that ``timm.create_model("local-dir:DIR")`` reloads.
 
-Single process::
+Single process (the folder goes to ``~/.cache/convmixer_timm/demo`` unless ``--out`` says otherwise)::
 
-    convmixer-timm demo --out ./convmixer-demo
+    convmixer-timm demo
 
 Two processes (gloo on CPU, NCCL on GPUs)::
 
-    torchrun --nproc_per_node 2 -m convmixer_timm.demo --out ./convmixer-demo
+    torchrun --nproc_per_node 2 -m convmixer_timm.demo --out ./convmixer-demo-ddp
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -27,15 +28,19 @@ from typing import Any
 import torch
 from torch import nn
 
-DEFAULT_OUT = "./convmixer-demo"
+DEFAULT_OUT_HINT = "$CONVMIXER_TIMM_CACHE/demo, else ~/.cache/convmixer_timm/demo"
 # The authors' CIFAR default (p=2, k=5) at a quarter of the width and half the depth: digits are 8x8 images
 # upsampled to 16x16, so p=2 leaves the same 8x8 grid the CIFAR model mixes over, and h=64/d=4 trains in seconds.
 BASE_MODEL = "convmixer_256_8_ks5_p2"
 MODEL_OVERRIDES: dict[str, Any] = dict(dim=64, depth=4)
 IMG_SIZE = 16
+# The grey digits are read as RGB (three equal channels) so the saved model takes what every image pipeline
+# hands it: transformers' pipeline and timm's inference.py convert whatever they open to RGB, and a 1-channel
+# model fails on that. The extra stem weights cost 512 parameters.
+IN_CHANS = 3
 # BatchNorm follows the stem, so the exact statistics barely matter; 0.5/0.5 maps [0, 1] to [-1, 1].
-DIGITS_MEAN = (0.5,)
-DIGITS_STD = (0.5,)
+DIGITS_MEAN = (0.5, 0.5, 0.5)
+DIGITS_STD = (0.5, 0.5, 0.5)
 DEFAULT_EPOCHS = 15
 DEFAULT_BATCH_SIZE = 64  # global: split evenly over the processes, so one and two processes follow one recipe
 DEFAULT_LR = 4e-3
@@ -44,10 +49,21 @@ VAL_FRACTION = 0.2
 ACCURACY_CLAIM = 0.98
 
 
+def default_out() -> Path:
+    """Where the demo writes when no ``--out`` is given: a folder of its own under the user's cache.
+
+    Not the working folder: run from a checkout, that would leave an untracked folder behind. It is the cache
+    folder of the compiled kernels (``CONVMIXER_TIMM_CACHE`` moves both).
+    """
+    root = os.environ.get("CONVMIXER_TIMM_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "convmixer_timm") / "demo"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the demo's options to ``parser`` (the ``convmixer-timm demo`` sub-command and ``python -m``)."""
-    parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
-                        help=f"folder for the Hub-ready model (default: {DEFAULT_OUT})")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help=f"folder for the Hub-ready model; an existing one is kept unless --overwrite (default: "
+                             f"{DEFAULT_OUT_HINT}, the demo's own folder, replaced by every run)")
     parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS,
                         help=f"training epochs (default: {DEFAULT_EPOCHS})")
     parser.add_argument("--seed", type=int, default=0,
@@ -101,11 +117,13 @@ def run(args: argparse.Namespace) -> int:
         print("error: --epochs, --batch-size and --threads must be positive and --workers not negative",
               file=sys.stderr)
         return 2
-    out = Path(args.out)
+    # The default folder belongs to the demo, so each run replaces it; a folder the user names is theirs.
+    replace = args.overwrite or args.out is None
+    out = (Path(args.out) if args.out is not None else default_out()).absolute()
     if out.exists() and not out.is_dir():
         print(f"error: --out {out} is a file, not a folder", file=sys.stderr)
         return 2
-    if out.exists() and not args.overwrite:
+    if out.exists() and not replace:
         # Checked before training (save_hub_folder checks again) so a run is not wasted on a result it cannot save.
         print(f"error: {out} already exists; pass --overwrite to replace it", file=sys.stderr)
         return 2
@@ -123,13 +141,13 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     try:
-        return _train_and_save(args, out, device, rank, world_size, distributed, started)
+        return _train_and_save(args, out, replace, device, rank, world_size, distributed, started)
     finally:
         torch.set_num_threads(threads)  # run() is also called in-process (tests, notebooks): leave no trace
 
 
-def _train_and_save(args: argparse.Namespace, out: Path, device: torch.device, rank: int, world_size: int,
-                    distributed: bool, started: float) -> int:
+def _train_and_save(args: argparse.Namespace, out: Path, replace: bool, device: torch.device, rank: int,
+                    world_size: int, distributed: bool, started: float) -> int:
     import timm
     from timm.data import create_dataset, create_loader, resolve_data_config
     from timm.loss import LabelSmoothingCrossEntropy
@@ -147,17 +165,17 @@ def _train_and_save(args: argparse.Namespace, out: Path, device: torch.device, r
     with tempfile.TemporaryDirectory(prefix="convmixer-digits-") as tmp:
         split = write_digits_image_folder(tmp, val_fraction=VAL_FRACTION, seed=args.seed)
         model = timm.create_model(
-            BASE_MODEL, in_chans=1, num_classes=split.num_classes, **MODEL_OVERRIDES,
+            BASE_MODEL, in_chans=IN_CHANS, num_classes=split.num_classes, **MODEL_OVERRIDES,
             # The digits preprocessing becomes the model's pretrained config, so config.json carries it and the
             # reloaded model resolves the very same transforms.
             pretrained_cfg_overlay=dict(
-                input_size=(1, IMG_SIZE, IMG_SIZE), mean=DIGITS_MEAN, std=DIGITS_STD, crop_pct=1.0,
+                input_size=(IN_CHANS, IMG_SIZE, IMG_SIZE), mean=DIGITS_MEAN, std=DIGITS_STD, crop_pct=1.0,
                 interpolation="bilinear", num_classes=split.num_classes,
             ),
         ).to(device)
         data_config = resolve_data_config(model=model)
-        train_set = create_dataset("", root=tmp, split="train", is_training=True, input_img_mode="L")
-        val_set = create_dataset("", root=tmp, split="validation", is_training=False, input_img_mode="L")
+        train_set = create_dataset("", root=tmp, split="train", is_training=True, input_img_mode="RGB")
+        val_set = create_dataset("", root=tmp, split="validation", is_training=False, input_img_mode="RGB")
         per_rank_batch = args.batch_size // world_size
         train_loader = create_loader(
             train_set, input_size=data_config["input_size"], batch_size=per_rank_batch, is_training=True,
@@ -182,10 +200,11 @@ def _train_and_save(args: argparse.Namespace, out: Path, device: torch.device, r
 
         if primary:
             params = sum(p.numel() for p in model.parameters())
-            print(f"ConvMixer demo: {BASE_MODEL} with {MODEL_OVERRIDES}, in_chans=1, {params:,} parameters; "
+            print(f"ConvMixer demo: {BASE_MODEL} with {MODEL_OVERRIDES}, in_chans={IN_CHANS}, {params:,} parameters; "
                   f"digits {split.num_train} train / {split.num_val} held-out (seed {args.seed}), "
                   f"{IMG_SIZE}x{IMG_SIZE} px; device {device}, world size {world_size}, "
                   f"batch {per_rank_batch} x {world_size}")
+            print(f"output folder: {out}" + (" (replaced if it exists)" if replace and out.exists() else ""))
         progress = tqdm(total=num_epochs * updates_per_epoch, desc="train", unit="step", disable=not primary,
                         file=sys.stdout, dynamic_ncols=True,
                         # A log file or a pipe gets a line per update: keep those few.
@@ -218,7 +237,7 @@ def _train_and_save(args: argparse.Namespace, out: Path, device: torch.device, r
         code = 0
         if primary:
             code = _finish(args, model, val_set, split.num_train, data_config, device, world_size, train_seconds,
-                           started, out)
+                           started, out, replace)
         if distributed:
             # Keep the other ranks alive until rank 0 has saved, so torchrun reports one outcome for the job.
             torch.distributed.barrier()
@@ -227,7 +246,8 @@ def _train_and_save(args: argparse.Namespace, out: Path, device: torch.device, r
 
 
 def _finish(args: argparse.Namespace, model: nn.Module, val_set: Any, num_train: int, data_config: dict[str, Any],
-            device: torch.device, world_size: int, train_seconds: float, started: float, out: Path) -> int:
+            device: torch.device, world_size: int, train_seconds: float, started: float, out: Path,
+            replace: bool) -> int:
     import timm
 
     from .hub import save_hub_folder
@@ -242,7 +262,9 @@ def _finish(args: argparse.Namespace, model: nn.Module, val_set: Any, num_train:
         # The card uses this both as the training set and as where top-1 was measured: name both halves.
         dataset=f"scikit-learn digits ({num_train} images for training, 8x8 upsampled to "
                 f"{IMG_SIZE}x{IMG_SIZE}; top-1 on the other {seen}, held out with seed {args.seed})",
-        overwrite=args.overwrite,
+        # ImageFolder numbers the class folders 0..9 in sorted order, so class i is the digit i.
+        labels=[str(digit) for digit in range(model.num_classes)],
+        overwrite=replace,
     )
     print(f"saved Hub-ready folder: {saved}")
 

@@ -2,26 +2,32 @@
 
 A folder holds ``model.safetensors`` (timm key layout), ``config.json`` in timm's own format (written by
 ``timm.models._hub.save_for_hf``, so ``timm.create_model("local-dir:DIR", pretrained=True)`` and
-``"hf-hub:ORG/NAME"`` rebuild the model from it) and a model card ``README.md``.
+``"hf-hub:ORG/NAME"`` rebuild the model from it) and a model card ``README.md``. The config keeps only the
+constructor arguments that differ from the registered variant and the class names, so that Hugging Face
+transformers' timm wrapper loads the folder too; the card states only facts about these weights.
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import errno
+import hashlib
+import inspect
+import json
 import os
 import re
 import shutil
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .labels import canonical_dataset, check_labels, dataset_labels
 from .model_card import Architecture, render_model_card
 from .models.checkpoint import CheckpointError, describe_architecture, read_dimensions, to_timm_layout
 from .models.variants import Variant, get_variant
@@ -29,6 +35,7 @@ from .models.variants import Variant, get_variant
 __all__ = [
     "CARD_NAME", "CONFIG_NAME", "WEIGHTS_NAME", "HubFolderError", "HubPushError", "architecture_of",
     "load_hub_folder", "push_hub_folder", "recover_output", "save_hub_folder", "verify_hub_folder",
+    "weights_sha256",
 ]
 
 WEIGHTS_NAME = "model.safetensors"
@@ -72,8 +79,7 @@ def _global_pool_of(model: nn.Module) -> str | None:
 
 def _model_args(variant: Variant, model: nn.Module, arch: Architecture, overrides: Mapping[str, Any] | None
                 ) -> dict[str, Any]:
-    # Every constructor argument goes into config.json, not only those that differ from the variant's defaults,
-    # so the folder still rebuilds the same network if a default ever changes.
+    """Every constructor argument that fixes the architecture: what the staged folder is rebuilt and checked with."""
     args: dict[str, Any] = dict(dim=arch.h, depth=arch.d, kernel_size=arch.k, patch_size=arch.p,
                                 act_layer=arch.act, in_chans=arch.in_chans, num_classes=arch.num_classes)
     pool = _global_pool_of(model)
@@ -81,6 +87,67 @@ def _model_args(variant: Variant, model: nn.Module, arch: Architecture, override
         args["global_pool"] = pool
     args.update(overrides or {})
     return args
+
+
+# Never in config.json's model_args: num_classes has its own top-level field (transformers passes it to
+# timm.create_model itself, so a second copy is a TypeError), and timm leaves out drop rates and placement.
+_NOT_MODEL_ARGS = frozenset({"num_classes", "drop_rate", "drop_path_rate", "device", "dtype"})
+
+
+def _differing_args(variant: Variant, args: Mapping[str, Any]) -> dict[str, Any]:
+    """The arguments of ``args`` that differ from what ``timm.create_model(variant.name)`` builds by default.
+
+    Only these go into config.json: timm's ``local-dir:``/``hf-hub:`` loaders and transformers' timm wrapper
+    call ``timm.create_model(architecture, **model_args)``, and the registered variant supplies the rest.
+    """
+    from .models.convmixer import ConvMixer
+
+    defaults = {name: p.default for name, p in inspect.signature(ConvMixer).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    defaults.update(variant.model_args())
+    return {k: v for k, v in args.items() if k not in _NOT_MODEL_ARGS and (k not in defaults or defaults[k] != v)}
+
+
+def weights_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of timm-layout weights: names, dtypes, shapes and values, independent of the file format.
+
+    ``Variant.published_sha256`` holds this digest for published weights, so the authors' ``.pth.tar`` and the
+    same tensors as ``model.safetensors`` are recognised alike. BatchNorm's ``num_batches_tracked`` counters are
+    left out: they never change an output, and copies of the same weights disagree on them.
+    """
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        if key.endswith("num_batches_tracked"):
+            continue
+        tensor = state_dict[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}\0{str(tensor.dtype).removeprefix('torch.')}\0{list(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _resolve_labels(labels: Sequence[str] | None, model: nn.Module, variant: Variant, num_classes: int,
+                    dataset: str | None) -> tuple[tuple[str, ...] | None, dict[str, str] | None, bool]:
+    """Class names for config.json: (names, their descriptions, whether they are ImageNet-1k's own).
+
+    The caller's names win; then those the model already carries (a folder loaded and saved again); then the
+    names of the variant's data set, unless the classifier has another size or the caller named another data set.
+    """
+    if labels is not None:
+        return check_labels(labels, num_classes), None, False
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, Mapping) and cfg.get("label_names") and cfg.get("num_classes") == num_classes:
+        names = cfg["label_names"]
+        if isinstance(names, (list, tuple)) and len(names) == num_classes:
+            descriptions = cfg.get("label_descriptions")
+            own = dataset_labels(variant.dataset)
+            return tuple(names), descriptions if isinstance(descriptions, dict) else None, bool(
+                own and own.descriptions and tuple(names) == own.names)
+    if num_classes != variant.num_classes or canonical_dataset(dataset or variant.dataset) != variant.dataset:
+        return None, None, False
+    known = dataset_labels(variant.dataset)
+    if known is None:
+        return None, None, False
+    return known.names, known.descriptions, known.descriptions is not None
 
 
 def _build_reference(variant: Variant, model: nn.Module, state_dict: dict[str, torch.Tensor],
@@ -129,9 +196,25 @@ def _probe_input(input_size: tuple[int, ...], patch_size: int) -> torch.Tensor:
 def verify_hub_folder(path: str | os.PathLike[str]) -> nn.Module:
     """Build the model from a folder through ``local-dir:`` and run one forward; return it in eval mode.
 
-    Raises ``HubFolderError`` naming what is missing or broken.
+    Also refuses a config.json that transformers cannot load (``num_classes`` repeated in ``model_args``, as
+    timm's ``save_for_hf`` and earlier versions of convmixer-timm write it). Raises ``HubFolderError`` naming what is
+    missing or broken and the fix.
     """
-    return _load_folder(Path(path), run_forward=True)
+    model = _load_folder(Path(path), run_forward=True)
+    _check_transformers_config(Path(path))
+    return model
+
+
+def _check_transformers_config(folder: Path) -> None:
+    config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    model_args = config.get("model_args") or {}
+    if "num_classes" in model_args:
+        raise HubFolderError(
+            f"{folder / CONFIG_NAME} repeats num_classes in model_args, so transformers cannot load it (its timm "
+            "wrapper passes num_classes itself: TypeError 'got multiple values for keyword argument'); write the "
+            f"folder again with `convmixer-timm convert {folder / WEIGHTS_NAME} --model {config.get('architecture')} "
+            "--out NEW_DIR` (plus the --num-classes/--model-kwargs the weights need), or delete num_classes from "
+            "model_args (the top-level num_classes holds it)")
 
 
 def _load_folder(folder: Path, run_forward: bool) -> nn.Module:
@@ -310,6 +393,19 @@ def _install(staging: Path, out_dir: Path, overwrite: bool) -> None:
     _remove(backup)
 
 
+def _keep_differing_args(config_path: Path, model_args: dict[str, Any]) -> None:
+    # timm's save_for_hf records every argument, num_classes included (a TypeError in transformers' timm wrapper,
+    # which passes num_classes itself); replace them with the differing ones.
+    written = json.loads(config_path.read_text(encoding="utf-8"))
+    config = {}
+    for key, value in written.items():
+        if key == "pretrained_cfg" and model_args:  # where save_for_hf puts model_args
+            config["model_args"] = model_args
+        if key != "model_args":
+            config[key] = value
+    config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
 def save_hub_folder(
         model: torch.nn.Module,
         out_dir: str | os.PathLike,
@@ -319,6 +415,8 @@ def save_hub_folder(
         dataset: str | None = None,
         overwrite: bool = False,
         model_args: dict | None = None,
+        labels: Sequence[str] | None = None,
+        metrics_note: str | None = None,
 ) -> Path:
     """Write ``model`` as a Hub-ready folder and return its path.
 
@@ -329,12 +427,21 @@ def save_hub_folder(
             folder beside it, reloaded and compared, then renamed into place.
         model_name: The variant the model is an instance of (e.g. ``"convmixer_768_32"``); h/d/k/p/classes are
             read from the weights, so variants with overridden sizes are fine.
-        metrics: Measured numbers for the model card, e.g. ``{"top1": 98.6, "dataset": "sklearn digits"}``.
-        dataset: What the weights were trained on (default: ``metrics["dataset"]``, then the variant's).
+        metrics: Figures for these weights, for the model card, e.g. ``{"top1": 98.6, "dataset": "sklearn
+            digits"}``; the ``dataset`` entry (or ``dataset``) names what they were measured on and is required.
+        dataset: What the weights were trained on, if known. The card names a training data set only when this
+            is given or the weights are the variant's published ones (``Variant.published_sha256``).
         overwrite: Replace an existing ``out_dir``; it stays intact if the new write fails.
-        model_args: Constructor arguments overriding those read from the model (JSON-serialisable).
+        model_args: Constructor arguments overriding those read from the model (JSON-serialisable). config.json
+            keeps only the arguments that differ from the registered variant, and never ``num_classes``.
+        labels: One class name per output, in order. Default: names the model already carries, else the
+            variant's data set's (ImageNet-1k's synsets, CIFAR-10's names) when the classifier has that data
+            set's size and ``dataset`` names no other; else none. They become timm's ``label_names`` and
+            transformers' ``id2label``.
+        metrics_note: Where ``metrics`` come from, for the card (default: measured for these weights).
 
     Raises:
+        ValueError: ``labels`` do not give one unique name per class, or ``metrics`` name no data set.
         FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
         KeyError: unknown ``model_name`` (the message names the nearest variants).
         CheckpointError: the weights do not fit the variant.
@@ -356,10 +463,31 @@ def save_hub_folder(
     reference = _build_reference(variant, model, state_dict, args)
     arch = Architecture(h=arch.h, d=arch.d, k=arch.k, p=arch.p, act=str(args.get("act_layer", arch.act)),
                         in_chans=arch.in_chans, num_classes=arch.num_classes)
+    if any(k != "dataset" for k in metrics or {}) and not (dataset or (metrics or {}).get("dataset")):
+        raise ValueError("metrics need the data set they were measured on: pass dataset=... or metrics['dataset']")
+    published = weights_sha256(reference.state_dict()) in variant.published_sha256
+    names, descriptions, imagenet_names = _resolve_labels(labels, model, variant, arch.num_classes, dataset)
+
+    # timm reads label names from config.json's top level or its pretrained_cfg; transformers reads only the top
+    # level, and with none there it names 1000 classes with ImageNet-1k's readable descriptions ("tench, Tinca
+    # tinca") itself. ImageNet-1k's synsets therefore stay inside pretrained_cfg (timm's inference.py prints
+    # them, or their descriptions), where at the top level transformers would show "n01440764" instead.
+    for key in ("label_names", "label_descriptions", "label_offset"):
+        reference.pretrained_cfg.pop(key, None)
+    model_config: dict[str, Any] = {}
+    if names is not None and imagenet_names:
+        reference.pretrained_cfg["label_names"] = list(names)
+        if descriptions:
+            reference.pretrained_cfg["label_descriptions"] = dict(descriptions)
+    elif names is not None:
+        model_config["label_names"] = list(names)
+        if descriptions:
+            model_config["label_descriptions"] = dict(descriptions)
 
     with _staging_dir(out_dir) as staging:
         try:
-            save_for_hf(reference, str(staging), model_args=args, safe_serialization=True)
+            save_for_hf(reference, str(staging), model_config=model_config, model_args=args, safe_serialization=True)
+            _keep_differing_args(staging / CONFIG_NAME, _differing_args(variant, args))
         except (ValueError, TypeError, OSError) as exc:
             raise HubFolderError(f"could not write the folder: {exc}") from exc
         input_size = tuple(reference.pretrained_cfg.get("input_size", (3, arch.p * 32, arch.p * 32)))
@@ -368,7 +496,7 @@ def save_hub_folder(
             repo_name=out_dir.name, variant=variant, arch=arch, input_size=input_size,
             global_pool=str(args.get("global_pool", "avg")),
             param_count=sum(t.numel() for t in reference.parameters()),
-            metrics=metrics, dataset=dataset,
+            metrics=metrics, metrics_note=metrics_note, dataset=dataset, published=published, labels=names,
         )
         (staging / CARD_NAME).write_text(card, encoding="utf-8")
         _test_pause("staging-written")

@@ -1,23 +1,29 @@
 """Model cards (README.md) for Hub folders written by ``save_hub_folder``.
 
-A card states only numbers that exist: the architecture's exact parameter count and analytic MACs (from the
-``Variant`` formulas), figures the caller measured (``metrics``), and the published top-1 of the variant table
-with its source, the latter only when the folder holds exactly that published configuration.
+A card states only facts about the weights it describes: the architecture's exact parameter count and analytic
+MACs (from the ``Variant`` formulas), figures measured or given for these weights (``metrics``), the training data
+set when someone stated it, and the published top-1 of the variant table (with its source and data set) only when
+the weights are the published ones, identified by digest.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .labels import canonical_dataset
 from .models.variants import Variant
 
 __all__ = ["Architecture", "render_model_card"]
 
 # Hub dataset ids for the data sets of the variant table; anything else is written as the caller named it.
 HUB_DATASET_IDS = {"imagenet-1k": "imagenet-1k", "cifar-10": "cifar10"}
+
+
+def _hub_dataset_id(name: str) -> str:
+    return HUB_DATASET_IDS.get(canonical_dataset(name) or name, name)
 
 CITATION = """@article{trockman2023patches,
   title={Patches Are All You Need?},
@@ -68,33 +74,39 @@ def render_model_card(
         global_pool: str,
         param_count: int,
         metrics: Mapping[str, Any] | None = None,
+        metrics_note: str | None = None,
         dataset: str | None = None,
+        published: bool = False,
+        labels: Sequence[str] | None = None,
 ) -> str:
-    """Markdown with Hub YAML front matter describing one ConvMixer folder.
+    """Markdown with Hub YAML front matter describing one ConvMixer folder, stating only known facts.
 
-    ``metrics`` maps metric names to measured values (e.g. ``{"top1": 98.6, "dataset": "sklearn digits"}``);
-    a ``dataset`` entry names what they were measured on. ``dataset`` is what the weights were trained on,
-    defaulting to the metrics' data set, then the variant's.
+    ``metrics`` maps metric names to values for these weights (e.g. ``{"top1": 98.6, "dataset": "sklearn
+    digits"}``); a ``dataset`` entry names what they were measured on, and ``metrics_note`` says where they come
+    from (default: measured for these weights). ``dataset`` is what the weights were trained on, if known.
+    ``published`` means the weights were identified (by digest) as the variant's published ones: only then are the
+    table's top-1 and data set quoted. ``labels`` are the class names written into config.json, if any.
     """
     metrics = dict(metrics or {})
     measured_on = metrics.pop("dataset", None)
-    trained_on = dataset or measured_on or variant.dataset
-    hub_dataset = HUB_DATASET_IDS.get(trained_on, trained_on)
-    published = arch.is_published(variant)
+    trained_on = dataset or (variant.dataset if published else None)
     spec = arch.as_variant(variant)
     _, height, width = input_size
     macs = spec.macs(img_size=height, in_chans=arch.in_chans, num_classes=arch.num_classes) if height == width \
         else None
 
     lines = ["---", "tags:", "- image-classification", "- timm", "- convmixer", "library_name: timm",
-             "pipeline_tag: image-classification", "license: mit", "datasets:", f"- {_yaml_str(hub_dataset)}"]
+             "pipeline_tag: image-classification", "license: mit"]
+    if trained_on:
+        lines += ["datasets:", f"- {_yaml_str(_hub_dataset_id(trained_on))}"]
     numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    if numeric:
-        # model-index is how the Hub shows evaluation results; only the caller's measured values go here.
+    evaluated_on = measured_on or trained_on
+    if numeric and evaluated_on:
+        # model-index is how the Hub shows evaluation results; only figures for these weights go here.
         lines += ["model-index:", f"- name: {_yaml_str(repo_name)}", "  results:",
                   "  - task:", "      type: image-classification",
-                  "    dataset:", f"      name: {_yaml_str(measured_on or trained_on)}",
-                  f"      type: {_yaml_str(HUB_DATASET_IDS.get(measured_on or trained_on, measured_on or trained_on))}",
+                  "    dataset:", f"      name: {_yaml_str(evaluated_on)}",
+                  f"      type: {_yaml_str(_hub_dataset_id(evaluated_on))}",
                   "    metrics:"]
         for name, value in numeric.items():
             metric_type = "accuracy" if name.lower().startswith("top") else name
@@ -102,9 +114,14 @@ def render_model_card(
                       f"      value: {value}"]
     lines += ["---", "", f"# Model card for {repo_name}", ""]
 
-    same = "" if published else (
+    same = "" if arch.is_published(variant) else (
         f" Its configuration differs from the published `{variant.name}` "
         f"(h={variant.h}, d={variant.d}, k={variant.k}, p={variant.p}, {variant.act}, {variant.num_classes} classes).")
+    if labels:
+        shown = ", ".join(f"`{name}`" for name in labels[:10]) + (", ..." if len(labels) > 10 else "")
+        class_names = f"{shown} (`label_names` in config.json)"
+    else:
+        class_names = "not given (outputs are class indices)"
     lines += [
         f"A ConvMixer image classifier built as timm's `{variant.name}` architecture.{same}",
         "",
@@ -123,6 +140,7 @@ def render_model_card(
         f"- **Activation:** {arch.act}",
         f"- **Input:** {arch.in_chans} x {height} x {width}",
         f"- **Classes:** {arch.num_classes}",
+        f"- **Class names:** {class_names}",
         f"- **Global pooling:** {global_pool or 'none'}",
         f"- **Parameters:** {param_count:,}" + (f" ({param_count / 1e6:.2f}M)" if param_count >= 100_000 else ""),
     ]
@@ -132,7 +150,7 @@ def render_model_card(
             f"= {2 * macs / 1e9:.4g} GFLOPs, 1 MAC = 2 FLOPs), counting the patch embedding, depthwise, "
             "pointwise and classifier layers; activations, BatchNorm and pooling are not counted")
     lines += [
-        f"- **Training data set:** {trained_on}",
+        f"- **Training data set:** {trained_on or 'not stated'}",
         "- **Paper:** [Patches Are All You Need?](https://arxiv.org/abs/2201.09792)",
         "- **Original code:** https://github.com/locuslab/convmixer",
         "- **Licence:** MIT",
@@ -141,19 +159,23 @@ def render_model_card(
         "",
     ]
     if numeric:
-        lines += [f"Measured on {measured_on or trained_on} for the weights in this repository:", "",
-                  "| metric | value |", "|---|---|"]
+        source = metrics_note or "measured for the weights in this repository"
+        where = f" on {evaluated_on}" if evaluated_on else ""
+        lines += [f"Figures{where}, {source}:", "", "| metric | value |", "|---|---|"]
         lines += [f"| {name} | {_fmt_metric(value)} |" for name, value in numeric.items()]
         lines.append("")
     if published and variant.top1 is not None:
-        lines += [f"Published top-1 of `{variant.name}` on {variant.dataset}: {variant.top1:.2f} % "
-                  f"(source: {variant.top1_source}). This is the figure reported for the published weights; it "
-                  "was not re-measured for the weights in this repository.", ""]
+        lines += [f"These are the published `{variant.name}` weights (identified by their SHA-256 digest). Their "
+                  f"published top-1 on {variant.dataset}: {variant.top1:.2f} % (source: {variant.top1_source}); "
+                  "it was not re-measured here.", ""]
     elif not numeric:
-        lines += ["No accuracy has been measured for these weights, and no published figure exists for this exact "
-                  "configuration.", ""]
+        lines += ["No accuracy is stated for these weights: none was measured or given when this folder was "
+                  f"written, and they are not the published `{variant.name}` weights, so the published figures "
+                  "do not apply to them.", ""]
     lines += [
         "## Usage",
+        "",
+        "With timm:",
         "",
         "```python",
         "import timm  # with convmixer-timm installed, importing timm registers the ConvMixer models",
@@ -164,6 +186,15 @@ def render_model_card(
         "transform = timm.data.create_transform(**config)",
         "with torch.no_grad():",
         "    logits = model(transform(image).unsqueeze(0))  # image: a PIL image",
+        "```",
+        "",
+        "With Hugging Face transformers (its timm wrapper; convmixer-timm must be installed):",
+        "",
+        "```python",
+        "from transformers import pipeline",
+        "",
+        f'classifier = pipeline("image-classification", model="ORG/{repo_name}")  # or a local folder',
+        "print(classifier(image))  # [{'label': ..., 'score': ...}, ...]",
         "```",
         "",
         "## Citation",

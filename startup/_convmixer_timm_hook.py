@@ -9,20 +9,34 @@ import sys
 
 
 class _RegisterAfterTimm:
-    """Meta-path finder that wraps timm's loader so convmixer_timm is imported right after timm finishes."""
+    """Meta-path finder that wraps timm's loader so convmixer_timm is imported right after timm finishes.
+
+    It stays on ``sys.meta_path`` until timm is actually executed: programs probe for timm with
+    ``importlib.util.find_spec("timm")`` long before they import it (transformers' ``is_timm_available`` does),
+    and a one-shot finder spent on such a probe would leave the real import unhooked.
+    """
+
+    def __init__(self):
+        self._searching = False
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != "timm":
+        if fullname != "timm" or self._searching:
             return None
-        sys.meta_path.remove(self)  # one shot; also keeps the lookup below from finding this finder again
         from importlib.util import find_spec
 
-        spec = find_spec("timm")
+        self._searching = True  # the lookup below walks sys.meta_path, this finder included
+        try:
+            spec = find_spec("timm")
+        finally:
+            self._searching = False
         if spec is None or spec.loader is None:
             return spec
         exec_module = spec.loader.exec_module
+        finder = self
 
         def exec_then_register(module):
+            if finder in sys.meta_path:
+                sys.meta_path.remove(finder)  # timm is being imported for real: nothing left to watch for
             exec_module(module)
             if "convmixer_timm.models" not in sys.modules:
                 try:

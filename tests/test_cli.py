@@ -6,6 +6,7 @@ statistics so that a wrong mapping of any tensor shows up in the outputs.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -147,8 +148,9 @@ def test_convert_every_layout_loads_with_identical_outputs(tmp_path, case, capsy
     assert config["architecture"] == model_name
     assert config["num_classes"] == variant.num_classes
     assert config["num_features"] == kwargs["dim"]
-    assert config["model_args"]["dim"] == kwargs["dim"] and config["model_args"]["depth"] == kwargs["depth"]
-    assert config["model_args"]["act_layer"] == variant.act
+    # Only what differs from the registered variant (here the shrunk width and depth), never num_classes: the
+    # variant supplies the rest, and transformers passes num_classes to timm.create_model itself.
+    assert config["model_args"] == kwargs
     assert config["pretrained_cfg"]["num_classes"] == variant.num_classes
 
 
@@ -171,43 +173,169 @@ def test_convert_as_real_subprocess(tmp_path):
         assert torch.equal(load_dir(out)(x), reference(x))
 
 
-def test_model_card_front_matter_and_numbers(tmp_path):
+def card_parts(folder: Path) -> tuple[dict, str]:
+    _, front, body = (folder / "README.md").read_text().split("---\n", 2)
+    return yaml.safe_load(front), body
+
+
+def test_model_card_states_the_architecture_and_no_figures_for_unknown_weights(tmp_path):
     variant = VARIANTS_BY_NAME[CIFAR]
-    # The published configuration (full size, 0.59M params): the card may quote the table's top-1.
+    # The published configuration (full size, 0.59M params) with random weights: the architecture's numbers are
+    # facts, the published accuracy and training data set are not (they belong to other weights).
     full = randomise(timm.create_model(CIFAR), 8)
     out = save_hub_folder(full, tmp_path / "full", CIFAR)
-    card = (out / "README.md").read_text()
-    _, front, body = card.split("---\n", 2)
-    meta = yaml.safe_load(front)
+    meta, body = card_parts(out)
     assert {"image-classification", "timm"} <= set(meta["tags"])
     assert meta["library_name"] == "timm" and meta["license"] == "mit"
-    assert meta["datasets"] == ["cifar10"]
-    assert "model-index" not in meta  # nothing was measured
+    assert "datasets" not in meta and "model-index" not in meta
     for fact in (f"**Hidden dimension h:** {variant.h}", f"**Depth d:** {variant.d}", f"**Depthwise kernel k:** "
                  f"{variant.k}", f"**Patch size p:** {variant.p}", f"**Activation:** {variant.act}",
                  f"**Parameters:** {variant.param_count():,}", f"{variant.macs() / 1e9:.4g} GMACs",
-                 f"{2 * variant.macs() / 1e9:.4g} GFLOPs", f"{variant.top1:.2f} %", variant.top1_source, "MIT"):
+                 f"{2 * variant.macs() / 1e9:.4g} GFLOPs", "**Training data set:** not stated", "MIT"):
         assert fact in body, fact
     assert sum(p.numel() for p in full.parameters()) == variant.param_count()
+    assert f"{variant.top1:.2f}" not in body and "Published" not in body and "published top-1" not in body
+    assert "cifar" not in body.lower()
+    assert "No accuracy is stated for these weights" in body
 
-    # An overridden configuration has no published accuracy; measured metrics are stated as such.
+
+def test_model_card_quotes_the_published_figures_only_for_weights_with_the_published_digest(tmp_path, monkeypatch):
+    """The variant table records the digest of published weights; none are on disk here, so one is made up."""
+    from convmixer_timm.hub import weights_sha256
+    from convmixer_timm.models import variants
+
+    variant = VARIANTS_BY_NAME[CIFAR]
+    published = randomise(timm.create_model(CIFAR), 10)
+    digest = weights_sha256(published.state_dict())
+    monkeypatch.setitem(variants.VARIANTS_BY_NAME, CIFAR, dataclasses.replace(variant, published_sha256=(digest,)))
+
+    # The same tensors in the authors' nn.Sequential layout, as a DDP pickle: recognised through the conversion.
+    original = paper_convmixer(variant.h, variant.d, variant.k, variant.p, variant.num_classes)
+    # Both layouts list the tensors in the same order; the digest check below fails if any landed elsewhere.
+    original.load_state_dict(dict(zip(original.state_dict(), published.state_dict().values(), strict=True)))
+    src = _save({f"module.{k}": v for k, v in original.state_dict().items()}, tmp_path / "authors.pth.tar")
+    assert run_cli("convert", src, "--model", CIFAR, "--out", tmp_path / "published") == 0
+    meta, body = card_parts(tmp_path / "published")
+    assert meta["datasets"] == ["cifar10"]
+    assert "**Training data set:** cifar-10" in body
+    assert f"{variant.top1:.2f} %" in body and variant.top1_source in body and "SHA-256" in body
+
+    # One value changed: other weights, so neither the figure nor the data set is claimed.
+    with torch.no_grad():
+        published.head.bias[0] += 1e-3
+    assert weights_sha256(published.state_dict()) != digest
+    meta, body = card_parts(save_hub_folder(published, tmp_path / "other", CIFAR))
+    assert "datasets" not in meta and f"{variant.top1:.2f}" not in body and "cifar" not in body.lower()
+
+
+def test_model_card_states_figures_given_for_these_weights(tmp_path, capsys):
+    variant = VARIANTS_BY_NAME[CIFAR]
+    # Measured by the caller (as the demo does): stated as measured, where it was measured.
     small = small_timm(9)
     out = save_hub_folder(small, tmp_path / "small", CIFAR, metrics={"top1": 98.6, "dataset": "sklearn digits"})
-    card = (out / "README.md").read_text()
-    _, front, body = card.split("---\n", 2)
-    meta = yaml.safe_load(front)
-    assert meta["datasets"] == ["sklearn digits"]
+    meta, body = card_parts(out)
+    assert "datasets" not in meta  # where the figure was measured is not what the weights were trained on
     result = meta["model-index"][0]["results"][0]
     assert result["dataset"]["name"] == "sklearn digits"
     assert result["metrics"][0]["value"] == 98.6
-    assert "| top1 | 98.6 |" in body
+    assert "| top1 | 98.6 |" in body and "measured for the weights in this repository" in body
     assert f"{variant.top1:.2f}" not in body
     assert "**Hidden dimension h:** 32" in body and "**Depth d:** 2" in body
+    with pytest.raises(ValueError, match="data set they were measured on"):
+        save_hub_folder(small, tmp_path / "nowhere", CIFAR, metrics={"top1": 98.6})
+    assert not (tmp_path / "nowhere").exists()
 
     reloaded = load_hub_folder(out)  # the library's shortcut for local-dir: with weights, in eval mode
     assert not reloaded.training
     with torch.no_grad():
         assert torch.equal(reloaded(images()), small(images()))
+
+    # Given on the command line: stated as the converter's figure, with the data set named.
+    src = _save(small_timm(11).state_dict(), tmp_path / "w.safetensors")
+    assert run_cli("convert", src, "--model", CIFAR, "--out", tmp_path / "given", "--model-kwargs", "dim=32",
+                   "depth=2", "--top1", "92.6", "--dataset", "cifar-10") == 0
+    meta, body = card_parts(tmp_path / "given")
+    assert meta["datasets"] == ["cifar10"]
+    assert meta["model-index"][0]["results"][0]["metrics"][0]["value"] == 92.6
+    assert "| top1 | 92.6 |" in body and "not re-measured" in body and "**Training data set:** cifar-10" in body
+
+    capsys.readouterr()
+    for argv, message in (([], "--top1 needs --dataset"), (["--dataset", "cifar-10"], "between 0 and 100")):
+        top1 = "92.6" if not argv else "120"
+        assert run_cli("convert", src, "--model", CIFAR, "--out", tmp_path / "refused", "--model-kwargs", "dim=32",
+                       "depth=2", "--top1", top1, *argv) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+
+
+def read_config(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())
+
+
+def test_convert_labels_from_a_file_reach_config_and_card(tmp_path, capsys):
+    src = _save(small_timm(12, num_classes=3).state_dict(), tmp_path / "w.safetensors")
+    base = ["convert", src, "--model", CIFAR, "--model-kwargs", "dim=32", "depth=2", "--num-classes", "3"]
+    names = ["cat", "dog", "guinea pig"]
+    text, listed = tmp_path / "labels.txt", tmp_path / "labels.json"
+    text.write_text("cat\ndog\n  guinea pig  \n\n")  # surrounding spaces and the final newlines are not names
+    listed.write_text(json.dumps(names))
+    for labels in (text, listed):
+        out = tmp_path / f"out-{labels.suffix[1:]}"
+        assert run_cli(*base, "--out", out, "--labels", labels) == 0, capsys.readouterr().err
+        config = read_config(out)
+        assert config["label_names"] == names and config["num_classes"] == 3
+        assert "num_classes" not in config.get("model_args", {})
+        assert load_dir(out).pretrained_cfg["label_names"] == names  # what timm's inference.py prints
+        _, body = card_parts(out)
+        assert "`cat`, `dog`, `guinea pig`" in body
+
+    # Three classes and no names given: the data set's names would be a false claim, so none are written.
+    assert run_cli(*base, "--out", tmp_path / "unnamed") == 0
+    assert "label_names" not in read_config(tmp_path / "unnamed")
+    assert "**Class names:** not given" in card_parts(tmp_path / "unnamed")[1]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("cat\ndog\n", "has 2 class names but the model has 3 classes"),
+    ('["cat", "dog", "cat"]', "class names must be unique"),
+    ("cat\n\ndog\nbird\n", "line 2 is blank"),
+    ('["cat", 2, "dog"]', "entry 1 is int"),
+    ('["cat", "dog"', "not valid JSON"),
+])
+def test_convert_refuses_bad_labels_naming_the_problem(tmp_path, capsys, content, message):
+    src = _save(small_timm(13, num_classes=3).state_dict(), tmp_path / "w.safetensors")
+    labels = tmp_path / "labels.txt"
+    labels.write_text(content)
+    assert run_cli("convert", src, "--model", CIFAR, "--out", tmp_path / "out", "--model-kwargs", "dim=32",
+                   "depth=2", "--num-classes", "3", "--labels", labels) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(labels) in err
+    assert_nothing_left(tmp_path, {"w.safetensors", "labels.txt"})
+
+    assert run_cli("convert", src, "--model", CIFAR, "--out", tmp_path / "out", "--model-kwargs", "dim=32",
+                   "depth=2", "--num-classes", "3", "--labels", tmp_path / "missing.txt") == 2
+    assert "cannot read --labels" in capsys.readouterr().err
+
+
+def test_variant_labels_only_where_the_data_set_is_the_variants(tmp_path):
+    from convmixer_timm.labels import CIFAR10_LABELS
+
+    model = small_timm(14)
+    # A CIFAR variant with CIFAR-10's 10 outputs carries CIFAR-10's names, also when the data set is named so.
+    assert read_config(save_hub_folder(model, tmp_path / "a", CIFAR))["label_names"] == list(CIFAR10_LABELS)
+    assert read_config(save_hub_folder(model, tmp_path / "b", CIFAR, dataset="CIFAR10"))["label_names"] == \
+        list(CIFAR10_LABELS)
+    # Ten outputs trained on something else: no names, unless the caller gives them.
+    assert "label_names" not in read_config(save_hub_folder(model, tmp_path / "c", CIFAR, dataset="svhn"))
+    digits = [str(d) for d in range(10)]
+    saved = save_hub_folder(model, tmp_path / "d", CIFAR, dataset="svhn", labels=digits)
+    assert read_config(saved)["label_names"] == digits
+    # A folder loaded and saved again keeps its names.
+    again = save_hub_folder(load_hub_folder(saved), tmp_path / "e", CIFAR)
+    assert read_config(again)["label_names"] == digits
+    with pytest.raises(ValueError, match="has 9 class names but the model has 10 classes"):
+        save_hub_folder(model, tmp_path / "f", CIFAR, labels=digits[:9])
+    assert not (tmp_path / "f").exists()
 
 
 # ---------------------------------------------------------------------------------------------------- failures

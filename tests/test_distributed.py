@@ -61,7 +61,7 @@ def test_checkpoint_scores_the_same_in_a_single_process(ddp_run, tmp_path):
     from timm.data import create_dataset, resolve_data_config
 
     config = resolve_data_config(model=model)
-    val_set = create_dataset("", root=tmp_path, split="validation", input_img_mode="L")
+    val_set = create_dataset("", root=tmp_path, split="validation", input_img_mode="RGB")
     loader = demo.eval_loader(val_set, config, batch_size=128, workers=0, device=torch.device("cpu"))
     accuracy, seen = demo.evaluate(model, loader, torch.device("cpu"))
     assert seen == results["held_out_images"] == 360

@@ -216,6 +216,56 @@ def test_timm_push_to_hf_hub_round_trips_bit_identical(hub, env):
     assert_same_model(model, timm.create_model("hf-hub:me/via-timm", pretrained=True))
 
 
+_TRANSFORMERS_FROM_HUB = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
+
+    repo_id = sys.argv[1]
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8))
+    model = AutoModelForImageClassification.from_pretrained(repo_id).eval()
+    pixels = AutoImageProcessor.from_pretrained(repo_id)(image, return_tensors="pt")["pixel_values"]
+    top = pipeline("image-classification", model=repo_id)(image, top_k=3)
+    print(json.dumps({"logits": model(pixel_values=pixels).logits.tolist(), "pixels": pixels.tolist(),
+                      "id2label": model.config.id2label, "top": top}))
+""")
+
+
+def test_pushed_folder_loads_in_transformers_from_the_hub(hub, env, tmp_path):
+    """A user's script: transformers alone, the repo id, the Hub (here the local one) named by HF_ENDPOINT."""
+    model = small_model(11)
+    folder = save_hub_folder(model, tmp_path / "folder", CIFAR)
+    assert cli.main(["push", str(folder), "--repo-id", "me/for-transformers"]) == 0
+    environ = {k: v for k, v in os.environ.items() if k != "CONVMIXER_TIMM_AUTOLOAD"}  # HF_* from hub_environment
+    done = subprocess.run([sys.executable, "-c", _TRANSFORMERS_FROM_HUB, "me/for-transformers"], env=environ,
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    names = json.loads((folder / "config.json").read_text())["label_names"]
+    assert [result["id2label"][str(i)] for i in range(10)] == names
+    with torch.no_grad():
+        expected = model(torch.tensor(result["pixels"]))
+    torch.testing.assert_close(torch.tensor(result["logits"]), expected, rtol=0,
+                               atol=1e-6 * float(expected.abs().max()))
+    assert [r["label"] for r in result["top"]] == [names[i] for i in expected[0].softmax(-1).topk(3).indices]
+    # Downloaded from this server (transformers pins the revision it resolved first to a commit).
+    assert any(r.method == "GET" and r.path.startswith("/me/for-transformers/resolve/")
+               and r.path.endswith("/model.safetensors") for r in hub.requests)
+
+
+def test_push_refuses_a_folder_transformers_cannot_load(hub, env, tmp_path, capsys):
+    folder = save_hub_folder(small_model(12), tmp_path / "old-style", CIFAR)
+    config = json.loads((folder / "config.json").read_text())
+    config["model_args"]["num_classes"] = 10  # as timm's save_for_hf writes it
+    (folder / "config.json").write_text(json.dumps(config))
+    assert cli.main(["push", str(folder), "--repo-id", "me/old-style"]) == 1
+    err = capsys.readouterr().err
+    assert "repeats num_classes in model_args" in err and "transformers cannot load it" in err
+    with pytest.raises(RepositoryNotFoundError):
+        HfApi().model_info("me/old-style")  # nothing was created
+
+
 def test_push_subprocess_takes_endpoint_and_token_from_environment(hub, env, tmp_path):
     model = small_model(6)
     folder = save_hub_folder(model, tmp_path / "folder", CIFAR)

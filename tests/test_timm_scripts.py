@@ -5,7 +5,7 @@ The scripts themselves are not installable, so CI replays their library calls in
 ``--initial-checkpoint``), ``resolve_data_config``, the ImageFolder dataset and loader (prefetcher on, as train.py
 defaults), optimizer and scheduler from a shipped recipe, one training step, ``CheckpointSaver``, then
 validate.py's ``load_checkpoint`` and evaluation. With ``TIMM_SCRIPTS_DIR`` set to a folder holding timm's
-train.py and validate.py, the real scripts run too, as subprocesses.
+train.py, validate.py and inference.py, the real scripts run too, as subprocesses.
 """
 from __future__ import annotations
 
@@ -253,3 +253,22 @@ def test_real_train_py_with_an_imagenet_recipe(digits, tmp_path):
     assert "Learning rate (0.001) calculated from base learning rate (0.01)" in log  # 0.01 * 64 / 640
     assert "SoftTargetCrossEntropy" in log  # mixup/cutmix from the recipe are on
     assert (tmp_path / "in1k" / "last.pth.tar").is_file()
+
+
+@needs_scripts
+def test_real_inference_py_prints_the_class_names_of_a_hub_folder(digits, tmp_path):
+    """inference.py reads label_names from the folder's config (it needs pandas: the [scripts] extra)."""
+    from convmixer_timm.hub import save_hub_folder
+
+    torch.manual_seed(0)
+    names = [f"digit {d}" for d in range(10)]
+    folder = save_hub_folder(create_model(MODEL, dim=32, depth=2).eval(), tmp_path / "folder", MODEL,
+                             dataset="scikit-learn digits", labels=names)
+    _run_script("inference.py", [
+        "--data-dir", str(digits.root), "--split", "validation", "--model", f"local-dir:{folder}",
+        "--device", "cpu", "--workers", "0", "--label-type", "name", "--topk", "2", "--results-dir", str(tmp_path),
+        "--results-file", "predictions", "--results-format", "json", "--no-console-results",
+    ], cwd=tmp_path)
+    predictions = json.loads((tmp_path / "predictions.json").read_text())
+    assert len(predictions) == digits.num_val
+    assert all(len(p["label"]) == 2 and set(p["label"]) <= set(names) for p in predictions.values())

@@ -40,6 +40,10 @@ class Variant:
     top1: float | None = None
     top1_source: str = ""
     weights_tag: str | None = None  # timm pretrained tag; set only where published weights exist
+    # ``convmixer_timm.hub.weights_sha256`` of the published weights (timm layout). A model card quotes ``top1``
+    # and ``dataset`` only for weights with one of these digests: the same architecture with other weights
+    # (random, fine-tuned, someone's own run) has no published accuracy.
+    published_sha256: tuple[str, ...] = ()
 
     @property
     def num_classes(self) -> int:
