@@ -154,7 +154,7 @@ def test_batch_norm_float32_is_at_least_as_accurate_as_pytorch(shift):
 @pytest.mark.parametrize("options", [dict(), dict(momentum=None), dict(track_running_stats=False)],
                          ids=["default", "cumulative", "untracked"])
 def test_batch_norm_module_matches_torch_in_training_and_eval(options):
-    from convmixer_timm.models.convmixer import BatchNorm2d
+    from convmixer_timm.speed import BatchNorm2d
 
     torch.manual_seed(3)
     ours, ref = BatchNorm2d(6, **options), torch.nn.BatchNorm2d(6, **options)

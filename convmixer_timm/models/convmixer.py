@@ -27,7 +27,8 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
 from torch import nn
 
-from ..speed import layers as speed
+# The one seam to the speed layer (convmixer_timm/speed): names imported as globals, which FX wraps as leaves.
+from ..speed.layers import BatchNorm2d, depthwise_conv_for_training, prepare_training_input
 from .checkpoint import check_shapes_before_load, checkpoint_filter_fn
 from .pretrained import check_pretrained_available
 from .variants import DATASET_CONFIGS, VARIANTS, Variant
@@ -68,7 +69,7 @@ class ConvMixerStem(nn.Sequential):
         super().__init__(
             nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size, device=device, dtype=dtype),
             _create_act(act_layer),
-            speed.BatchNorm2d(dim, device=device, dtype=dtype),
+            BatchNorm2d(dim, device=device, dtype=dtype),
         )
         self.in_chans = in_chans
 
@@ -94,11 +95,11 @@ class SamePaddingDepthwiseConv(nn.Conv2d):
         self.needs_explicit_pad = kernel_size % 2 == 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():
-            return self.conv_same(x)
-        if _exporting_onnx():
+        if self.training and not torch.jit.is_scripting():
+            return depthwise_conv_for_training(x, self.weight, self.bias)
+        if not torch.jit.is_scripting() and _exporting_onnx():
             return F.conv2d(F.pad(x, self.explicit_pad), self.weight, self.bias, groups=self.groups)
-        return speed.depthwise_conv_same(x, self.weight, self.bias, self.training)
+        return self.conv_same(x)
 
     def conv_same(self, x: torch.Tensor) -> torch.Tensor:
         k = self.kernel_size[0]
@@ -119,7 +120,7 @@ class DepthwiseMixing(nn.Sequential):
         super().__init__(
             SamePaddingDepthwiseConv(dim, kernel_size, device=device, dtype=dtype),
             _create_act(act_layer),
-            speed.BatchNorm2d(dim, device=device, dtype=dtype),
+            BatchNorm2d(dim, device=device, dtype=dtype),
         )
 
 
@@ -144,7 +145,7 @@ class ConvMixerBlock(nn.Sequential):
             Residual(DepthwiseMixing(dim, kernel_size, act_layer, device=device, dtype=dtype), drop_path),
             nn.Conv2d(dim, dim, kernel_size=1, device=device, dtype=dtype),
             _create_act(act_layer),
-            speed.BatchNorm2d(dim, device=device, dtype=dtype),
+            BatchNorm2d(dim, device=device, dtype=dtype),
         )
 
 
@@ -254,7 +255,7 @@ class ConvMixer(nn.Module):
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        x = self.stem(self._prepare_input(x))
+        x = self.stem(prepare_training_input(x, self.training))
         if torch.jit.is_scripting() or not stop_early:  # TorchScript cannot slice a Sequential
             blocks = self.blocks
         else:
@@ -284,17 +285,12 @@ class ConvMixer(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(self._prepare_input(x))
+        x = self.stem(prepare_training_input(x, self.training))
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.blocks, x)
         else:
             x = self.blocks(x)
         return x
-
-    def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():
-            return x
-        return speed.prepare_training_input(x, self.training)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)

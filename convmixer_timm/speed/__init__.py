@@ -22,14 +22,14 @@ from .inference import (
     optimize_for_inference,
     select_fastest,
 )
-from .layers import BatchNorm2d, depthwise_conv_same, kernels_apply, prepare_training_input
+from .layers import BatchNorm2d, depthwise_conv_for_training, kernels_apply, prepare_training_input
 from .loader import KernelLoadError, enabled, kernel_info, load, load_from
 from .mixing import MIXING_ACTIVATIONS, spatial_mixing
 
 __all__ = [
     "MIXING_ACTIVATIONS", "RUNTIMES", "AutotunedConvMixer", "BatchNorm2d", "BatchNormChannelsLast",
     "DepthwiseConvSame", "FusedConvMixerInference", "KernelLoadError", "OnnxRuntimeConvMixer", "OpenVinoConvMixer",
-    "allocator_tuned", "conv_same", "depthwise_conv_same", "depthwise_weight_grad", "enabled", "installed_runtimes",
-    "kernel_info", "kernels_apply", "load", "load_from", "optimize_for_inference", "prepare_training_input",
-    "restore_cpu_allocator", "select_fastest", "spatial_mixing", "tune_cpu_allocator",
+    "allocator_tuned", "conv_same", "depthwise_conv_for_training", "depthwise_weight_grad", "enabled",
+    "installed_runtimes", "kernel_info", "kernels_apply", "load", "load_from", "optimize_for_inference",
+    "prepare_training_input", "restore_cpu_allocator", "select_fastest", "spatial_mixing", "tune_cpu_allocator",
 ]

@@ -2,7 +2,7 @@
 
 * :class:`BatchNorm2d`: ``nn.BatchNorm2d`` (same keys, same numbers) whose CPU training pass runs as two fused
   passes each way (``batch_norm.py``);
-* :func:`depthwise_conv_same`: the block's depthwise convolution, with a fast CPU backward in training
+* :func:`depthwise_conv_for_training`: the block's depthwise convolution in training, with a fast CPU backward
   (``depthwise.py``);
 * :func:`prepare_training_input`: channels_last for CPU training.
 
@@ -11,6 +11,8 @@ The allocator setting (``allocator.py``) is held by the BatchNorm modules of a m
 Each takes PyTorch's own ops wherever the kernels do not apply (eval, GPU, autocast, ``torch.compile``,
 TorchScript, other dtypes, kernels not built), which compute the same values.
 """
+
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +24,7 @@ from .batch_norm import BatchNormChannelsLast
 from .depthwise import DepthwiseConvSame, conv_same
 from .loader import load
 
-__all__ = ["BatchNorm2d", "depthwise_conv_same", "kernels_apply", "prepare_training_input"]
+__all__ = ["BatchNorm2d", "depthwise_conv_for_training", "kernels_apply", "prepare_training_input"]
 
 
 def _autocast_on() -> bool:
@@ -32,7 +34,7 @@ def _autocast_on() -> bool:
         return torch.is_autocast_cpu_enabled()
 
 
-def kernels_apply(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
+def kernels_apply(x: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
     """Whether a kernel-backed autograd function applies: a CPU autograd step in float32/64, kernels loaded."""
     tensors = [x, *(p for p in params if p is not None)]
     return (
@@ -63,7 +65,7 @@ class BatchNorm2d(nn.BatchNorm2d):
         return F.batch_norm(x, running_mean, running_var, self.weight, self.bias, use_batch_stats, average_factor,
                             self.eps)
 
-    def step_running_stats(self) -> tuple[torch.Tensor | None, torch.Tensor | None, float, bool]:
+    def step_running_stats(self) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], float, bool]:
         """Count the batch and return (running_mean, running_var, average factor, use batch statistics)."""
         average_factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
@@ -86,7 +88,7 @@ def _hold_allocator_while_training(module: nn.Module, x: torch.Tensor) -> None:
 
 
 @torch.jit.unused
-def _batch_norm_kernel_applies(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
+def _batch_norm_kernel_applies(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> bool:
     # More than one value per channel, else PyTorch's own error message applies.
     return (weight is not None and bias is not None and x.dim() == 4 and x.numel() > x.shape[1]
             and kernels_apply(x, weight, bias))
@@ -94,19 +96,17 @@ def _batch_norm_kernel_applies(x: torch.Tensor, weight: torch.Tensor | None, bia
 
 @register_notrace_function  # FX: the choice depends on the input's device and dtype
 @torch.jit.unused
-def depthwise_conv_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                        training: bool) -> torch.Tensor:
-    """Stride-1 depthwise convolution that keeps the grid (odd or even k), PyTorch's padding for even k."""
+def depthwise_conv_for_training(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The training step's stride-1 depthwise convolution that keeps the grid (odd or even k)."""
     # oneDNN's depthwise backward runs at a fifth to a tenth of its forward's rate on CPU, the largest cost of a
     # CIFAR-scale training step; DepthwiseConvSame computes the same gradients with the forward convolution and
     # a compiled weight-gradient kernel.
-    if training and kernels_apply(x, weight, bias):
+    if kernels_apply(x, weight, bias):
         return DepthwiseConvSame.apply(x, weight, bias)
     return conv_same(x, weight, bias)
 
 
 @register_notrace_function  # FX cannot branch on a traced tensor's rank or device (and skips _private names)
-@torch.jit.unused
 def prepare_training_input(x: torch.Tensor, training: bool) -> torch.Tensor:
     """channels_last for a CPU training step; eval keeps the caller's format (bit-identical to the references)."""
     # oneDNN trains the depthwise and 1x1 convolutions on channels_last input 1.1-1.3x faster, and up to 6x for
