@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 import zipfile
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import safetensors.torch
 import timm
 import torch
 from reference import randomize_batchnorm
+from waiting import wait_until
 
 from convmixer_timm import cli
 from convmixer_timm.hub import recover_output
@@ -172,9 +172,6 @@ def test_convert_reports_a_zip_bomb_and_leaves_nothing(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------------- kills
 
-_MARKER_TIMEOUT_S = 240  # a hang guard for a subprocess that imports torch on shared cores, not a speed check
-
-
 def _convert_until(point: str, src: Path, out: Path, marker: Path, *, exchange: bool = True) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "CONVMIXER_TIMM_TEST_PAUSE_AT": f"{point}:{marker}"}
     if not exchange:
@@ -182,14 +179,7 @@ def _convert_until(point: str, src: Path, out: Path, marker: Path, *, exchange: 
     process = subprocess.Popen(
         [sys.executable, "-m", "convmixer_timm", "convert", str(src), "--out", str(out), "--overwrite", "-q",
          *SMALL_ARGS], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + _MARKER_TIMEOUT_S
-    while not marker.exists():
-        if process.poll() is not None:
-            raise AssertionError(f"convert ended before {point}: {process.communicate()}")
-        if time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError(f"convert did not reach {point} in {_MARKER_TIMEOUT_S} s")
-        time.sleep(0.05)
+    wait_until(marker.exists, f"convert reaching {point}", process)
     return process
 
 

@@ -13,13 +13,13 @@ import stat
 import subprocess
 import sys
 import textwrap
-import threading
 import warnings
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+from waiting import wait_until
 
 from convmixer_timm import VARIANTS, ConvMixer, speed
 from convmixer_timm.speed import build, loader
@@ -288,18 +288,6 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _poll(condition, limit: float = 120.0) -> bool:
-    """Wait until ``condition()`` holds; the clock here only bounds a hang, it compares no speeds."""
-    import time
-
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        threading.Event().wait(0.05)
-    return bool(condition())
-
-
 def _gone(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -314,11 +302,11 @@ def test_a_build_killed_midway_leaves_no_compiler_and_its_leftovers_are_cleared(
     out = tmp_path / "out"
     process = subprocess.Popen([sys.executable, str(PACKAGE / "speed" / "build.py"), str(out)], cwd=tmp_path)
     try:
-        assert _poll(lambda: _children(process.pid) and list(out.glob(".building-*"))), "no compiler started"
+        wait_until(lambda: _children(process.pid) and list(out.glob(".building-*")), "the compiler starting", process)
         compilers = _children(process.pid)
         process.kill()
         process.wait(timeout=60)
-        assert _poll(lambda: all(_gone(pid) for pid in compilers)), "the compiler outlived the killed build"
+        wait_until(lambda: all(_gone(pid) for pid in compilers), "the compiler ending with the killed build")
     finally:
         if process.poll() is None:
             process.kill()
