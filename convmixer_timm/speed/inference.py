@@ -23,6 +23,7 @@ the machine where it runs (:class:`AutotunedConvMixer`).
 from __future__ import annotations
 
 import copy
+import functools
 import statistics
 import sys
 import tempfile
@@ -416,16 +417,21 @@ class AutotunedConvMixer(nn.Module):
         return paths
 
     def paths(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-        paths: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-            "plain": self.plain,
-            "plain channels_last": lambda x: self.plain_channels_last(x.contiguous(memory_format=torch.channels_last)),
-        }
+        """PyTorch's paths by name: the plain model in both layouts, and the fused module's combinations."""
+        names = ["plain", "plain channels_last"]
         if self.fused is not None:
             depthwise = ("onednn", "kernel") if load() is not None else ("onednn",)
-            for pw in ("conv", "mm"):
-                for dw in depthwise:
-                    paths[f"{pw}+{dw}"] = lambda x, pw=pw, dw=dw: self.fused.run(x, pw, dw)
-        return paths
+            names += [f"{pw}+{dw}" for pw in ("conv", "mm") for dw in depthwise]
+        return {name: functools.partial(self.run_path, name) for name in names}
+
+    def run_path(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """One of PyTorch's paths (see :meth:`paths`) on ``x``."""
+        if name == "plain":
+            return self.plain(x)
+        if name == "plain channels_last":
+            return self.plain_channels_last(x.contiguous(memory_format=torch.channels_last))
+        pointwise, depthwise = name.split("+")
+        return self.fused.run(x, pointwise, depthwise)
 
     def tune(self, x: torch.Tensor) -> str:
         """Measure every path on ``x`` (once per shape, dtype and device) and return the chosen one's name."""
@@ -455,7 +461,7 @@ class AutotunedConvMixer(nn.Module):
         with torch.no_grad():
             choice = self.tune(x)
             runner = self.runners.get((tuple(x.shape), x.dtype, x.device.type))
-            return runner(x) if runner is not None else self.paths()[choice](x)
+            return runner(x) if runner is not None else self.run_path(choice, x)
 
 
 def optimize_for_inference(model: nn.Module, input_size: Sequence[int] | None = None,
