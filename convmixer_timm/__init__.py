@@ -1,8 +1,9 @@
 """convmixer-timm: the ConvMixer family as a timm plugin.
 
-Importing this package registers every model with timm: at once when timm is already imported, otherwise the
-moment timm is (before any program can ask timm for a model). Programs that only ``import timm`` get them too,
-through the ``convmixer_timm.pth`` start-up hook installed beside the package.
+Importing this package (or any of its modules) registers every model with timm: at once when timm is already
+imported, otherwise the moment timm is (before any program can ask timm for a model). Programs that only
+``import timm`` get them too, through the ``convmixer_timm.pth`` start-up hook installed beside the package, which
+imports this package (standard library only) unless ``CONVMIXER_TIMM_AUTOLOAD=0``.
 
 The public names below load on first use (PEP 562), so that importing a light submodule, such as
 ``python -m convmixer_timm.testing.hub_server``, does not import torch.
@@ -10,10 +11,9 @@ The public names below load on first use (PEP 562), so that importing a light su
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import sys
-import warnings
 from typing import TYPE_CHECKING, Any
+
+from . import _autoload
 
 __version__ = "0.1.0"
 
@@ -70,34 +70,5 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
 
 
-def _register() -> None:
-    try:
-        importlib.import_module(".models", __name__)
-    except Exception as exc:  # never break ``import timm`` because of the plugin
-        warnings.warn(f"convmixer-timm could not register its models: {exc!r}", stacklevel=2)
-
-
-class _RegisterWhenTimmLoads:
-    """One-shot meta-path finder: registers the models right after timm's own import finishes."""
-
-    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
-        if fullname != "timm":
-            return None
-        sys.meta_path.remove(self)  # one shot; also keeps the lookup below from finding this finder again
-        spec = importlib.util.find_spec("timm")
-        if spec is None or spec.loader is None:
-            return spec
-        exec_module = spec.loader.exec_module
-
-        def exec_then_register(module: Any) -> None:
-            exec_module(module)
-            _register()
-
-        spec.loader.exec_module = exec_then_register  # type: ignore[method-assign]
-        return spec
-
-
-if "timm" in sys.modules:
-    importlib.import_module(".models", __name__)
-elif not any(isinstance(f, _RegisterWhenTimmLoads) for f in sys.meta_path):
-    sys.meta_path.insert(0, _RegisterWhenTimmLoads())
+# One mechanism for every import order (_autoload.py): register now if timm is imported, else when it is.
+_autoload.install()

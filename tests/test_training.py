@@ -56,10 +56,14 @@ def test_training_step_matches_timm(k, act, channels_last):
         torch.testing.assert_close(b_ours, b_ref, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_training_runs_channels_last_and_eval_keeps_the_callers_layout():
+def test_training_runs_channels_last_inside_and_hands_back_the_callers_layout():
     _, ours = _pair(3, "gelu")
     x = torch.randn(2, 3, 16, 16)
-    assert ours.train().forward_features(x).is_contiguous(memory_format=torch.channels_last)
+    seen = []
+    ours.blocks[0][1].register_forward_hook(lambda module, inputs, output: seen.append(output))
+    features = ours.train().forward_features(x)
+    assert seen[-1].is_contiguous(memory_format=torch.channels_last) and not seen[-1].is_contiguous()
+    assert features.is_contiguous()
     assert ours.eval().forward_features(x).is_contiguous()
 
 

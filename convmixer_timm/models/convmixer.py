@@ -14,21 +14,16 @@ import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type, Union
 
 import torch
+import torch.fx
 import torch.nn.functional as F
-from timm.layers import (
-    DropPath,
-    SelectAdaptivePool2d,
-    get_act_layer,
-    get_device_dtype,
-    register_notrace_function,
-)
+from timm.layers import DropPath, SelectAdaptivePool2d, get_act_layer, get_device_dtype
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
 from torch import nn
 
 # The one seam to the speed layer (convmixer_timm/speed): names imported as globals, which FX wraps as leaves.
-from ..speed.layers import BatchNorm2d, depthwise_conv_for_training, prepare_training_input
+from ..speed.layers import BatchNorm2d, depthwise_conv_for_training, layout_for_cpu_training, match_memory_format
 from .checkpoint import check_shapes_before_load, checkpoint_filter_fn
 from .pretrained import check_pretrained_available
 from .variants import DATASET_CONFIGS, VARIANTS, Variant
@@ -52,7 +47,6 @@ def _act_name(act_layer: ActLayer) -> str:
     return act_layer.lower() if isinstance(act_layer, str) else getattr(act_layer, "__name__", str(act_layer))
 
 
-@register_notrace_function  # a leaf for FX: tracing cannot branch on the input's shape
 def check_input_channels(x: torch.Tensor, in_chans: int) -> None:
     """Fail early, naming the expected channels, instead of deep inside the stem convolution."""
     if x.dim() != 4 or x.shape[1] != in_chans:
@@ -75,6 +69,8 @@ class ConvMixerStem(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input_channels(x, self.in_chans)
+        if not torch.jit.is_scripting():
+            x = layout_for_cpu_training(self, x)
         for module in self:
             x = module(x)
         return x
@@ -95,11 +91,9 @@ class SamePaddingDepthwiseConv(nn.Conv2d):
         self.needs_explicit_pad = kernel_size % 2 == 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and not torch.jit.is_scripting():
-            return depthwise_conv_for_training(x, self.weight, self.bias)
-        if not torch.jit.is_scripting() and _exporting_onnx():
-            return F.conv2d(F.pad(x, self.explicit_pad), self.weight, self.bias, groups=self.groups)
-        return self.conv_same(x)
+        if torch.jit.is_scripting():
+            return self.conv_same(x)
+        return same_padding_depthwise_conv(self, x)
 
     def conv_same(self, x: torch.Tensor) -> torch.Tensor:
         k = self.kernel_size[0]
@@ -109,8 +103,13 @@ class SamePaddingDepthwiseConv(nn.Conv2d):
 
 
 @torch.jit.unused
-def _exporting_onnx():  # unannotated: TorchScript cannot resolve postponed annotations of unused functions
-    return torch.onnx.is_in_onnx_export()
+def same_padding_depthwise_conv(conv: SamePaddingDepthwiseConv, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)``; one FX node that reads ``conv.training`` when it runs, like the call of a leaf module."""
+    if conv.training:
+        return depthwise_conv_for_training(x, conv.weight, conv.bias)
+    if torch.onnx.is_in_onnx_export():
+        return F.conv2d(F.pad(x, conv.explicit_pad), conv.weight, conv.bias, groups=conv.groups)
+    return conv.conv_same(x)
 
 
 class DepthwiseMixing(nn.Sequential):
@@ -255,7 +254,8 @@ class ConvMixer(nn.Module):
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        x = self.stem(prepare_training_input(x, self.training))
+        images = x
+        x = self.stem(x)
         if torch.jit.is_scripting() or not stop_early:  # TorchScript cannot slice a Sequential
             blocks = self.blocks
         else:
@@ -266,10 +266,10 @@ class ConvMixer(nn.Module):
             else:
                 x = block(x)
             if i in take_indices:
-                intermediates.append(x)
+                intermediates.append(self._caller_format(x, images))
         if intermediates_only:
             return intermediates
-        return x, intermediates
+        return self._caller_format(x, images), intermediates
 
     def prune_intermediate_layers(
             self,
@@ -285,12 +285,20 @@ class ConvMixer(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(prepare_training_input(x, self.training))
+        images = x
+        x = self.stem(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.blocks, x)
         else:
             x = self.blocks(x)
-        return x
+        return self._caller_format(x, images)
+
+    def _caller_format(self, x: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        # CPU training runs channels_last inside (the stem's layout_for_cpu_training); what leaves the model is
+        # in the caller's format, as with timm's built-in (train.py --channels-last is how a timm user asks).
+        if torch.jit.is_scripting():
+            return x
+        return match_memory_format(x, images)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)
@@ -301,6 +309,13 @@ class ConvMixer(nn.Module):
         x = self.forward_features(x)
         x = self.forward_head(x)
         return x
+
+
+# FX cannot branch on a traced tensor's shape, device or a module's mode: each of these is one call in a traced
+# graph (torch.fx.symbolic_trace, torchvision's and timm's feature extractors), evaluated when the graph runs.
+for _fx_leaf in ("check_input_channels", "layout_for_cpu_training", "match_memory_format", "same_padding_depthwise_conv"):
+    torch.fx.wrap(_fx_leaf)
+del _fx_leaf
 
 
 def _create_convmixer(variant: str, pretrained: bool = False, **kwargs: Any) -> ConvMixer:

@@ -4,14 +4,17 @@
   BatchNorm training forward and backward, the inference spatial-mixing step), one copy per instruction set;
 * ``build.py``: compiling them when the package is built (``hatch_build.py``), never at run time;
 * ``loader.py``: loading them only after ownership and integrity checks, picking the copy for this CPU;
-* ``batch_norm.py``, ``depthwise.py``, ``mixing.py``: the autograd functions and calls around them;
-* ``allocator.py``: the one process setting (glibc's thresholds), scoped to CPU training and undoable;
+* ``batch_norm.py``, ``depthwise.py``, ``mixing.py``: the kernels as ``torch.library`` operators
+  (``torch.ops.convmixer_timm.*``) with fake kernels and autograd formulas;
+* ``allocator.py``: the one process setting (glibc's thresholds), scoped to eager CPU training and undoable;
 * ``inference.py``: :func:`optimize_for_inference`, measured per input shape where it runs;
 * ``layers.py``: the seam, the only part ``models/convmixer.py`` uses.
+
+Nothing here imports timm.
 """
 from .allocator import allocator_tuned, restore_cpu_allocator, tune_cpu_allocator
-from .batch_norm import BatchNormChannelsLast
-from .depthwise import DepthwiseConvSame, conv_same, depthwise_weight_grad
+from .batch_norm import batch_norm_train, batch_norm_train_backward, batch_norm_training_with_kernels
+from .depthwise import conv_same, depthwise_conv_same, depthwise_weight_grad
 from .inference import (
     RUNTIMES,
     AutotunedConvMixer,
@@ -22,14 +25,15 @@ from .inference import (
     optimize_for_inference,
     select_fastest,
 )
-from .layers import BatchNorm2d, depthwise_conv_for_training, kernels_apply, prepare_training_input
+from .layers import BatchNorm2d, depthwise_conv_for_training, kernels_apply, layout_for_cpu_training, match_memory_format
 from .loader import KernelLoadError, enabled, kernel_info, load, load_from
 from .mixing import MIXING_ACTIVATIONS, spatial_mixing
 
 __all__ = [
-    "MIXING_ACTIVATIONS", "RUNTIMES", "AutotunedConvMixer", "BatchNorm2d", "BatchNormChannelsLast",
-    "DepthwiseConvSame", "FusedConvMixerInference", "KernelLoadError", "OnnxRuntimeConvMixer", "OpenVinoConvMixer",
-    "allocator_tuned", "conv_same", "depthwise_conv_for_training", "depthwise_weight_grad", "enabled",
-    "installed_runtimes", "kernel_info", "kernels_apply", "load", "load_from", "optimize_for_inference",
-    "prepare_training_input", "restore_cpu_allocator", "select_fastest", "spatial_mixing", "tune_cpu_allocator",
+    "MIXING_ACTIVATIONS", "RUNTIMES", "AutotunedConvMixer", "BatchNorm2d", "FusedConvMixerInference",
+    "KernelLoadError", "OnnxRuntimeConvMixer", "OpenVinoConvMixer", "allocator_tuned", "batch_norm_train",
+    "batch_norm_train_backward", "batch_norm_training_with_kernels", "conv_same", "depthwise_conv_for_training",
+    "depthwise_conv_same", "depthwise_weight_grad", "enabled", "installed_runtimes", "kernel_info", "kernels_apply",
+    "layout_for_cpu_training", "load", "load_from", "match_memory_format", "optimize_for_inference",
+    "restore_cpu_allocator", "select_fastest", "spatial_mixing", "tune_cpu_allocator",
 ]

@@ -7,12 +7,17 @@ the thresholds below, GELU 11.2 -> 3.1 ms, BatchNorm 12.8 -> 3.5 ms (2-core x86_
 process-wide alternative is preloading jemalloc or tcmalloc (``LD_PRELOAD=libjemalloc.so.2``, PyTorch's CPU
 performance guide); where one is preloaded, nothing here is applied.
 
-Scope: the thresholds are raised on the first CPU training step of a ConvMixer (never for a model that is only
-built, evaluated or run elsewhere) and put back, with the freed memory returned to the system
-(``malloc_trim``), when the last model that trained on the CPU is garbage collected, or at once by
-:func:`restore_cpu_allocator`. glibc has no way to read its settings back, so "put back" means its documented
-start values (mmap threshold 128 KiB, trim threshold 128 KiB, top pad 128 KiB); glibc's own adaptive mmap
-threshold stays off once any program has set it. ``CONVMIXER_TIMM_TUNE_MALLOC=0`` leaves glibc alone entirely.
+Scope: the thresholds are raised on the first eager CPU training step of a ConvMixer (never for a model that is
+only built, evaluated, run elsewhere, or inside a compiled or traced region) and put back, with the freed memory
+returned to the system (``malloc_trim``), when the last model that trained on the CPU is garbage collected, or at
+once by :func:`restore_cpu_allocator`.
+
+Nothing is changed where the user chose the allocator's behaviour: ``GLIBC_TUNABLES`` with a ``glibc.malloc``
+setting, any ``MALLOC_*_`` variable glibc reads (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ...), or
+another allocator (jemalloc, tcmalloc, mimalloc) loaded into the process. Otherwise glibc runs with its start
+values, which are what "put back" restores (mmap threshold, trim threshold and top pad 128 KiB); glibc's adaptive
+mmap threshold, which any explicit threshold turns off, stays off. ``CONVMIXER_TIMM_TUNE_MALLOC=0`` leaves glibc
+alone entirely.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ import weakref
 
 from torch import nn
 
-__all__ = ["allocator_tuned", "hold_while_training", "restore_cpu_allocator", "tune_cpu_allocator"]
+__all__ = ["allocator_tuned", "hold_while_training", "restore_cpu_allocator", "tune_cpu_allocator", "user_chose_allocator"]
 
 _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
@@ -32,18 +37,39 @@ _M_MMAP_THRESHOLD = -3
 _RAISED = {_M_MMAP_THRESHOLD: 1 << 30, _M_TRIM_THRESHOLD: (1 << 31) - 1, _M_TOP_PAD: 64 << 20}
 _GLIBC_DEFAULTS = {_M_MMAP_THRESHOLD: 128 << 10, _M_TRIM_THRESHOLD: 128 << 10, _M_TOP_PAD: 128 << 10}
 
-_lock = threading.Lock()
+# Re-entrant: a model's finalizer (which restores) can run from garbage collection inside a locked section.
+_lock = threading.RLock()
 _tuned = False
 _holders: weakref.WeakSet = weakref.WeakSet()
+
+
+_OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
+
+
+def user_chose_allocator() -> str | None:
+    """What the user set that makes the allocator theirs to tune (None where nothing is)."""
+    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+        return "GLIBC_TUNABLES"
+    chosen = sorted(name for name in os.environ if name.startswith("MALLOC_") and name.endswith("_"))
+    if chosen:
+        return chosen[0]
+    preload = os.environ.get("LD_PRELOAD", "")
+    try:
+        with open("/proc/self/maps") as maps:  # linked in, or preloaded under any name
+            mapped = maps.read()
+    except OSError:
+        mapped = ""
+    for name in _OTHER_ALLOCATORS:
+        if name in preload or f"lib{name}" in mapped:
+            return name
+    return None
 
 
 def _glibc() -> ctypes.CDLL | None:
     if os.environ.get("CONVMIXER_TIMM_TUNE_MALLOC", "1").strip().lower() in ("0", "false", "no", "off"):
         return None
-    if not sys.platform.startswith("linux") or any(
-        name in os.environ.get("LD_PRELOAD", "") for name in ("jemalloc", "tcmalloc", "mimalloc")
-    ):
-        return None  # another allocator already manages this (or no glibc malloc to tune)
+    if not sys.platform.startswith("linux") or user_chose_allocator() is not None:
+        return None  # the user's allocator settings stand (or there is no glibc malloc to tune)
     try:
         libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version  # noqa: B018 - raises AttributeError where the C library is not glibc
@@ -92,14 +118,16 @@ def restore_cpu_allocator() -> None:
 
 def _release_if_last() -> None:
     # Iterating a WeakSet skips dead entries; len() may still count the one being collected.
-    if next(iter(_holders), None) is None:
-        restore_cpu_allocator()
+    with _lock:
+        if next(iter(_holders), None) is None:
+            restore_cpu_allocator()
 
 
 def hold_while_training(model: nn.Module) -> None:
     """Keep the thresholds raised while ``model`` (training on the CPU) is alive."""
-    if model in _holders:
-        return
-    if tune_cpu_allocator():
-        _holders.add(model)
-        weakref.finalize(model, _release_if_last).atexit = False
+    with _lock:
+        if model in _holders:
+            return
+        if tune_cpu_allocator():
+            _holders.add(model)
+            weakref.finalize(model, _release_if_last).atexit = False

@@ -1,66 +1,115 @@
-"""BatchNorm in training, forward and backward in two passes each over channels_last tensors.
+"""BatchNorm in training, forward and backward in two passes each over channels_last tensors, as PyTorch operators.
 
 ConvMixer keeps the full grid in every layer, so each BatchNorm of a training step reads and writes tensors far
 larger than the caches, and PyTorch's CPU BatchNorm makes more passes over them (its backward measured 25 ms on
 a 32 MiB activation in a CIFAR training step, where ``convmixer_kernels.cpp`` takes 7).
+
+``convmixer_timm::batch_norm_train`` and its backward are ``torch.library`` custom operators with fake (meta)
+kernels and a registered autograd formula, so ``torch.compile`` (``fullgraph=True``), ``torch.export`` and the
+autograd engine see ordinary operators. A backward that builds a graph (``create_graph=True``: double backward,
+gradient penalties) uses PyTorch's own differentiable ``native_batch_norm_backward`` with the same statistics.
 """
 
-from __future__ import annotations
+from typing import Optional, Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
+from torch import Tensor
 
 from .loader import load
 
-__all__ = ["BatchNormChannelsLast"]
+__all__ = ["batch_norm_train", "batch_norm_train_backward", "batch_norm_training_with_kernels"]
 
 
-def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+def _library():
+    library = load()
+    if library is None:
+        raise RuntimeError("convmixer_timm kernels are not available; see convmixer_timm.speed.kernel_info()")
+    return library
+
+
+def _rows(x: Tensor) -> Tuple[Tensor, int, int]:
     x = x.contiguous(memory_format=torch.channels_last)
     channels = x.shape[1]
     return x, x.numel() // channels, channels
 
 
-class BatchNormChannelsLast(torch.autograd.Function):
-    """``F.batch_norm(x, training=True)`` with affine parameters.
+@torch.library.custom_op("convmixer_timm::batch_norm_train", mutates_args=(), device_types="cpu")
+def batch_norm_train(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``F.batch_norm(x, training=True)`` with affine parameters: (y, mean, invstd, biased variance)."""
+    library = _library()
+    x, rows, channels = _rows(x)
+    if rows < 2:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
+    y = torch.empty_like(x, memory_format=torch.channels_last)
+    mean, invstd, variance = (torch.empty(channels, dtype=x.dtype) for _ in range(3))
+    weight, bias = weight.contiguous(), bias.contiguous()
+    fn = library.batch_norm_forward_f32 if x.dtype == torch.float32 else library.batch_norm_forward_f64
+    fn(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(), mean.data_ptr(), invstd.data_ptr(),
+       variance.data_ptr(), rows, channels, float(eps), torch.get_num_threads())
+    return y, mean, invstd, variance
 
-    Running statistics (either may be None) are updated in place as PyTorch does: unbiased variance, weighted
-    by ``momentum``. Tested against ``F.batch_norm`` with ``torch.autograd.gradcheck`` in float64.
-    """
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor | None,
-                running_var: torch.Tensor | None, momentum: float, eps: float) -> torch.Tensor:
-        library = load()
-        x, rows, channels = _rows(x)
-        if rows < 2:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
-        y = torch.empty_like(x, memory_format=torch.channels_last)
-        mean, invstd, variance = (torch.empty(channels, dtype=x.dtype) for _ in range(3))
-        weight_c, bias_c = weight.contiguous(), bias.contiguous()
-        fn = library.batch_norm_forward_f32 if x.dtype == torch.float32 else library.batch_norm_forward_f64
-        fn(x.data_ptr(), weight_c.data_ptr(), bias_c.data_ptr(), y.data_ptr(), mean.data_ptr(),
-           invstd.data_ptr(), variance.data_ptr(), rows, channels, float(eps), torch.get_num_threads())
-        with torch.no_grad():
-            if running_mean is not None:
-                running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-            if running_var is not None:
-                unbiased = variance * (rows / (rows - 1))
-                running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
-        ctx.save_for_backward(x, weight_c, mean, invstd)
-        return y
+@batch_norm_train.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    channels = x.shape[1]
+    return (torch.empty_like(x, memory_format=torch.channels_last),
+            *(x.new_empty(channels) for _ in range(3)))
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y: torch.Tensor):
-        x, weight, mean, invstd = ctx.saved_tensors
-        library = load()
-        grad_y, rows, channels = _rows(grad_y)
-        grad_x = torch.empty_like(x, memory_format=torch.channels_last) if ctx.needs_input_grad[0] else None
-        grad_weight, grad_bias = torch.empty(channels, dtype=x.dtype), torch.empty(channels, dtype=x.dtype)
-        fn = library.batch_norm_backward_f32 if x.dtype == torch.float32 else library.batch_norm_backward_f64
-        fn(grad_y.data_ptr(), x.data_ptr(), mean.data_ptr(), invstd.data_ptr(), weight.data_ptr(),
-           grad_x.data_ptr() if grad_x is not None else None, grad_weight.data_ptr(), grad_bias.data_ptr(),
-           rows, channels, torch.get_num_threads())
-        return (grad_x, grad_weight if ctx.needs_input_grad[1] else None,
-                grad_bias if ctx.needs_input_grad[2] else None, None, None, None, None)
+
+@torch.library.custom_op("convmixer_timm::batch_norm_train_backward", mutates_args=(), device_types="cpu")
+def batch_norm_train_backward(grad_y: Tensor, x: Tensor, mean: Tensor, invstd: Tensor,
+                              weight: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """(grad_x, grad_weight, grad_bias) of :func:`batch_norm_train`."""
+    library = _library()
+    x, rows, channels = _rows(x)
+    grad_y = grad_y.contiguous(memory_format=torch.channels_last)
+    grad_x = torch.empty_like(x, memory_format=torch.channels_last)
+    grad_weight, grad_bias = torch.empty(channels, dtype=x.dtype), torch.empty(channels, dtype=x.dtype)
+    fn = library.batch_norm_backward_f32 if x.dtype == torch.float32 else library.batch_norm_backward_f64
+    fn(grad_y.data_ptr(), x.data_ptr(), mean.contiguous().data_ptr(), invstd.contiguous().data_ptr(),
+       weight.contiguous().data_ptr(), grad_x.data_ptr(), grad_weight.data_ptr(), grad_bias.data_ptr(),
+       rows, channels, torch.get_num_threads())
+    return grad_x, grad_weight, grad_bias
+
+
+@batch_norm_train_backward.register_fake
+def _(grad_y: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    channels = x.shape[1]
+    return torch.empty_like(x, memory_format=torch.channels_last), x.new_empty(channels), x.new_empty(channels)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, _, eps = inputs
+    _, mean, invstd, variance = output
+    ctx.save_for_backward(x, weight, mean, invstd)
+    ctx.eps = eps
+    ctx.mark_non_differentiable(mean, invstd, variance)  # statistics feed only the no-grad running averages
+
+
+def _backward(ctx, grad_y: Tensor, _grad_mean, _grad_invstd, _grad_variance):
+    x, weight, mean, invstd = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        # create_graph=True: PyTorch's differentiable formula, so double backward and gradient penalties work.
+        grads = torch.ops.aten.native_batch_norm_backward(grad_y, x, weight, None, None, mean, invstd, True,
+                                                          ctx.eps, list(ctx.needs_input_grad[:3]))
+    else:
+        grads = batch_norm_train_backward(grad_y, x, mean, invstd, weight)
+    return (*(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad[:3])), None)
+
+
+batch_norm_train.register_autograd(_backward, setup_context=_setup_context)
+
+
+def batch_norm_training_with_kernels(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Optional[Tensor],
+                                     running_var: Optional[Tensor], momentum: float, eps: float) -> Tensor:
+    """``F.batch_norm(..., training=True)`` on the kernels; running statistics (either may be None) are updated
+    in place as PyTorch does: unbiased variance, weighted by ``momentum``."""
+    y, mean, _, variance = batch_norm_train(x, weight, bias, eps)
+    rows = x.numel() // x.shape[1]
+    with torch.no_grad():
+        if running_mean is not None:
+            running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        if running_var is not None:
+            unbiased = variance * (rows / (rows - 1))
+            running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+    return y

@@ -4,66 +4,78 @@
   passes each way (``batch_norm.py``);
 * :func:`depthwise_conv_for_training`: the block's depthwise convolution in training, with a fast CPU backward
   (``depthwise.py``);
-* :func:`prepare_training_input`: channels_last for CPU training.
+* :func:`layout_for_cpu_training`: channels_last for CPU training, and :func:`match_memory_format` to hand the
+  caller's format back.
 
-The allocator setting (``allocator.py``) is held by the BatchNorm modules of a model training on the CPU.
+The kernels are ``torch.library`` operators, so ``torch.compile`` and ``torch.export`` see ordinary operators.
+They apply to a CPU autograd step in float32/64; elsewhere (eval, GPU, autocast, TorchScript, ``torch.jit.trace``,
+``torch.export``, ``torch.func`` transforms, kernels not built) PyTorch's own ops compute the same values. The
+functions that branch on a tensor's device, dtype or rank are ``torch.fx.wrap``-ped, so FX keeps them as single
+calls. The allocator setting (``allocator.py``) is held by the BatchNorm modules of a model training eagerly on
+the CPU, never inside a compiled or traced region.
 
-Each takes PyTorch's own ops wherever the kernels do not apply (eval, GPU, autocast, ``torch.compile``,
-TorchScript, other dtypes, kernels not built), which compute the same values.
+This module imports no timm: the models register with timm when timm is imported, and that registration imports
+this module, so it must not be waiting on timm itself.
 """
 
 from typing import Optional, Tuple
 
 import torch
+import torch.fx
 import torch.nn.functional as F
-from timm.layers import register_notrace_function, register_notrace_module
 from torch import nn
 
 from .allocator import hold_while_training
-from .batch_norm import BatchNormChannelsLast
-from .depthwise import DepthwiseConvSame, conv_same
+from .batch_norm import batch_norm_training_with_kernels
+from .depthwise import conv_same, depthwise_conv_same
 from .loader import load
 
-__all__ = ["BatchNorm2d", "depthwise_conv_for_training", "kernels_apply", "prepare_training_input"]
+__all__ = ["BatchNorm2d", "depthwise_conv_for_training", "kernels_apply", "layout_for_cpu_training",
+           "match_memory_format"]
 
 
-def _autocast_on() -> bool:
-    try:
-        return torch.is_autocast_enabled("cpu")
-    except TypeError:  # torch < 2.4
-        return torch.is_autocast_cpu_enabled()
+@torch.compiler.assume_constant_result  # checked once, outside any traced graph (the loader takes a lock)
+def kernels_loaded() -> bool:
+    return load() is not None
+
+
+def _tracing_or_exporting() -> bool:
+    exporting = getattr(torch.compiler, "is_exporting", None)
+    return torch.jit.is_tracing() or (exporting is not None and exporting())
+
+
+def _in_functorch_transform(tensors) -> bool:
+    # torch.func transforms support neither autograd-registered custom operators nor memory formats under vmap;
+    # PyTorch's ops in the caller's layout are exact there. (Dynamo traces through transforms itself.)
+    if torch.compiler.is_compiling():
+        return False
+    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
 def kernels_apply(x: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
-    """Whether a kernel-backed autograd function applies: a CPU autograd step in float32/64, kernels loaded."""
+    """Whether the kernel-backed operators apply: a CPU autograd step in float32/64 with the kernels loaded."""
     tensors = [x, *(p for p in params if p is not None)]
-    return (
-        torch.is_grad_enabled()
-        and any(t.requires_grad for t in tensors)
-        and x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.float64)
-        and all(t.dtype == x.dtype and t.device == x.device for t in tensors)
-        and not _autocast_on()
-        and not torch.compiler.is_compiling()
-        and load() is not None
-    )
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors) and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.float64)
+            and all(t.dtype == x.dtype and t.device == x.device for t in tensors)):
+        return False
+    if torch.is_autocast_enabled("cpu") or _tracing_or_exporting():
+        return False
+    if _in_functorch_transform(tensors):
+        return False
+    return kernels_loaded()
 
 
-@register_notrace_module  # an FX leaf like nn.BatchNorm2d: its fast path depends on the input's device and dtype
 class BatchNorm2d(nn.BatchNorm2d):
-    """``nn.BatchNorm2d`` whose CPU training pass uses ``BatchNormChannelsLast``; elsewhere ``F.batch_norm``."""
+    """``nn.BatchNorm2d`` whose CPU training pass uses the BatchNorm kernels; elsewhere ``F.batch_norm``."""
 
-    # nn.BatchNorm2d's own forward with the kernel as the batch-statistics path (TorchScript has no super()).
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(x)
-        running_mean, running_var, average_factor, use_batch_stats = self.step_running_stats()
-        if self.training and not torch.jit.is_scripting():
-            _hold_allocator_while_training(self, x)
-        if use_batch_stats and not torch.jit.is_scripting() and _batch_norm_kernel_applies(x, self.weight, self.bias):
-            return BatchNormChannelsLast.apply(x, self.weight, self.bias, running_mean, running_var, average_factor,
-                                               self.eps)
-        return F.batch_norm(x, running_mean, running_var, self.weight, self.bias, use_batch_stats, average_factor,
-                            self.eps)
+        if torch.jit.is_scripting():  # TorchScript: nn.BatchNorm2d's own computation
+            self._check_input_dim(x)
+            running_mean, running_var, average_factor, use_batch_stats = self.step_running_stats()
+            return F.batch_norm(x, running_mean, running_var, self.weight, self.bias, use_batch_stats,
+                                average_factor, self.eps)
+        return batch_norm_2d(self, x)
 
     def step_running_stats(self) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], float, bool]:
         """Count the batch and return (running_mean, running_var, average factor, use batch statistics)."""
@@ -80,37 +92,62 @@ class BatchNorm2d(nn.BatchNorm2d):
 
 
 @torch.jit.unused
+def batch_norm_2d(bn: BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """``bn(x)``; one FX node that reads ``bn.training`` when it runs, like the call of a leaf module."""
+    bn._check_input_dim(x)
+    if bn.training:
+        _hold_allocator_while_training(bn, x)
+    running_mean, running_var, average_factor, use_batch_stats = bn.step_running_stats()
+    # More than one value per channel, else PyTorch's own error message applies.
+    if (use_batch_stats and bn.weight is not None and bn.bias is not None and x.numel() > x.shape[1]
+            and kernels_apply(x, bn.weight, bn.bias)):
+        return batch_norm_training_with_kernels(x, bn.weight, bn.bias, running_mean, running_var, average_factor,
+                                                bn.eps)
+    return F.batch_norm(x, running_mean, running_var, bn.weight, bn.bias, use_batch_stats, average_factor, bn.eps)
+
+
 def _hold_allocator_while_training(module: nn.Module, x: torch.Tensor) -> None:
     # Every BatchNorm of a CPU training step sees a full-resolution activation: the allocator setting applies
-    # while a model trains on the CPU, and is undone when its modules are freed (allocator.py).
+    # while a model trains eagerly on the CPU, and is undone when its modules are freed (allocator.py). Compiled
+    # and traced code never enters it: it is process state, not part of the computation.
+    if torch.compiler.is_compiling() or _tracing_or_exporting():
+        return
     if x.device.type == "cpu" and torch.is_grad_enabled():
         hold_while_training(module)
 
 
 @torch.jit.unused
-def _batch_norm_kernel_applies(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> bool:
-    # More than one value per channel, else PyTorch's own error message applies.
-    return (weight is not None and bias is not None and x.dim() == 4 and x.numel() > x.shape[1]
-            and kernels_apply(x, weight, bias))
-
-
-@register_notrace_function  # FX: the choice depends on the input's device and dtype
-@torch.jit.unused
 def depthwise_conv_for_training(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """The training step's stride-1 depthwise convolution that keeps the grid (odd or even k)."""
     # oneDNN's depthwise backward runs at a fifth to a tenth of its forward's rate on CPU, the largest cost of a
-    # CIFAR-scale training step; DepthwiseConvSame computes the same gradients with the forward convolution and
-    # a compiled weight-gradient kernel.
+    # CIFAR-scale training step; depthwise_conv_same computes the same gradients with the forward convolution
+    # and a compiled weight-gradient kernel.
     if kernels_apply(x, weight, bias):
-        return DepthwiseConvSame.apply(x, weight, bias)
+        return depthwise_conv_same(x, weight, bias)
     return conv_same(x, weight, bias)
 
 
-@register_notrace_function  # FX cannot branch on a traced tensor's rank or device (and skips _private names)
-def prepare_training_input(x: torch.Tensor, training: bool) -> torch.Tensor:
-    """channels_last for a CPU training step; eval keeps the caller's format (bit-identical to the references)."""
+@torch.jit.unused
+def layout_for_cpu_training(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """channels_last while ``module`` trains on the CPU; otherwise ``x`` as it is."""
     # oneDNN trains the depthwise and 1x1 convolutions on channels_last input 1.1-1.3x faster, and up to 6x for
     # even kernels (benchmarks/bench.py); a channels_last input is enough, every later op keeps the format.
-    if training and x.dim() == 4 and x.device.type == "cpu":
+    if module.training and x.dim() == 4 and x.device.type == "cpu" and not _in_functorch_transform([x]):
         return x.contiguous(memory_format=torch.channels_last)
     return x
+
+
+@torch.jit.unused
+def match_memory_format(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``out`` in the memory format of the caller's input ``like``: channels_last in, channels_last out; else
+    NCHW-contiguous (a no-op where ``out`` already is)."""
+    if out.dim() != 4 or like.dim() != 4 or _in_functorch_transform([out, like]):
+        return out  # torch.func's batched tensors have no memory format of their own
+    if like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous():
+        return out.contiguous(memory_format=torch.channels_last)
+    return out.contiguous()
+
+
+# FX cannot branch on a traced tensor's device, dtype or rank: one call in a traced graph, like a leaf module's.
+# (models/convmixer.py wraps the functions it calls itself.)
+torch.fx.wrap("batch_norm_2d")
