@@ -12,7 +12,7 @@ import importlib
 import importlib.util
 import sys
 import threading
-from typing import Any, Optional
+from typing import Any
 
 __all__ = ["install", "register_now", "timm_imported"]
 
@@ -36,7 +36,7 @@ class RegisterWhenTimmLoads:
     def __init__(self) -> None:
         self._searching = threading.local()  # the lookup below walks sys.meta_path, this finder included
 
-    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Optional[Any]:
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any | None:
         if fullname != "timm" or getattr(self._searching, "active", False):
             return None
         self._searching.active = True

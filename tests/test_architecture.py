@@ -145,7 +145,9 @@ def test_activation_by_name_and_every_argument_is_json_serialisable(tmp_path):
 
 def test_wrong_input_channels_name_the_expected_number():
     model = timm.create_model("convmixer_256_8_ks5_p2", dim=8, depth=1)
-    with pytest.raises(ValueError, match=r"expects images of shape \(N, 3, H, W\).*in_chans=1"):
+    with pytest.raises(RuntimeError, match=r"expects images of shape \(N, 3, H, W\).*in_chans=1"):
         model(torch.randn(1, 1, 32, 32))
+    with pytest.raises(ValueError, match=r"expects images .*x.unsqueeze\(0\)"):
+        model(torch.randn(3, 32, 32))
     gray = timm.create_model("convmixer_256_8_ks5_p2", dim=8, depth=1, in_chans=1)
     assert gray(torch.randn(2, 1, 32, 32)).shape == (2, 10)

@@ -95,8 +95,9 @@ def test_rejects_bad_input_with_the_fix():
 @needs_kernels
 def test_plain_ops_where_the_kernel_does_not_apply():
     weight = torch.randn(4, 1, 3, 3, requires_grad=True)
-    x = torch.randn(1, 4, 5, 5)
+    x = torch.randn(1, 4, 5, 5).contiguous(memory_format=torch.channels_last)
     assert speed.kernels_apply(x, weight)
+    assert not speed.kernels_apply(x.contiguous(), weight)  # the training layout only: no hidden copies
     assert not speed.kernels_apply(x.half(), weight)
     with torch.no_grad():
         assert not speed.kernels_apply(x, weight)

@@ -48,12 +48,21 @@ def _act_name(act_layer: ActLayer) -> str:
 
 
 def check_input_channels(x: torch.Tensor, in_chans: int) -> None:
-    """Fail early, naming the expected channels, instead of deep inside the stem convolution."""
+    """Fail early, naming the expected channels, instead of deep inside the stem convolution.
+
+    The error types are those timm's built-in raises for the same input: ``ValueError`` for an unbatched 3-d
+    image (its BatchNorm's), ``RuntimeError`` for any other shape (its convolution's).
+    """
     if x.dim() != 4 or x.shape[1] != in_chans:
-        raise ValueError(
-            "ConvMixer expects images of shape (N, " + str(in_chans) + ", H, W) but got " + str(list(x.shape))
-            + "; build the model with in_chans=" + str(x.shape[1] if x.dim() == 4 else 3) + " or convert the input"
-        )
+        if x.dim() == 3:
+            fix = "add the batch dimension (x.unsqueeze(0))"
+        else:
+            fix = "build the model with in_chans=" + str(x.shape[1] if x.dim() == 4 else 3) + " or convert the input"
+        message = ("ConvMixer expects images of shape (N, " + str(in_chans) + ", H, W) but got " + str(list(x.shape))
+                   + "; " + fix)
+        if x.dim() == 3:
+            raise ValueError(message)
+        raise RuntimeError(message)
 
 
 class ConvMixerStem(nn.Sequential):
@@ -313,7 +322,8 @@ class ConvMixer(nn.Module):
 
 # FX cannot branch on a traced tensor's shape, device or a module's mode: each of these is one call in a traced
 # graph (torch.fx.symbolic_trace, torchvision's and timm's feature extractors), evaluated when the graph runs.
-for _fx_leaf in ("check_input_channels", "layout_for_cpu_training", "match_memory_format", "same_padding_depthwise_conv"):
+_FX_LEAVES = ("check_input_channels", "match_memory_format", "same_padding_depthwise_conv")
+for _fx_leaf in _FX_LEAVES:
     torch.fx.wrap(_fx_leaf)
 del _fx_leaf
 

@@ -25,7 +25,13 @@ from .inference import (
     optimize_for_inference,
     select_fastest,
 )
-from .layers import BatchNorm2d, depthwise_conv_for_training, kernels_apply, layout_for_cpu_training, match_memory_format
+from .layers import (
+    BatchNorm2d,
+    depthwise_conv_for_training,
+    kernels_apply,
+    layout_for_cpu_training,
+    match_memory_format,
+)
 from .loader import KernelLoadError, enabled, kernel_info, load, load_from
 from .mixing import MIXING_ACTIVATIONS, spatial_mixing
 

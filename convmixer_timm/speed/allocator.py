@@ -29,7 +29,9 @@ import weakref
 
 from torch import nn
 
-__all__ = ["allocator_tuned", "hold_while_training", "restore_cpu_allocator", "tune_cpu_allocator", "user_chose_allocator"]
+__all__ = [
+    "allocator_tuned", "hold_while_training", "restore_cpu_allocator", "tune_cpu_allocator", "user_chose_allocator",
+]
 
 _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2

@@ -94,7 +94,7 @@ def _backward(ctx, grad_y: Tensor, _grad_mean, _grad_invstd, _grad_variance):
                                                           ctx.eps, list(ctx.needs_input_grad[:3]))
     else:
         grads = batch_norm_train_backward(grad_y, x, mean, invstd, weight)
-    return (*(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad[:3])), None)
+    return (*(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad[:3], strict=True)), None)
 
 
 batch_norm_train.register_autograd(_backward, setup_context=_setup_context)

@@ -53,10 +53,12 @@ def _in_functorch_transform(tensors) -> bool:
 
 
 def kernels_apply(x: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
-    """Whether the kernel-backed operators apply: a CPU autograd step in float32/64 with the kernels loaded."""
+    """Whether the kernel-backed operators apply: a CPU autograd step in float32/64 on a channels_last input (the
+    training layout, see :func:`layout_for_cpu_training`), with the kernels loaded."""
     tensors = [x, *(p for p in params if p is not None)]
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors) and x.device.type == "cpu"
-            and x.dtype in (torch.float32, torch.float64)
+            and x.dtype in (torch.float32, torch.float64) and x.dim() == 4
+            and x.is_contiguous(memory_format=torch.channels_last)
             and all(t.dtype == x.dtype and t.device == x.device for t in tensors)):
         return False
     if torch.is_autocast_enabled("cpu") or _tracing_or_exporting():
@@ -129,7 +131,13 @@ def depthwise_conv_for_training(x: torch.Tensor, weight: torch.Tensor, bias: Opt
 
 @torch.jit.unused
 def layout_for_cpu_training(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """channels_last while ``module`` trains on the CPU; otherwise ``x`` as it is."""
+    """channels_last while ``module`` trains on the CPU; otherwise ``x`` as it is.
+
+    Eager and compiled training run channels_last inside. A graph traced by FX runs in the caller's layout (this
+    is not recorded in it), so every node it exposes (feature extractors) has the memory format timm's gives.
+    """
+    if isinstance(x, torch.fx.Proxy):
+        return x
     # oneDNN trains the depthwise and 1x1 convolutions on channels_last input 1.1-1.3x faster, and up to 6x for
     # even kernels (benchmarks/bench.py); a channels_last input is enough, every later op keeps the format.
     if module.training and x.dim() == 4 and x.device.type == "cpu" and not _in_functorch_transform([x]):

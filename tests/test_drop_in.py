@@ -1,0 +1,416 @@
+"""A true drop-in: wherever timm's built-in ConvMixer works, ours works the same.
+
+Every test runs the same PyTorch tool on our model and on timm's built-in ``timm.models.convmixer.ConvMixer``
+holding the same weights, and asserts the same result or the same failure (exception type), for an odd and an
+even kernel, with the compiled kernels on and off where they could take part. Tolerances: float64 runs agree to
+1e-9 relative to the largest reference magnitude (different but exact summation orders); float32 runs, compiled
+graphs included, to 1e-4 (the project's exactness bar, see tests/test_training.py).
+
+Also here: every import order registers every model (subprocesses), and the process keeps the user's allocator
+settings.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from reference import randomize_batchnorm
+from timm.models.convmixer import ConvMixer as TimmConvMixer
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from convmixer_timm import ConvMixer, VARIANTS, speed
+
+ROOT = Path(__file__).resolve().parents[1]
+KERNELS = ["kernels", "no-kernels"]
+needs_kernels = pytest.mark.skipif(speed.load() is None, reason="kernels not built: only the fallback can run")
+
+
+def _pair(k: int, dtype: torch.dtype = torch.float64, dim: int = 8, depth: int = 2) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(k)
+    ref = randomize_batchnorm(TimmConvMixer(dim, depth, k, 2, num_classes=5, act_layer=nn.GELU)).to(dtype)
+    ours = ConvMixer(dim, depth, k, 2, num_classes=5, act_layer="gelu").to(dtype)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def _images(dtype: torch.dtype = torch.float64, channels_last: bool = False, batch: int = 4) -> torch.Tensor:
+    x = torch.randn(batch, 3, 16, 16, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@pytest.fixture(params=KERNELS)
+def kernels(request, monkeypatch):
+    if request.param == "kernels" and speed.load() is None:
+        pytest.skip("kernels not built")
+    if request.param == "no-kernels":
+        monkeypatch.setenv("CONVMIXER_TIMM_KERNELS", "0")
+    return request.param
+
+
+def _layout(t: torch.Tensor) -> tuple[bool, bool]:
+    return t.is_contiguous(), t.is_contiguous(memory_format=torch.channels_last)
+
+
+def same_result_or_same_failure(run: Callable[[nn.Module], object], ref: nn.Module, ours: nn.Module,
+                                tolerance: float = 1e-9, layouts: bool = False) -> object:
+    """``run`` on both models: both raise the same exception type, or both give the same tensors (and layouts)."""
+    outcomes = []
+    for model in (ref, ours):
+        try:
+            outcomes.append(("ok", run(model)))
+        except Exception as error:  # noqa: BLE001 - the type is what is compared
+            outcomes.append(("error", error))
+    (kind_ref, ref_out), (kind_ours, our_out) = outcomes
+    assert kind_ref == kind_ours, f"timm's built-in: {kind_ref} {ref_out!r}; ours: {kind_ours} {our_out!r}"
+    if kind_ref == "error":
+        assert isinstance(our_out, type(ref_out)), (ref_out, our_out)
+        return None
+    ref_leaves, _ = tree_flatten(ref_out)
+    our_leaves, _ = tree_flatten(our_out)
+    assert len(ref_leaves) == len(our_leaves)
+    # A tensor that is zero in exact arithmetic (the gradient of a weight just before a training BatchNorm) is
+    # rounding noise in both runs: it is judged against the largest magnitude of the whole result.
+    overall = max((a.detach().abs().max().item() for a in ref_leaves if isinstance(a, torch.Tensor)), default=1.0)
+    for a, b in zip(ref_leaves, our_leaves, strict=True):
+        if isinstance(a, torch.Tensor):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            scale = max(a.detach().abs().max().item(), 1e-6 * overall, 1e-30)
+            assert (b.detach() - a.detach()).abs().max().item() / scale <= tolerance
+            if layouts:
+                assert _layout(a) == _layout(b), "memory format differs from timm's"
+        else:
+            assert a == b
+    return our_out
+
+
+# -- forward, memory formats, errors -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k", [5, 8])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_outputs_keep_the_callers_memory_format(k, mode, channels_last):
+    ref, ours = _pair(k)
+    x = _images(channels_last=channels_last)
+
+    def run(model):
+        model.train(mode == "train")
+        features = model.forward_features(x)
+        return features, model.forward_head(features), model(x), model.forward_intermediates(x, indices=2)
+
+    same_result_or_same_failure(run, ref, ours, layouts=True)
+    final, intermediates = ours.train(mode == "train").forward_intermediates(x)
+    expected = (False, True) if channels_last else (True, False)
+    assert all(_layout(t) == expected for t in (final, *intermediates))
+
+
+@pytest.mark.parametrize("bad", [(2, 1, 16, 16), (3, 16, 16), (1, 2, 3, 16, 16)], ids=["channels", "3d", "5d"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_bad_input_raises_the_same_error_type(bad, mode):
+    ref, ours = _pair(5)
+    x = torch.randn(*bad, dtype=torch.float64)
+    same_result_or_same_failure(lambda model: model.train(mode == "train")(x), ref, ours)
+
+
+def test_a_checkpoint_of_another_shape_is_a_runtime_error():
+    ref, ours = _pair(5)
+    other = TimmConvMixer(8, 2, 7, 2, num_classes=5).state_dict()
+    same_result_or_same_failure(lambda model: model.load_state_dict(other), ref, ours)
+    with pytest.raises(RuntimeError, match="checkpoint shapes do not fit this model"):  # our message stays
+        ours.load_state_dict(other)
+
+
+# -- autograd: double backward, torch.func, gradgradcheck ---------------------------------------------------------
+
+@pytest.mark.parametrize("k", [5, 8])
+def test_double_backward_gradient_penalty(k, kernels):
+    ref, ours = _pair(k)
+    x = _images()
+
+    def run(model):
+        model.train().zero_grad()
+        images = x.clone().requires_grad_()
+        loss = model(images).logsumexp(1).sum()
+        (grad,) = torch.autograd.grad(loss, images, create_graph=True)
+        (loss + grad.pow(2).sum()).backward()
+        return [p.grad for p in model.parameters()]
+
+    same_result_or_same_failure(run, ref, ours)
+
+
+@pytest.mark.parametrize("k", [5, 8])
+@pytest.mark.parametrize("transform", ["grad", "jacrev", "vmap_grad"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_torch_func_transforms(k, transform, mode, kernels):
+    from torch.func import functional_call, grad, jacrev, replace_all_batch_norm_modules_, vmap
+
+    ref, ours = (copy.deepcopy(m) for m in _pair(k))
+    x = _images()
+
+    def run(model):
+        model.train(mode == "train")
+        if mode == "train":  # torch.func's documented way to train BatchNorm without running statistics
+            replace_all_batch_norm_modules_(model)
+        params = {name: p.detach() for name, p in model.named_parameters()}
+        if transform == "grad":
+            return grad(lambda p: functional_call(model, p, (x,)).sum())(params)
+        if transform == "jacrev":
+            return jacrev(lambda images: model(images)[0])(x[:2])
+        per_sample = vmap(grad(lambda p, image: functional_call(model, p, (image[None],)).sum()), in_dims=(None, 0))
+        return per_sample(params, x)
+
+    same_result_or_same_failure(run, ref, ours)
+
+
+def test_gradgradcheck_float64_through_the_model(kernels):
+    ref, ours = _pair(4, dim=3, depth=1)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda images: ours.train()(images), (x,))
+    assert torch.autograd.gradgradcheck(lambda images: ours.train().blocks(images), (torch.randn(
+        2, 3, 3, 3, dtype=torch.float64, requires_grad=True),))
+
+
+# -- FX: symbolic_trace, torchvision's and timm's feature extractors ----------------------------------------------
+
+@pytest.mark.parametrize("k", [5, 8])
+@pytest.mark.parametrize("traced_in", ["train", "eval"])
+def test_fx_symbolic_trace_runs_like_the_module_in_both_modes(k, traced_in):
+    ref, ours = _pair(k)
+    x = _images()
+
+    def run(model):
+        graph = torch.fx.symbolic_trace(model.train(traced_in == "train"))
+        # A traced graph follows .train()/.eval() afterwards, as timm's (whose BatchNorms are leaf modules) does.
+        return graph.train()(x), graph.eval()(x), graph.eval()(x.contiguous(memory_format=torch.channels_last))
+
+    same_result_or_same_failure(run, ref, ours, layouts=True)
+
+
+@pytest.mark.parametrize("k", [5, 8])
+def test_torchvision_feature_extractor(k):
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    ref, ours = _pair(k)
+    x = _images()
+
+    def run(model):
+        extractor = create_feature_extractor(model, return_nodes={"blocks.0": "first", "blocks.1": "last"})
+        return extractor.train()(x), extractor.eval()(x)
+
+    same_result_or_same_failure(run, ref, ours, layouts=True)
+
+
+@pytest.mark.parametrize("k", [5, 8])
+def test_timm_fx_feature_extractor(k):
+    from timm.models._features_fx import FeatureGraphNet
+
+    ref, ours = _pair(k)
+    x = _images()
+    for model in (ref, ours):
+        model.feature_info = [dict(num_chs=8, reduction=2, module=f"blocks.{i}") for i in range(2)]
+
+    def run(model):
+        net = FeatureGraphNet(model, out_indices=(0, 1))
+        return net.eval()(x), net.train()(x)
+
+    same_result_or_same_failure(run, ref, ours, layouts=True)
+
+
+# -- torch.compile, torch.export, TorchScript -------------------------------------------------------------------
+
+def _graphs_and_breaks(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(x)
+    return explanation.graph_count, explanation.graph_break_count
+
+
+@pytest.mark.parametrize("k", [5, 8])
+def test_torch_compile_fullgraph_training_step(k):
+    ref, ours = _pair(k, torch.float32)
+    x, target = _images(torch.float32), torch.arange(4) % 5
+
+    def run(model):
+        torch._dynamo.reset()
+        model.train().zero_grad()
+        compiled = torch.compile(model, fullgraph=True)
+        loss = nn.functional.cross_entropy(compiled(x), target)
+        loss.backward()
+        buffers = [b.float() for b in model.buffers()]
+        return loss, [p.grad for p in model.parameters()], buffers
+
+    same_result_or_same_failure(run, ref, ours, tolerance=1e-4)
+    assert _graphs_and_breaks(ours.train(), x) == _graphs_and_breaks(ref.train(), x) == (1, 0)
+
+
+@needs_kernels
+def test_compiled_training_graph_keeps_the_kernels_as_operators():
+    _, ours = _pair(5, torch.float32)
+    x = _images(torch.float32)
+    torch._dynamo.reset()
+    compiled = torch.compile(ours.train(), fullgraph=True)
+    compiled(x).sum().backward()
+    with torch.profiler.profile() as profile:
+        compiled(x).sum().backward()
+    ran = {event.name for event in profile.events()}
+    assert {"convmixer_timm::batch_norm_train", "convmixer_timm::depthwise_conv_same",
+            "convmixer_timm::depthwise_weight_grad"} <= ran
+
+
+@pytest.mark.parametrize("k", [5, 8])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_torch_compile_fullgraph_eval(k, channels_last):
+    ref, ours = _pair(k, torch.float32)
+    x = _images(torch.float32, channels_last)
+
+    def run(model):
+        torch._dynamo.reset()
+        return torch.compile(model.eval(), fullgraph=True)(x)
+
+    same_result_or_same_failure(run, ref, ours, tolerance=1e-4)
+    assert _graphs_and_breaks(ours.eval(), x) == _graphs_and_breaks(ref.eval(), x)
+
+
+@pytest.mark.parametrize("k", [5, 8])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_torch_export(k, mode):
+    ref, ours = _pair(k)
+    x = _images()
+
+    def run(model):
+        model.train(mode == "train")
+        program = torch.export.export(model, (x,))
+        assert not any("convmixer_timm" in str(node.target) for node in program.graph.nodes)  # portable aten ops
+        return program.module()(x)
+
+    same_result_or_same_failure(run, ref, ours)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_torchscript_and_jit_trace(mode):
+    ref, ours = _pair(8)
+    x = _images()
+
+    def run(model):
+        model.train(mode == "train")
+        return torch.jit.script(model)(x), torch.jit.trace(model, (x,), check_trace=False)(x)
+
+    same_result_or_same_failure(run, ref, ours)
+
+
+# -- registration: every import order, one mechanism -------------------------------------------------------------
+
+_CHECK_REGISTERED = """
+import timm
+from timm.models._registry import model_entrypoint
+names = sorted(timm.list_models("convmixer*"))
+assert names == sorted({expected}), names
+assert all(model_entrypoint(n).__module__ == "convmixer_timm.models.convmixer" for n in names)
+model = timm.create_model("convmixer_768_32", dim=8, depth=1, pretrained=False)
+assert type(model).__module__ == "convmixer_timm.models.convmixer", type(model)
+print("REGISTERED", len(names))
+"""
+
+_SUBMODULES = sorted(
+    ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+    for path in (ROOT / "convmixer_timm").rglob("*.py")
+    if path.name != "__main__.py"  # runs the command line; covered by test_running_a_module_registers_every_model
+)
+
+_FIRST_IMPORTS = {
+    "timm": "import timm",
+    "package": "import convmixer_timm",
+    "speed-kernel-info": "from convmixer_timm.speed import kernel_info",
+    "optimize-for-inference": "from convmixer_timm import optimize_for_inference",
+    "find-spec-probe": "import convmixer_timm, importlib.util; importlib.util.find_spec('timm')",
+    "probe-before-package": "import importlib.util; importlib.util.find_spec('timm'); import convmixer_timm",
+    "transformers": "import transformers; transformers.utils.is_timm_available()",
+    **{f"module-{name}": f"import {name}" for name in _SUBMODULES},
+}
+
+
+def _python(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, "-W", "error::UserWarning:convmixer_timm", "-c", code],
+                          capture_output=True, text=True, env=full_env, timeout=300, cwd=ROOT)
+
+
+@pytest.mark.parametrize("first", list(_FIRST_IMPORTS))
+def test_any_import_order_registers_every_model(first):
+    check = _CHECK_REGISTERED.format(expected=[v.name for v in VARIANTS])
+    result = _python(_FIRST_IMPORTS[first] + "\n" + check)
+    assert result.returncode == 0 and "REGISTERED 9" in result.stdout, result.stderr[-2000:]
+    assert "could not register" not in result.stderr
+
+
+def test_autoload_off_then_import_package_registers():
+    check = _CHECK_REGISTERED.format(expected=[v.name for v in VARIANTS])
+    result = _python("import convmixer_timm\n" + check, env={"CONVMIXER_TIMM_AUTOLOAD": "0"})
+    assert result.returncode == 0 and "REGISTERED 9" in result.stdout, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("module", ["convmixer_timm", "convmixer_timm.cli", "convmixer_timm.speed.build"])
+def test_running_a_module_registers_every_model(module, tmp_path):
+    # What `python -m MODULE --help` runs (runpy), then the same check in the same process.
+    check = _CHECK_REGISTERED.format(expected=[v.name for v in VARIANTS])
+    argv = [module, str(tmp_path / "out")] if module.endswith("build") else [module, "--help"]
+    code = textwrap.dedent(f"""
+        import runpy, sys
+        sys.argv = {argv!r}
+        try:
+            runpy.run_module({module!r}, run_name="__main__", alter_sys=True)
+        except SystemExit:
+            pass
+    """) + check
+    result = _python(code, env={"CXX": "false"})  # the build fails at once: only the import matters here
+    assert "REGISTERED 9" in result.stdout, result.stderr[-2000:]
+    assert "could not register" not in result.stderr
+
+
+def test_the_speed_layer_imports_no_timm():
+    result = _python("import sys, convmixer_timm.speed; print('timm' in sys.modules)",
+                     env={"CONVMIXER_TIMM_AUTOLOAD": "0"})
+    assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr[-2000:]
+
+
+# -- the process as the user set it --------------------------------------------------------------------------------
+
+_TRAIN_AND_REPORT = """
+import timm, torch
+from convmixer_timm.speed import allocator_tuned
+model = timm.create_model("convmixer_256_8_ks5_p2", dim=8, depth=1)
+model(torch.randn(4, 3, 16, 16)).sum().backward()
+print("eager", allocator_tuned())
+"""
+
+
+@pytest.mark.parametrize("setting", [
+    {}, {"MALLOC_MMAP_THRESHOLD_": "65536"}, {"MALLOC_TOP_PAD_": "0"},
+    {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"},
+], ids=["none", "mmap-threshold", "top-pad", "glibc-tunables"])
+def test_allocator_settings_the_user_chose_are_left_alone(setting):
+    result = _python(_TRAIN_AND_REPORT, env={k: v for k, v in setting.items()})
+    assert result.returncode == 0, result.stderr[-2000:]
+    expected = "eager True" if not setting else "eager False"
+    assert expected in result.stdout
+
+
+def test_compiled_training_never_enters_the_allocator_setting():
+    code = _TRAIN_AND_REPORT.replace('print("eager", allocator_tuned())', textwrap.dedent("""
+        print("eager", allocator_tuned())
+        from convmixer_timm import restore_cpu_allocator
+        restore_cpu_allocator()
+        fresh = timm.create_model("convmixer_256_8_ks5_p2", dim=8, depth=1)
+        torch.compile(fresh, fullgraph=True)(torch.randn(4, 3, 16, 16)).sum().backward()
+        print("compiled", allocator_tuned())
+    """))
+    result = _python(code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "compiled False" in result.stdout
