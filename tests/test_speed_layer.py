@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -112,16 +113,14 @@ def test_files_or_folders_others_can_write_are_refused(tmp_path, writable):
 
 @needs_kernels
 @posix_owners
-def test_a_link_into_a_shared_folder_is_judged_by_its_target(tmp_path):
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    real = _private_copy(shared)
-    shared.chmod(0o777)  # anyone could replace what the link points to
+def test_a_library_link_is_refused_even_to_a_genuine_private_copy(tmp_path):
+    # Links are judged by no target: the file opened (without following) is the file checked and mapped.
+    real = _private_copy(tmp_path)
     folder = tmp_path / "mine"
     folder.mkdir(mode=0o700)
     (folder / build.LIBRARY_NAME).symlink_to(real)
     shutil.copy(real.with_name(build.MANIFEST_NAME), folder / build.MANIFEST_NAME)
-    assert "writable by other users" in _load_error(folder / build.LIBRARY_NAME)
+    assert "is a symbolic link" in _load_error(folder / build.LIBRARY_NAME)
 
 
 @needs_kernels
@@ -276,16 +275,34 @@ def test_nothing_distributed_is_built_for_the_build_machine():
 # ------------------------------------------------------------------------------------------------ kills, races
 
 
-def _children(pid: int) -> list[int]:
-    found = []
+def _process_table() -> dict[int, tuple[str, int, int, str]]:
+    """pid -> (name, parent pid, process group, state) of every process visible in /proc."""
+    table = {}
     for stat_file in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+            text = stat_file.read_text()
         except OSError:
             continue
-        if int(fields[1]) == pid:
-            found.append(int(stat_file.parent.name))
+        name = text[text.index("(") + 1:text.rindex(")")]
+        state, parent, group = text.rsplit(")", 1)[1].split()[:3]
+        table[int(stat_file.parent.name)] = (name, int(parent), int(group), state)
+    return table
+
+
+def _descendants(pid: int) -> dict[int, tuple[str, int, int, str]]:
+    table = _process_table()
+    found, frontier = {}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, row in table.items():
+            if row[1] == parent and child not in found:
+                found[child] = row
+                frontier.append(child)
     return found
+
+
+def _group_alive(group: int) -> bool:
+    return any(row[2] == group and row[3] != "Z" for row in _process_table().values())
 
 
 def _gone(pid: int) -> bool:
@@ -296,23 +313,65 @@ def _gone(pid: int) -> bool:
     return state == "Z"
 
 
+def _start_build(out: Path, **env: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(PACKAGE / "speed" / "build.py"), str(out)], cwd=out.parent,
+                            env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 @needs_compiler
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_a_build_killed_midway_leaves_no_compiler_and_its_leftovers_are_cleared(tmp_path):
-    out = tmp_path / "out"
-    process = subprocess.Popen([sys.executable, str(PACKAGE / "speed" / "build.py"), str(out)], cwd=tmp_path)
+def test_a_build_killed_midway_leaves_no_compiler_and_nothing_outside_its_folder(tmp_path):
+    out, scratch = tmp_path / "out", tmp_path / "tmp"
+    scratch.mkdir()
+    process = _start_build(out, TMPDIR=str(scratch))
     try:
-        wait_until(lambda: _children(process.pid) and list(out.glob(".building-*")), "the compiler starting", process)
-        compilers = _children(process.pid)
+        wait_until(lambda: any(row[0] == "cc1plus" for row in _descendants(process.pid).values()),
+                   "cc1plus starting", process)
+        group = next(row[2] for row in _descendants(process.pid).values() if row[0] == "cc1plus")
+        assert group != os.getpgrp()  # the compiler's own group: what dies with the build, whatever kills it
         process.kill()
         process.wait(timeout=60)
-        wait_until(lambda: all(_gone(pid) for pid in compilers), "the compiler ending with the killed build")
+        # Before the watchdog, cc1plus outlived its killed driver and finished its ~20 s compile alone.
+        wait_until(lambda: not _group_alive(group), "cc1plus ending with the killed build")
     finally:
         if process.poll() is None:
             process.kill()
+    assert list(scratch.iterdir()) == []  # -pipe and TMPDIR in the staging folder: nothing left in /tmp
     leftovers = sorted(out.glob(".building-*"))
     assert leftovers and not (out / build.LIBRARY_NAME).exists() and not (out / build.MANIFEST_NAME).exists()
     assert sorted(build.remove_stale_builds(out)) == leftovers  # what the next build does first
+    assert list(out.iterdir()) == []
+
+
+LINGERING_COMPILER = """#!/bin/sh
+# A compiler driver whose helper would outlive it (as cc1plus did): the build must take the helper down too.
+sleep 600 &
+echo $! > "$CMX_TEST_HELPER_PID.partial" && mv "$CMX_TEST_HELPER_PID.partial" "$CMX_TEST_HELPER_PID"
+wait
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("sleep") is None, reason="POSIX, /proc")
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGTERM", "SIGINT"])
+def test_whatever_ends_a_build_its_compilers_helpers_end_with_it(tmp_path, signal_name):
+    compiler = tmp_path / "c++"
+    compiler.write_text(LINGERING_COMPILER)
+    compiler.chmod(0o755)
+    helper_pid_file, out = tmp_path / "helper.pid", tmp_path / "out"
+    process = _start_build(out, CXX=str(compiler), CMX_TEST_HELPER_PID=str(helper_pid_file))
+    helper = None
+    try:
+        wait_until(helper_pid_file.exists, "the compiler's helper starting", process)
+        helper = int(helper_pid_file.read_text())
+        process.send_signal(getattr(signal, signal_name))
+        process.wait(timeout=60)
+        wait_until(lambda: _gone(helper), f"the compiler's helper ending with the build ({signal_name})")
+    finally:
+        if process.poll() is None:
+            process.kill()
+        if helper is not None and not _gone(helper):
+            os.kill(helper, signal.SIGKILL)
+    build.remove_stale_builds(out)
     assert list(out.iterdir()) == []
 
 

@@ -1,23 +1,31 @@
 """Loading the compiled CPU kernels safely, and choosing their instruction set at run time.
 
-The library is built when the package is built or installed (``build.py``) and lives beside this file. Before
-``dlopen`` runs any of its code, the loader checks that:
+The library is built when the package is built or installed (``build.py``) and lives beside this file. Each file
+the loader trusts is opened once, without following a symbolic link or waiting on a FIFO, and checked through that
+open descriptor, never again by path:
 
-* the library, its manifest and every folder above them belong to this user or root and are not writable by
-  anyone else (a sticky folder such as ``/tmp`` above them is fine): nothing another user could have planted runs;
-* the library's size and SHA-256 match the manifest, and the manifest was made from the sources beside it: a
-  truncated, empty, stale or foreign file is never mapped (a truncated ELF file crashes the process with SIGBUS
-  inside ``dlopen``);
+* the manifest, both sources and the library are regular files (not links, folders or FIFOs), belong to this user
+  or root and are not writable by anyone else; so are the folders above them, and the folder holding each
+  symbolic link on the way there (a sticky folder such as ``/tmp`` above them is fine): nothing another user could
+  have planted runs;
+* the library's SHA-256 matches the manifest, and the manifest was made from the sources beside it: a truncated,
+  empty, stale or foreign file is never mapped (a truncated ELF file crashes the process with SIGBUS inside
+  ``dlopen``);
+* the library is then loaded through the descriptor that was checked (``/proc/self/fd/N``), so the file mapped, and
+  whose constructors run, is the file whose bytes were hashed, even if the path is replaced in between;
 * after loading, the ABI version and every entry point are there.
 
-Any failure gives one ``RuntimeWarning`` naming the cause and the fix, and PyTorch's own ops are used instead
-(same results, slower). ``CONVMIXER_TIMM_KERNELS=0`` turns the kernels off silently;
+Any failure gives one ``RuntimeWarning`` per process naming the cause and the fix, and PyTorch's own ops are used
+instead (same results, slower). ``CONVMIXER_TIMM_KERNELS=0`` turns the kernels off silently;
 ``CONVMIXER_TIMM_CPU_ISA=avx2`` (or ``avx512``, ``baseline``) forces a copy, as long as this CPU can run it.
 There is no run-time build and no cache folder: there is nothing to compile, race for or clean up at run time.
 """
 from __future__ import annotations
 
 import ctypes
+import errno
+import hashlib
+import itertools
 import json
 import os
 import stat
@@ -26,7 +34,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from .build import ABI_VERSION, HERE, LIBRARY_NAME, MANIFEST_NAME, file_digest, sources_digest
+from .build import ABI_VERSION, HERE, LIBRARY_NAME, MANIFEST_NAME, SOURCES, digest_of_sources
 
 __all__ = ["ISAS", "KernelLibrary", "KernelLoadError", "enabled", "kernel_info", "load", "load_from"]
 
@@ -38,6 +46,16 @@ _SIGNATURES = {
     **{f"batch_norm_backward_{t}": [_POINTER] * 8 + [_INT64, _INT64, _INT] for t in ("f32", "f64")},
     "spatial_mixing_f32": [_INT] + [_POINTER] * 7 + [_INT64] * 4 + [_INT] * 3,
 }
+# O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer; its type is refused before any read.
+_OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+               | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+_MAX_LINKS = 40  # as the kernel's own path resolution
+_MAX_MANIFEST_BYTES = 1 << 16
+_FD_FOLDER = Path("/proc/self/fd")
+# dlopen returns an already-loaded library whose name matches, without opening anything: a name reused for another
+# descriptor would give back the earlier library. Each load gets a name never used before (one more leading slash;
+# a process loads a library a handful of times, so the names stay far below PATH_MAX).
+_load_count = itertools.count(1)
 
 
 class KernelLoadError(RuntimeError):
@@ -69,44 +87,151 @@ def enabled() -> bool:
     return os.environ.get("CONVMIXER_TIMM_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def _check_owner_and_mode(path: Path, final: bool) -> None:
-    info = os.stat(path)
-    me = os.getuid()
-    if info.st_uid not in (me, 0):
-        raise KernelLoadError(f"{path} belongs to user id {info.st_uid}, not to you ({me}) or root")
+def _check_owner(path: Path, info: os.stat_result) -> None:
+    if hasattr(os, "getuid") and info.st_uid not in (os.getuid(), 0):  # Windows has no POSIX owners (nor kernels)
+        raise KernelLoadError(f"{path} belongs to user id {info.st_uid}, not to you ({os.getuid()}) or root")
+
+
+def _check_owner_and_mode(path: Path, info: os.stat_result, sticky_ok: bool) -> None:
+    if not hasattr(os, "getuid"):
+        return
+    _check_owner(path, info)
     others_write = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-    sticky_folder = stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX and not final
+    # In a sticky folder (/tmp) others can add names but not replace or remove ours: fine above the kernel folder.
+    sticky_folder = sticky_ok and stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX
     if others_write and not sticky_folder:
         raise KernelLoadError(f"{path} is writable by other users (mode {stat.filemode(info.st_mode)})")
 
 
-def _check_trusted(path: Path) -> None:
-    """Owner and permissions of ``path``, its folder and every folder above it (symbolic links resolved)."""
-    if not hasattr(os, "getuid"):
-        return  # Windows: no POSIX owners; the kernels are not built there
-    real = Path(os.path.realpath(path))
-    _check_owner_and_mode(real, final=True)
-    for i, folder in enumerate(real.parents):
-        _check_owner_and_mode(folder, final=i == 0)
+def _checked_folder(path: Path) -> Path:
+    """The real folder holding ``path``, after checking every folder on the way and each symbolic link followed.
+
+    Resolves the path one name at a time, as the kernel does, so that the folder holding a link is checked as well as
+    the folders of its target (``realpath`` alone would skip the former). Returns the folder to open the file in.
+    """
+    pending = list(Path(os.getcwd(), path).parts)
+    folder = Path(pending.pop(0))  # the root
+    _check_owner_and_mode(folder, os.stat(folder), sticky_ok=True)
+    pending.pop()  # the file itself: checked through its descriptor, and never followed if it is a link
+    links = 0
+    while pending:
+        name = pending.pop(0)
+        if name == "..":
+            folder = folder.parent  # ``folder`` is real (links already followed), so this is its real parent
+            continue
+        entry = folder / name
+        info = os.lstat(entry)
+        if stat.S_ISLNK(info.st_mode):
+            _check_owner(entry, info)  # a link's own mode means nothing; its folder was checked on the way in
+            links += 1
+            if links > _MAX_LINKS:
+                raise KernelLoadError(f"{path} goes through more than {_MAX_LINKS} symbolic links")
+            target = Path(os.readlink(entry))
+            if target.is_absolute():
+                folder = Path(target.anchor)
+            pending[:0] = target.parts[1:] if target.is_absolute() else target.parts
+            continue
+        if not stat.S_ISDIR(info.st_mode):
+            raise KernelLoadError(f"{entry} is not a folder")
+        _check_owner_and_mode(entry, info, sticky_ok=True)
+        folder = entry
+    _check_owner_and_mode(folder, os.stat(folder), sticky_ok=False)  # the folder holding the file itself
+    return folder
 
 
-def _verify(library: Path, manifest_path: Path, sources: Path) -> None:
-    for path in (library, manifest_path):
-        if not path.is_file():
-            raise KernelLoadError(f"{path} is missing")
-        _check_trusted(path)
+def _kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _open_checked(path: Path) -> int:
+    """A descriptor of ``path``, opened once and checked: a regular file, owned by you or root, unwritable by others.
+
+    Everything after this reads, hashes and maps the descriptor, never the path: a file swapped in after the check is
+    never the one used. Raises :class:`KernelLoadError`; the caller closes the descriptor.
+    """
     try:
-        manifest = json.loads(manifest_path.read_text())
+        real = _checked_folder(path) / path.name
+        fd = os.open(real, _OPEN_FLAGS)
+    except KernelLoadError:
+        raise
+    except FileNotFoundError:
+        raise KernelLoadError(f"{path} is missing") from None
+    except PermissionError:
+        raise KernelLoadError(f"{path} cannot be read by you (permission denied: {_mode_text(path)})") from None
+    except OSError as error:
+        if error.errno == errno.ELOOP and os.path.islink(path):
+            raise KernelLoadError(f"{path} is a symbolic link; the kernel files must be real files, so that the "
+                                  "file checked is the file loaded") from None
+        raise KernelLoadError(f"{path} cannot be opened ({error.strerror or error})") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise KernelLoadError(f"{path} is {_kind(info.st_mode)}, not a regular file")
+        _check_owner_and_mode(path, info, sticky_ok=False)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _mode_text(path: Path) -> str:
+    try:
+        return f"mode {stat.filemode(os.lstat(path).st_mode)}"
+    except OSError:
+        return "a folder above it cannot be searched"
+
+
+def _read_checked(fd: int, path: Path, limit: int | None = None) -> bytes:
+    """All of the open file, which must not change size while it is read (a writer at work)."""
+    before = os.fstat(fd)
+    if limit is not None and before.st_size > limit:
+        raise KernelLoadError(f"{path} is damaged ({before.st_size} bytes, more than any manifest)")
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    data = b"".join(chunks)
+    after = os.fstat(fd)
+    if len(data) != before.st_size or (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+        raise KernelLoadError(f"{path} changed while it was being checked; load again once nothing writes to it")
+    return data
+
+
+def _read_file(path: Path, limit: int | None = None) -> bytes:
+    fd = _open_checked(path)
+    try:
+        return _read_checked(fd, path, limit)
+    finally:
+        os.close(fd)
+
+
+def _check_manifest_and_sources(library: Path, manifest_path: Path, sources: Path) -> str:
+    """The library's SHA-256 recorded by a manifest we trust, made from the sources beside it."""
+    try:
+        manifest = json.loads(_read_file(manifest_path, _MAX_MANIFEST_BYTES))
         expected_library, expected_sources = manifest["library_sha256"], manifest["sources_sha256"]
         abi = manifest["abi"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except (ValueError, KeyError, TypeError) as error:
         raise KernelLoadError(f"{manifest_path} is damaged ({error})") from error
     if abi != ABI_VERSION:
         raise KernelLoadError(f"{library} has kernel ABI {abi}, this package needs {ABI_VERSION}")
-    if file_digest(library) != expected_library:
-        raise KernelLoadError(f"{library} is damaged (its SHA-256 differs from the one recorded at build time)")
-    if (sources / "convmixer_kernels.cpp").exists() and sources_digest(sources) != expected_sources:
+    if digest_of_sources({name: _read_file(sources / name) for name in SOURCES}) != expected_sources:
         raise KernelLoadError(f"{library} was built from other sources than the ones beside it (stale build)")
+    return expected_library
+
+
+def _map(fd: int, library: Path) -> ctypes.CDLL:
+    """``dlopen`` the open file itself: the dynamic loader opens ``/proc/self/fd/N``, the inode that was checked."""
+    if not _FD_FOLDER.is_dir():
+        raise KernelLoadError(f"{library} cannot be loaded by descriptor here ({_FD_FOLDER} is absent); mount /proc")
+    name = "/" * next(_load_count) + str(_FD_FOLDER / str(fd)).lstrip("/")
+    try:
+        return ctypes.CDLL(name)
+    except OSError as error:
+        raise KernelLoadError(f"{library} could not be loaded ({error})") from error
 
 
 def _pick_isa(cdll: ctypes.CDLL) -> str:
@@ -124,15 +249,7 @@ def _pick_isa(cdll: ctypes.CDLL) -> str:
     return available[0]
 
 
-def load_from(library: Path, manifest: Path | None = None, sources: Path = HERE) -> KernelLibrary:
-    """Verify, load and bind one library file; raises :class:`KernelLoadError` without loading anything unsafe."""
-    library = Path(library)
-    manifest = manifest or library.with_name(MANIFEST_NAME)
-    _verify(library, manifest, sources)
-    try:
-        cdll = ctypes.CDLL(str(library))
-    except OSError as error:
-        raise KernelLoadError(f"{library} could not be loaded ({error})") from error
+def _bind(cdll: ctypes.CDLL, library: Path) -> KernelLibrary:
     try:
         version = cdll.cmx_abi_version
         version.restype = ctypes.c_int
@@ -149,6 +266,24 @@ def load_from(library: Path, manifest: Path | None = None, sources: Path = HERE)
     return KernelLibrary(path=library, isa=isa, functions=functions)
 
 
+def load_from(library: Path, manifest: Path | None = None, sources: Path = HERE) -> KernelLibrary:
+    """Verify, load and bind one library file; raises :class:`KernelLoadError` without loading anything unsafe."""
+    library = Path(library)
+    manifest = Path(manifest) if manifest is not None else library.with_name(MANIFEST_NAME)
+    try:
+        expected_library = _check_manifest_and_sources(library, manifest, Path(sources))
+        fd = _open_checked(library)
+        try:
+            if hashlib.sha256(_read_checked(fd, library)).hexdigest() != expected_library:
+                raise KernelLoadError(f"{library} is damaged (its SHA-256 differs from the one recorded at build time)")
+            cdll = _map(fd, library)
+        finally:
+            os.close(fd)  # the mapping holds the file from here on
+    except OSError as error:  # a file or folder that vanished or changed type between two steps
+        raise KernelLoadError(f"{library} could not be checked ({error})") from error
+    return _bind(cdll, library)
+
+
 def load() -> KernelLibrary | None:
     """The kernels for this CPU, loaded on first call; None (after one warning) where they cannot be used."""
     global _library, _failure, _tried
@@ -160,20 +295,22 @@ def load() -> KernelLibrary | None:
         if not _tried:
             try:
                 _library = load_from(HERE / LIBRARY_NAME)
-            except KernelLoadError as error:
-                _failure = str(error)
+            except Exception as error:  # whatever the cause, PyTorch's ops are the safe answer
+                _failure = str(error) if isinstance(error, KernelLoadError) else f"{type(error).__name__}: {error}"
                 warnings.warn(
-                    f"convmixer_timm: compiled CPU kernels not used: {error}. PyTorch's own ops run instead (same "
+                    f"convmixer_timm: compiled CPU kernels not used: {_failure}. PyTorch's own ops run instead (same "
                     "results, slower). To build them, reinstall with a C++ compiler (g++) present: `pip install "
                     "--force-reinstall --no-deps convmixer-timm` (or `python -m convmixer_timm.speed.build` in a "
                     "source checkout); CONVMIXER_TIMM_KERNELS=0 silences this.",
                     RuntimeWarning, stacklevel=3)
-            _tried = True
+            finally:
+                _tried = True
     return _library
 
 
 def kernel_info() -> dict:
     """What the speed layer uses here: whether the kernels are loaded, from where, which ISA, or why not."""
     library = load()
+    reason = _failure if enabled() else "turned off by CONVMIXER_TIMM_KERNELS"
     return dict(enabled=enabled(), loaded=library is not None, isa=library.isa if library else None,
-                path=str(library.path) if library else None, reason=_failure)
+                path=str(library.path) if library else None, reason=reason)
