@@ -83,6 +83,8 @@ def test_zip_bomb_is_refused_on_every_local_path(tmp_path):
                                                             pretrained_cfg_overlay=dict(file=str(bomb))),
         "load_checkpoint": lambda: timm.models.load_checkpoint(small_model(), str(bomb)),
         "resume_checkpoint": lambda: timm.models.resume_checkpoint(small_model(), str(bomb)),
+        "load_checkpoint into torch.compile's wrapper": lambda: timm.models.load_checkpoint(
+            torch.compile(small_model()), str(bomb)),
         "local-dir": lambda: timm.create_model(f"local-dir:{local_dir}", pretrained=True),
     }
     for name, load in loads.items():

@@ -115,9 +115,14 @@ _GUARD_MARK = "__convmixer_timm_guard__"
 
 
 def _is_convmixer(model: Any) -> bool:
+    """A ConvMixer, also inside torch.compile's or DistributedDataParallel's wrapper (what train.py may pass)."""
     from .convmixer import ConvMixer  # imported here: convmixer.py imports this module
 
-    return isinstance(model, ConvMixer)
+    for _ in range(3):
+        if isinstance(model, ConvMixer):
+            return True
+        model = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+    return False
 
 
 def _mark_convmixer_loads(original: Callable[..., Any]) -> Callable[..., Any]:
