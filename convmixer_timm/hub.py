@@ -347,6 +347,14 @@ def check_output_path(out_dir: str | os.PathLike[str], overwrite: bool = False) 
         if not overwrite:
             raise FileExistsError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it (the old "
                                   "folder is kept if the new write fails)")
+        # Replacing a folder deletes what it holds: only ever one this module wrote (a typo such as `--out ~` or
+        # `--out /tmp` must not take a home folder with it). A symbolic link is replaced, its target never touched.
+        foreign = [] if path.is_symlink() else sorted(set(os.listdir(path)) - {CONFIG_NAME, WEIGHTS_NAME, CARD_NAME})
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise FileExistsError(f"{path} holds files a Hub folder written here does not ({shown}), and --overwrite "
+                                  f"replaces only such a folder ({CONFIG_NAME}, {WEIGHTS_NAME}, {CARD_NAME}); choose "
+                                  "another output path, or move those files away first")
     ancestor = path.parent
     while not ancestor.exists() and not ancestor.is_symlink():
         ancestor = ancestor.parent

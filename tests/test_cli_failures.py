@@ -214,6 +214,26 @@ def test_a_dangling_symlink_is_named_and_replaced_only_when_asked(tmp_path, caps
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "w.safetensors"]
 
 
+def test_overwrite_never_replaces_a_folder_it_did_not_write(tmp_path, capsys):
+    """A slip such as `--out ~ --overwrite` must not delete a home folder."""
+    src = save(small_state(15), tmp_path / "w.safetensors")
+    home = tmp_path / "home"
+    (home / "documents").mkdir(parents=True)
+    (home / "notes.txt").write_text("keep me")
+    assert convert(src, "--out", home, "--overwrite", *SMALL_ARGS) == 1
+    assert one_line(capsys.readouterr().err) == (
+        f"convmixer-timm convert: error: {home} holds files a Hub folder written here does not (documents, "
+        "notes.txt), and --overwrite replaces only such a folder (config.json, model.safetensors, README.md); "
+        "choose another output path, or move those files away first")
+    assert sorted(p.name for p in home.iterdir()) == ["documents", "notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "w.safetensors"]
+
+    (home / "notes.txt").unlink()
+    (home / "documents").rmdir()
+    assert convert(src, "--out", home, "--overwrite", *SMALL_ARGS) == 0  # an empty folder is replaced
+    assert convert(src, "--out", home, "--overwrite", *SMALL_ARGS) == 0  # and so is one it wrote
+
+
 @pytest.mark.parametrize("out", ["/", "..", "sub/..", "."])
 def test_a_path_that_names_no_folder_is_bad_usage(tmp_path, capsys, monkeypatch, out):
     monkeypatch.chdir(tmp_path)
