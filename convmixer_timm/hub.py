@@ -540,7 +540,8 @@ def save_hub_folder(
             digits"}``; the ``dataset`` entry (or ``dataset``) names what they were measured on and is required.
         dataset: What the weights were trained on, if known. The card names a training data set only when this
             is given or the weights are the variant's published ones (``Variant.published_sha256``).
-        overwrite: Replace an existing ``out_dir``; it stays intact if the new write fails.
+        overwrite: Replace an existing ``out_dir``; it stays intact if the new write fails. Only a folder holding
+            nothing but what this function writes (or a symbolic link, replaced, its target untouched) is replaced.
         model_args: Constructor arguments overriding those read from the model (JSON-serialisable). config.json
             keeps only the arguments that differ from the registered variant, and never ``num_classes``.
         labels: One class name per output, in order. Default: names the model already carries, else the
