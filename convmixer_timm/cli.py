@@ -7,7 +7,9 @@
     convmixer-timm demo [...]
 
 Also ``python -m convmixer_timm``. Progress and status go to stderr, results (tables, JSON) to stdout, so the
-output can be piped. Exit status: 0 success, 1 a failure the message explains, 2 bad usage, 130 interrupted.
+output can be piped. Exit status: 0 success, 1 a failure the message explains, 2 bad usage, 130 interrupted
+(Ctrl-C), 143 terminated (SIGTERM). Every failure is one line on stderr naming the cause and the fix; a token is
+never printed.
 """
 from __future__ import annotations
 
@@ -139,12 +141,6 @@ def _fitting_options(state_dict: dict[str, Any], act: str) -> str:
     return f"pass {options} to convert these weights."
 
 
-def _non_finite_message(found: list[tuple[str, int, int]], limit: int = 5) -> str:
-    shown = ", ".join(f"{key} ({nan:,} NaN, {inf:,} inf)" for key, nan, inf in found[:limit])
-    more = f" (and {len(found) - limit} more)" if len(found) > limit else ""
-    return f"{len(found)} tensor{'s' if len(found) > 1 else ''} hold NaN or infinite values: {shown}{more}"
-
-
 def _card_facts(args: argparse.Namespace) -> tuple[list[str] | None, dict[str, Any] | None]:
     """The class names (``--labels``) and accuracy (``--top1``) the user states, read before the checkpoint."""
     from .labels import read_labels_file
@@ -169,14 +165,17 @@ def _card_facts(args: argparse.Namespace) -> tuple[list[str] | None, dict[str, A
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .hub import WEIGHTS_NAME, recover_output, save_hub_folder
+    from .hub import WEIGHTS_NAME, check_output_path, recover_output, save_hub_folder
     from .models.checkpoint import (
         CheckpointError,
         describe_architecture,
         key_differences,
         load_checkpoint_file,
+        non_finite_message,
         non_finite_tensors,
         to_timm_layout,
+        unfit_dtypes,
+        unfit_dtypes_message,
     )
     from .models.variants import get_variant
 
@@ -184,11 +183,11 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         variant = get_variant(args.model)
     except KeyError as exc:
         raise CliError(str(exc.args[0]), code=2) from exc
-    out = Path(args.out)
-    recover_output(out)  # a run killed mid-write left staging folders (or, without renameat2, a lone backup)
-    if out.exists() and not args.overwrite:
-        raise CliError(f"{out} already exists; pass --overwrite to replace it (the old folder is kept if the new "
-                       "write fails)")
+    recover_output(args.out)  # a run killed mid-write left staging folders (or, without renameat2, a lone backup)
+    try:  # before reading anything: a bad --out fails at once
+        out = check_output_path(args.out, args.overwrite)
+    except ValueError as exc:
+        raise CliError(f"--out: {exc}", code=2) from exc
     model_kwargs = dict(args.model_kwargs or {})
     if args.num_classes is not None:
         model_kwargs["num_classes"] = args.num_classes
@@ -200,24 +199,42 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             raw = load_checkpoint_file(args.src)
         except FileNotFoundError:
             raise
+        except PermissionError as exc:
+            raise CliError(f"cannot read {args.src}: permission denied; make it readable to this user, or convert "
+                           "a copy") from exc
         except OSError as exc:  # torch's zip reader reports some truncated files as a bare OSError (EINVAL)
             raise CliError(f"{args.src} is truncated or corrupt ({type(exc).__name__}: {exc}); download or save "
                            "it again") from exc
         state_dict = to_timm_layout(raw)
         non_finite = non_finite_tensors(state_dict)
         if non_finite and not args.allow_non_finite:
-            raise CliError(f"{args.src}: {_non_finite_message(non_finite)}. Such weights give NaN outputs; "
+            raise CliError(f"{args.src}: {non_finite_message(non_finite)}. Such weights give NaN outputs; "
                            "pass --allow-non-finite to convert them anyway")
     if non_finite and not args.quiet:
-        print(f"warning: converting as asked (--allow-non-finite): {_non_finite_message(non_finite)}",
+        print(f"warning: converting as asked (--allow-non-finite): {non_finite_message(non_finite)}",
               file=sys.stderr)
     with progress.step(f"loading the weights into {variant.name}"):
+        import timm
+
+        try:
+            model = timm.create_model(variant.name, **model_kwargs)
+        except (TypeError, ValueError) as exc:
+            raise CliError(f"cannot build {variant.name} with {model_kwargs}: {exc}", code=2) from exc
+        expected = model.state_dict()
+        checkpoint_arch, model_arch = describe_architecture(state_dict), describe_architecture(expected)
         head = state_dict.get("head.weight")
         expected_classes = model_kwargs.get("num_classes", variant.num_classes)
-        if head is not None and head.shape[0] != expected_classes:
+        # Only for weights of this very architecture: for any other, load_state_dict below names it with every
+        # option that fits (--num-classes included), where a hint about the classifier alone would send the user
+        # into a second failure.
+        if head is not None and head.shape[0] != expected_classes and checkpoint_arch == model_arch:
             raise CliError(
                 f"the checkpoint's classifier has {head.shape[0]} classes but {variant.name} is built with "
                 f"{expected_classes}; pass --num-classes {head.shape[0]}")
+        unfit = unfit_dtypes(state_dict, expected)
+        if unfit:
+            raise CliError(f"{args.src}: {unfit_dtypes_message(unfit)}. Save the floating-point weights again "
+                           "(e.g. model.float().state_dict()) and convert that file")
         if labels is not None:
             from .labels import check_labels
 
@@ -225,20 +242,12 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                 labels = list(check_labels(labels, expected_classes, source=f"--labels {args.labels}"))
             except ValueError as exc:
                 raise CliError(str(exc), code=2) from exc
-        import timm
-
-        try:
-            model = timm.create_model(variant.name, **model_kwargs)
-        except (TypeError, ValueError) as exc:
-            raise CliError(f"cannot build {variant.name} with {model_kwargs}: {exc}", code=2) from exc
         try:
             model.load_state_dict(state_dict)
         except CheckpointError as exc:
             raise CliError(f"{exc} Here: {_fitting_options(state_dict, variant.act)}") from exc
         except RuntimeError as exc:
-            expected = model.state_dict()
             differences = key_differences(state_dict, expected) or str(exc).splitlines()[0]
-            checkpoint_arch, model_arch = describe_architecture(state_dict), describe_architecture(expected)
             if checkpoint_arch == model_arch:
                 fix = ("the architecture matches, so remove the keys named above from the state dict (or add the "
                        "missing ones) and save it again")
@@ -282,20 +291,78 @@ def _token_from(args: argparse.Namespace) -> str | None:
         if not token:
             raise CliError("--token-stdin read an empty token; pipe it in, e.g. "
                            f"`{PROG} push DIR --repo-id ID --token-stdin < token-file`", code=2)
+        _check_token(token, "--token-stdin")
         return token
     if args.token:
         print(_TOKEN_ON_COMMAND_LINE, file=sys.stderr)
+        _check_token(args.token, "--token")
         return args.token
+    from huggingface_hub import get_token
+
+    from .hub import _token_source
+
+    stored = get_token()  # HF_TOKEN or the stored login: checked here too, before anything is loaded or sent
+    if stored:
+        _check_token(stored, _token_source())
     return None
 
 
-def _cmd_push(args: argparse.Namespace) -> int:
-    from .hub import _test_pause, push_hub_folder, verify_hub_folder
+def _check_token(token: str, source: str) -> None:
+    from .hub import malformed_token
 
+    problem = malformed_token(token, source)
+    if problem:
+        raise CliError(problem, code=2)
+
+
+def _redacted(exc: BaseException, secret: str | None) -> str | None:
+    """``exc`` as one line without ``secret``, if the secret appears anywhere in it or in what caused it (an HTTP
+    library quoting the ``Authorization`` header it refused); None when it does not."""
+    if not secret:
+        return None
+    chain, seen = [], set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    if not any(secret in str(e) or any(secret in repr(a) for a in e.args) for e in chain):
+        return None
+    text = (str(exc).splitlines() or [""])[0].replace(secret, "<token>")
+    return f"{type(exc).__name__}: {text}"
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
     token = _token_from(args)
+    try:
+        return _push(args, token)
+    except (CliError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        redacted = _redacted(exc, token)
+        if redacted is None:
+            raise
+        # Raised from None: a traceback of the original would print the token.
+        raise CliError(f"upload failed ({redacted}); the token was left out of this message. Check the token "
+                       "(a printable hf_... string) and --endpoint") from None
+
+
+def _push(args: argparse.Namespace, token: str | None) -> int:
+    from .hub import WEIGHTS_NAME, _test_pause, push_hub_folder, verify_hub_folder
+    from .models.checkpoint import non_finite_message, non_finite_tensors
+
     progress = _Progress(2, args.quiet)
     with progress.step(f"checking that {args.dir} loads with timm"):
         verify_hub_folder(args.dir)
+        from safetensors.torch import load_file
+
+        non_finite = non_finite_tensors(load_file(Path(args.dir) / WEIGHTS_NAME))
+        if non_finite and not args.allow_non_finite:
+            raise CliError(f"{Path(args.dir) / WEIGHTS_NAME}: {non_finite_message(non_finite)}. Such weights give "
+                           "NaN outputs; pass --allow-non-finite to publish them anyway")
+    if non_finite and not args.quiet:
+        print(f"warning: publishing as asked (--allow-non-finite): {non_finite_message(non_finite)}",
+              file=sys.stderr)
     from huggingface_hub import constants
 
     _test_pause("before-upload")
@@ -405,6 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private", action="store_true", help="create the repo as private")
     p.add_argument("--revision", metavar="R", help="branch to commit to (created if missing; default: main)")
     p.add_argument("--commit-message", metavar="M", help="commit message")
+    p.add_argument("--allow-non-finite", action="store_true",
+                   help="publish weights holding NaN or infinite values (refused by default)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=_cmd_push)
 
@@ -422,6 +491,9 @@ class _Terminated(KeyboardInterrupt):
 
 
 def _raise_terminated(signum: int, frame: object) -> None:
+    # One shot: a second SIGTERM during the clean-up ends the process the default way (no traceback; the next run
+    # removes what is left) instead of interrupting the clean-up with another exception.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     raise _Terminated
 
 
@@ -440,16 +512,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _run(args: argparse.Namespace) -> int:
-    from .hub import HubFolderError, HubPushError
-    from .models.checkpoint import CheckpointError
+def _explained(exc: BaseException) -> bool:
+    """Whether ``exc`` is one of the errors whose message already names the cause and the fix."""
+    if isinstance(exc, (FileExistsError, FileNotFoundError)):
+        return True
+    # Looked up, not imported: the modules are loaded whenever one of their errors exists, and importing them
+    # here would import torch while a signal may be on its way.
+    kinds = [getattr(sys.modules.get(f"{__package__}.{module}"), name, None) for module, name in (
+        ("hub", "HubFolderError"), ("hub", "HubPushError"), ("models.checkpoint", "CheckpointError"),
+        ("models.pretrained", "PretrainedWeightsUnavailableError"))]
+    return isinstance(exc, tuple(kind for kind in kinds if isinstance(kind, type)))
 
+
+def _run(args: argparse.Namespace) -> int:
+    # Everything, the first imports included, runs inside this try: a SIGTERM that arrives while torch is being
+    # imported (the first seconds of every command) ends with the documented status, not a traceback.
     try:
         return int(args.func(args) or 0)
     except CliError as exc:
         message, code = str(exc), exc.code
-    except (CheckpointError, HubFolderError, HubPushError, FileExistsError, FileNotFoundError) as exc:
-        message, code = str(exc), 1
     except _Terminated:
         message, code = "terminated (SIGTERM)", 128 + signal.SIGTERM
     except KeyboardInterrupt:
@@ -460,6 +541,10 @@ def _run(args: argparse.Namespace) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 1
+    except Exception as exc:
+        if not _explained(exc):
+            raise
+        message, code = str(exc), 1
     print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
     return code
 

@@ -7,8 +7,9 @@ exports as plain Pad/Conv/Erf/BatchNormalization nodes.
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
-import tempfile
+import secrets
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,8 +39,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: Sequence[
     path.parent.mkdir(parents=True, exist_ok=True)
     model = copy.deepcopy(model).float().eval()
     x = torch.randn(size)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _create_temporary(path)
     try:
         with warnings.catch_warnings(), torch.no_grad():
             # The TorchScript exporter writes the requested opset exactly; the dynamo exporter (newer torch
@@ -62,6 +62,26 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: Sequence[
             os.unlink(tmp)
         raise
     return path
+
+
+def _create_temporary(path: Path) -> str:
+    """An empty file beside ``path`` to export into, created with the permissions any new file of the user gets.
+
+    ``tempfile.mkstemp`` makes its files 0600, which the final rename would carry over (a model other users of the
+    machine cannot read, under umask 022); ``os.open`` with 0666 lets the umask decide, as ``open(path, "w")``
+    would. The name stays within 255 bytes whatever the length of ``path``'s.
+    """
+    name = path.name
+    if len(os.fsencode(name)) > 200:
+        name = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+    for _ in range(100):
+        tmp = str(path.parent / f".{name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"could not create a temporary file beside {path}")
 
 
 def check_onnx(model: nn.Module, path: str | os.PathLike, x: torch.Tensor, rtol: float = 1e-4) -> float:

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import sys
 import time
 import uuid
@@ -34,8 +35,8 @@ from .models.variants import Variant, get_variant
 
 __all__ = [
     "CARD_NAME", "CONFIG_NAME", "WEIGHTS_NAME", "HubFolderError", "HubPushError", "architecture_of",
-    "load_hub_folder", "push_hub_folder", "recover_output", "save_hub_folder", "verify_hub_folder",
-    "weights_sha256",
+    "check_output_path", "load_hub_folder", "malformed_token", "push_hub_folder", "recover_output", "save_hub_folder",
+    "verify_hub_folder", "weights_sha256",
 ]
 
 WEIGHTS_NAME = "model.safetensors"
@@ -267,15 +268,104 @@ def _test_pause(point: str) -> None:
         time.sleep(0.02)
 
 
+# A file name holds at most 255 bytes (NAME_MAX on Linux and macOS). ".{stem}.{pid}.{8 hex}.partial" adds up to 29
+# bytes to the stem (pids of up to 10 digits), so an output name longer than this gets a stem cut to fit plus a
+# digest of the whole name: still one stem per output name, whatever the pid, for recover_output to match.
+_STEM_MAX = 255 - 29
+
+
+def _leftover_stem(name: str) -> str:
+    encoded = os.fsencode(name)
+    if len(encoded) <= _STEM_MAX:
+        return name
+    digest = hashlib.sha256(encoded).hexdigest()[:16]
+    prefix = name
+    while len(os.fsencode(prefix)) > _STEM_MAX - len(digest) - 1:  # whole characters: never half of a UTF-8 one
+        prefix = prefix[:-1]
+    return f"{prefix}~{digest}"
+
+
 def _leftover_name(out_dir: Path, kind: str) -> Path:
-    return out_dir.parent / f".{out_dir.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.{kind}"
+    return out_dir.parent / f".{_leftover_stem(out_dir.name)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.{kind}"
 
 
 def _remove(path: Path) -> None:
     if path.is_symlink():  # an output that was a symlink, swapped out: drop the link, never its target
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
     else:
         shutil.rmtree(path, ignore_errors=True)
+
+
+# OS errors of a write, as the cause and the fix in words. safetensors reports its I/O errors as text only
+# ("Error while serializing: I/O error: No space left on device (os error 28)"), hence the code read from it.
+_WRITE_ERRORS = {
+    errno.ENOSPC: ("no space is left on the device", "free some space, or choose an output folder on another disk"),
+    errno.EDQUOT: ("the disk quota is used up", "free some space, or choose an output folder on another disk"),
+    errno.EFBIG: ("a file would exceed the file size limit (ulimit -f)", "raise the limit, or write elsewhere"),
+    errno.EROFS: ("the file system is read-only", "choose an output folder on a writable file system"),
+    errno.EACCES: ("permission denied", "choose an output folder you can write to"),
+    errno.EPERM: ("operation not permitted", "choose an output folder you can write to"),
+    errno.ENAMETOOLONG: ("a name is too long for the file system", "choose a shorter output path"),
+    errno.ENOTDIR: ("a part of the path is a file, not a folder", "choose another output path"),
+    errno.ELOOP: ("the path has too many levels of symbolic links", "choose another output path"),
+}
+
+
+def _write_error(exc: BaseException, out_dir: Path, existed: bool) -> HubFolderError:
+    code = getattr(exc, "errno", None)
+    if code is None and (found := re.search(r"\b(?:os error|code:) (\d+)", str(exc))):
+        code = int(found.group(1))
+    reason, fix = _WRITE_ERRORS.get(code, (None, "check the output folder and try again"))
+    if reason is None:
+        reason = os.strerror(code) if code else (str(exc).splitlines() or [type(exc).__name__])[0]
+    kept = "; the existing folder is unchanged" if existed else ""
+    return HubFolderError(f"cannot write {out_dir}: {reason}; {fix}. Nothing was written{kept}.")
+
+
+def check_output_path(out_dir: str | os.PathLike[str], overwrite: bool = False) -> Path:
+    """The absolute folder ``save_hub_folder(model, out_dir, ...)`` would write, checked as it checks it before
+    reading any weights; ``convert`` calls it first so that a bad ``--out`` fails at once.
+
+    Raises:
+        ValueError: the path names no folder to create (``/``, ``.``, ``..``).
+        FileExistsError: it exists (or is a symlink, even a dangling one) and ``overwrite`` is False, or it is a file.
+        HubFolderError: the folder it would go in cannot be written (read-only, permission denied, a file).
+    """
+    raw = os.fspath(out_dir)
+    if os.path.basename(os.path.normpath(raw)) in ("", ".", ".."):
+        raise ValueError(f"the output path {raw!r} names no folder to create; name a new folder, e.g. "
+                         "./convmixer_768_32")
+    path = Path(os.path.abspath(raw))
+    if path.is_symlink() and not path.exists():
+        if not overwrite:
+            raise FileExistsError(f"{path} is a symbolic link to {os.readlink(path)}, which does not exist; pass "
+                                  "--overwrite (overwrite=True) to replace the link with the folder, or remove it")
+    elif path.exists():
+        if not path.is_dir():
+            raise FileExistsError(f"{path} exists and is not a folder; choose another output path")
+        if not overwrite:
+            raise FileExistsError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it (the old "
+                                  "folder is kept if the new write fails)")
+        # Replacing a folder deletes what it holds: only ever one this module wrote (a typo such as `--out ~` or
+        # `--out /tmp` must not take a home folder with it). A symbolic link is replaced, its target never touched.
+        foreign = [] if path.is_symlink() else sorted(set(os.listdir(path)) - {CONFIG_NAME, WEIGHTS_NAME, CARD_NAME})
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise FileExistsError(f"{path} holds files a Hub folder written here does not ({shown}), and --overwrite "
+                                  f"replaces only such a folder ({CONFIG_NAME}, {WEIGHTS_NAME}, {CARD_NAME}); choose "
+                                  "another output path, or move those files away first")
+    ancestor = path.parent
+    while not ancestor.exists() and not ancestor.is_symlink():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise HubFolderError(f"cannot write {path}: {ancestor} is not a folder; choose another output path")
+    effective = os.access in os.supports_effective_ids
+    if not os.access(ancestor, os.W_OK | os.X_OK, effective_ids=effective):
+        read_only = bool(os.statvfs(ancestor).f_flag & os.ST_RDONLY)
+        reason, fix = _WRITE_ERRORS[errno.EROFS if read_only else errno.EACCES]
+        raise HubFolderError(f"cannot write {path}: {ancestor} is not writable ({reason}); {fix}")
+    return path
 
 
 def _pid_alive(pid: int) -> bool:
@@ -294,25 +384,42 @@ def recover_output(out_dir: str | os.PathLike[str]) -> None:
     """Clean up after a write to ``out_dir`` that was killed: remove the staging and backup folders of dead
     processes, and put a backup back where a kill left ``out_dir`` missing (possible only on systems without
     ``renameat2``). Folders of live processes are left alone."""
-    out_dir = Path(out_dir).absolute()
+    out_dir = Path(os.path.abspath(out_dir))
     parent = out_dir.parent
-    if not parent.is_dir():
+    if not out_dir.name or not parent.is_dir():
         return
-    pattern = re.compile(rf"^\.{re.escape(out_dir.name)}\.(\d+)\.[0-9a-f]{{8}}\.({'|'.join(_LEFTOVER_SUFFIXES)})$")
+    stem = re.escape(_leftover_stem(out_dir.name))
+    pattern = re.compile(rf"^\.{stem}\.(\d+)\.[0-9a-f]{{8}}\.({'|'.join(_LEFTOVER_SUFFIXES)})$")
     backups = []
-    for entry in parent.iterdir():
+    try:
+        listing = list(parent.iterdir())
+    except OSError:  # an unreadable parent: nothing of ours can be found there, and writing will say why
+        return
+    for entry in listing:
         match = pattern.match(entry.name)
-        if not match or _pid_alive(int(match.group(1))):
+        if not match or not _ours(entry) or _pid_alive(int(match.group(1))):
             continue
         if match.group(2) == "old" and not out_dir.exists() and not out_dir.is_symlink():
             backups.append(entry)
         else:
             _remove(entry)
     if backups:  # one killed overwrite left only its backup: that is the previous output, complete
-        backups.sort(key=lambda p: p.stat().st_mtime)
-        os.rename(backups[-1], out_dir)
-        for extra in backups[:-1]:
-            _remove(extra)
+        backups.sort(key=lambda p: p.lstat().st_mtime)
+        with contextlib.suppress(OSError):  # best effort: a backup that cannot be moved stays where it is
+            os.rename(backups[-1], out_dir)
+            for extra in backups[:-1]:
+                _remove(extra)
+
+
+def _ours(entry: Path) -> bool:
+    """Whether a leftover-looking entry is one this user's runs made: a folder (or a swapped-out output link)
+    owned by us. In a shared folder (``/tmp``) anyone can create ``.out.123.abcdef12.old``: such a folder of
+    another user is never removed, nor adopted as the output."""
+    try:
+        info = entry.lstat()
+    except OSError:
+        return False
+    return info.st_uid == os.geteuid() and (stat.S_ISDIR(info.st_mode) or stat.S_ISLNK(info.st_mode))
 
 
 @contextlib.contextmanager
@@ -370,11 +477,13 @@ def _install(staging: Path, out_dir: Path, overwrite: bool) -> None:
     os.chmod(staging, 0o777 & ~umask)
     for file in staging.iterdir():
         os.chmod(file, 0o666 & ~umask)
-    if not out_dir.exists():
+    if not out_dir.exists() and not out_dir.is_symlink():
         try:
             os.rename(staging, out_dir)
-        except OSError as exc:  # someone created it meanwhile
-            raise FileExistsError(f"{out_dir} appeared while writing; pass --overwrite to replace it") from exc
+        except OSError as exc:
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):  # created meanwhile
+                raise FileExistsError(f"{out_dir} appeared while writing; pass --overwrite to replace it") from exc
+            raise
         return
     if not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass --overwrite (overwrite=True) to replace it")
@@ -431,7 +540,8 @@ def save_hub_folder(
             digits"}``; the ``dataset`` entry (or ``dataset``) names what they were measured on and is required.
         dataset: What the weights were trained on, if known. The card names a training data set only when this
             is given or the weights are the variant's published ones (``Variant.published_sha256``).
-        overwrite: Replace an existing ``out_dir``; it stays intact if the new write fails.
+        overwrite: Replace an existing ``out_dir``; it stays intact if the new write fails. Only a folder holding
+            nothing but what this function writes (or a symbolic link, replaced, its target untouched) is replaced.
         model_args: Constructor arguments overriding those read from the model (JSON-serialisable). config.json
             keeps only the arguments that differ from the registered variant, and never ``num_classes``.
         labels: One class name per output, in order. Default: names the model already carries, else the
@@ -441,21 +551,18 @@ def save_hub_folder(
         metrics_note: Where ``metrics`` come from, for the card (default: measured for these weights).
 
     Raises:
-        ValueError: ``labels`` do not give one unique name per class, or ``metrics`` name no data set.
-        FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
+        ValueError: ``labels`` do not give one unique name per class, ``metrics`` name no data set, or ``out_dir``
+            names no folder (``/``, ``..``).
+        FileExistsError: ``out_dir`` exists (or is a symbolic link) and ``overwrite`` is False, or is a file.
         KeyError: unknown ``model_name`` (the message names the nearest variants).
         CheckpointError: the weights do not fit the variant.
-        HubFolderError: the folder could not be written or does not reload identically.
+        HubFolderError: the folder could not be written (the message names the cause: a full disk, a read-only
+            file system...) or does not reload identically.
     """
-    from timm.models._hub import save_for_hf
-
     variant = get_variant(model_name)
-    out_dir = Path(out_dir).absolute()
     recover_output(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists; pass --overwrite (overwrite=True) to replace it")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir} exists and is not a folder; choose another output path")
+    out_dir = check_output_path(out_dir, overwrite)
+    existed = out_dir.exists() or out_dir.is_symlink()
 
     state_dict = {k: v.detach().to("cpu", copy=True) for k, v in to_timm_layout(model.state_dict()).items()}
     arch = architecture_of(state_dict, _activation_of(model, variant.act))
@@ -484,11 +591,34 @@ def save_hub_folder(
         if descriptions:
             model_config["label_descriptions"] = dict(descriptions)
 
+    try:
+        _write_staged(reference, out_dir, overwrite, variant, args, model_config, arch, metrics, metrics_note,
+                      dataset, published, names)
+    except OSError as exc:
+        if exc.errno is None:  # ours (the output appeared meanwhile), already one line
+            raise
+        raise _write_error(exc, out_dir, existed) from exc
+    except Exception as exc:
+        from safetensors import SafetensorError
+
+        if isinstance(exc, SafetensorError):
+            raise _write_error(exc, out_dir, existed) from exc
+        raise
+    return out_dir
+
+
+def _write_staged(reference: nn.Module, out_dir: Path, overwrite: bool, variant: Variant, args: dict[str, Any],
+                  model_config: dict[str, Any], arch: Architecture, metrics: dict[str, float] | None,
+                  metrics_note: str | None, dataset: str | None, published: bool,
+                  names: tuple[str, ...] | None) -> None:
+    """Write the folder beside ``out_dir``, reload and compare it, then move it into place."""
+    from timm.models._hub import save_for_hf
+
     with _staging_dir(out_dir) as staging:
         try:
             save_for_hf(reference, str(staging), model_config=model_config, model_args=args, safe_serialization=True)
             _keep_differing_args(staging / CONFIG_NAME, _differing_args(variant, args))
-        except (ValueError, TypeError, OSError) as exc:
+        except (ValueError, TypeError) as exc:
             raise HubFolderError(f"could not write the folder: {exc}") from exc
         input_size = tuple(reference.pretrained_cfg.get("input_size", (3, arch.p * 32, arch.p * 32)))
         input_size = (arch.in_chans, *input_size[1:])
@@ -509,7 +639,40 @@ def save_hub_folder(
         with torch.inference_mode():
             _assert_same(reference(x), loaded(x), "the model output")
         _install(staging, out_dir, overwrite)
-    return out_dir
+
+
+def malformed_token(token: str, source: str) -> str | None:
+    """What is wrong with a Hub token, in one line that does not quote it; None for a well-formed one.
+
+    A token goes into an HTTP header, which takes visible ASCII only: a control character (a ``\\r`` from a file
+    saved on Windows, a tab), a space or a non-ASCII character makes the HTTP library refuse the header, quoting
+    it, token and all.
+    """
+    for position, char in enumerate(token, 1):
+        if "!" <= char <= "~":
+            continue
+        if char == " ":
+            what = "a space"
+        elif ord(char) < 0x20 or ord(char) == 0x7F:
+            what = f"a control character (0x{ord(char):02x})"
+        else:
+            what = "a non-ASCII character"
+        return (f"the Hub token from {source} is malformed: character {position} of {len(token)} is {what}, and a "
+                "token is printable ASCII with no spaces (hf_...); copy it again from "
+                "https://huggingface.co/settings/tokens")
+    return None
+
+
+def _without(text: str, secret: str | None) -> str:
+    # An HTTP library may quote the Authorization header it refused; a message of ours never repeats it.
+    return text.replace(secret, "<token>") if secret else text
+
+
+def _token_source() -> str:
+    """Where huggingface_hub's ``get_token()`` finds the token when none is passed (for messages)."""
+    if os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN"):
+        return "HF_TOKEN" if os.environ.get("HF_TOKEN") else "HUGGING_FACE_HUB_TOKEN"
+    return "the stored login (`hf auth login`)"
 
 
 def push_hub_folder(
@@ -522,20 +685,37 @@ def push_hub_folder(
         revision: str | None = None,
         commit_message: str | None = None,
         verify: bool = True,
+        allow_non_finite: bool = False,
 ) -> str:
     """Check that ``folder`` loads with timm, then upload it to ``repo_id``; return the commit URL.
 
     ``token`` and ``endpoint`` default to ``HF_TOKEN`` / ``HF_ENDPOINT`` (or the stored login), as in
     huggingface_hub. The repo is created if missing; ``revision`` names a branch, created if missing.
-    ``verify=False`` skips the load check for a caller that has just run ``verify_hub_folder`` itself.
+    ``verify=False`` skips the load and finiteness checks for a caller that has just run them itself. Weights
+    holding NaN or infinite values are refused unless ``allow_non_finite``. A malformed token (a control character,
+    a space) is refused before anything is sent, and no message quotes a token.
     """
     import json
 
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError
 
+    from .models.checkpoint import non_finite_message, non_finite_tensors
+
+    used = token or get_token()
+    problem = used and malformed_token(used, "the token argument" if token else _token_source())
+    if problem:
+        raise HubPushError(problem)
     if verify:
         verify_hub_folder(folder)
+        if not allow_non_finite:
+            from safetensors.torch import load_file
+
+            non_finite = non_finite_tensors(load_file(Path(folder) / WEIGHTS_NAME))
+            if non_finite:
+                raise HubFolderError(f"{Path(folder) / WEIGHTS_NAME}: {non_finite_message(non_finite)}; such weights "
+                                     "give NaN outputs: pass allow_non_finite=True (--allow-non-finite) to publish "
+                                     "them anyway")
     try:
         architecture = json.loads((Path(folder) / CONFIG_NAME).read_text())["architecture"]
     except (OSError, ValueError, KeyError) as exc:
@@ -565,13 +745,13 @@ def push_hub_folder(
             404: "the repo or revision does not exist and could not be created",
         }.get(status, "see the server's message above")
         raise HubPushError(f"upload of {folder} to {repo_id} at {where} failed ({status}): "
-                           f"{str(exc).splitlines()[0]}; {hint}") from exc
+                           f"{_without(str(exc).splitlines()[0], used)}; {hint}") from exc
     except OSError as exc:
-        raise HubPushError(f"cannot reach the Hub at {where}: {exc}; check --endpoint / HF_ENDPOINT and the "
-                           "network") from exc
+        raise HubPushError(f"cannot reach the Hub at {where}: {_without(str(exc), used)}; check --endpoint / "
+                           "HF_ENDPOINT and the network") from exc
     except Exception as exc:
-        if type(exc).__module__.startswith(("httpx", "httpcore", "requests", "urllib3")):
-            raise HubPushError(f"cannot reach the Hub at {where}: {type(exc).__name__}: {exc}; check --endpoint / "
-                               "HF_ENDPOINT and the network") from exc
+        if type(exc).__module__.startswith(("httpx", "httpcore", "h11", "requests", "urllib3")):
+            raise HubPushError(f"cannot reach the Hub at {where}: {type(exc).__name__}: {_without(str(exc), used)}; "
+                               "check --endpoint / HF_ENDPOINT and the network") from exc
         raise
     return str(getattr(info, "commit_url", info))

@@ -47,3 +47,21 @@ def test_every_registered_variant_exports(tmp_path, variant):
     size = (1, 3, variant.img_size, variant.img_size)
     path = export_onnx(model, tmp_path / "m.onnx", size, opset=17)
     assert check_onnx(model, path, torch.randn(2, *size[1:])) < 1e-4
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_exported_file_has_the_permissions_the_umask_gives(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        path = export_onnx(ConvMixer(8, 1, 3, 2, num_classes=4), tmp_path / "m.onnx", (3, 16, 16))
+        reference = tmp_path / "reference"
+        reference.write_text("any new file")  # what open() gives a new file under this umask
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == reference.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "reference"]
+
+
+def test_export_to_a_255_byte_name(tmp_path):
+    path = export_onnx(ConvMixer(8, 1, 3, 2, num_classes=4), tmp_path / ("m" * 250 + ".onnx"), (3, 16, 16))
+    assert os.listdir(tmp_path) == [path.name] and len(path.name) == 255

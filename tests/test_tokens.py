@@ -125,3 +125,56 @@ def test_token_flags_are_exclusive(capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "not allowed with argument" in err and SECRET not in err
+
+
+def _push_subprocess(folder: Path, hub: LocalHub, tmp_path: Path, *extra: str, stdin: str | None = None,
+                     env_token: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+    env.update(hub_env_vars(hub.endpoint, tmp_path / "hf_home", token=env_token))
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "convmixer_timm", "push", str(folder), "--repo-id", "me/malformed", *extra],
+        input=stdin, capture_output=True, text=True, env=env, timeout=300)
+
+
+# A Windows line ending inside the value, a tab, a space: each would make the HTTP library refuse the
+# Authorization header and quote it (h11's "Illegal header value b'Bearer hf_...'"), token and all.
+MALFORMED = {"carriage-return": (SECRET[:10] + "\r" + SECRET[10:], "a control character (0x0d)", 11),
+             "tab": (SECRET + "\tx", "a control character (0x09)", len(SECRET) + 1),
+             "space": (SECRET[:5] + " " + SECRET[5:], "a space", 6),
+             "non-ascii": (SECRET[:3] + "é" + SECRET[3:], "a non-ASCII character", 4)}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_token_from_stdin_is_one_line_that_never_quotes_it(hub, folder, tmp_path, case):
+    token, what, position = MALFORMED[case]
+    result = _push_subprocess(folder, hub, tmp_path, "--token-stdin", stdin=token + "\r\n")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == (f"convmixer-timm push: error: the Hub token from --token-stdin is malformed: character "
+                         f"{position} of {len(token)} is {what}, and a token is printable ASCII with no spaces "
+                         "(hf_...); copy it again from https://huggingface.co/settings/tokens")
+    assert "Traceback" not in result.stderr
+    for part in (SECRET[:10], SECRET[10:], SECRET[5:]):  # no piece of it either
+        assert part not in result.stderr and part not in result.stdout
+    assert not hub.requests, "the malformed token was sent"
+
+
+def test_malformed_token_in_hf_token_is_refused_before_anything_is_sent(hub, folder, tmp_path):
+    token = SECRET[:10] + "\x1b" + SECRET[10:]  # huggingface_hub strips \r and \n from HF_TOKEN, not the rest
+    result = _push_subprocess(folder, hub, tmp_path, env_token=token)
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("convmixer-timm push: error: the Hub token from HF_TOKEN is malformed: character 11 of")
+    assert "a control character (0x1b)" in last and "Traceback" not in result.stderr
+    assert SECRET[:10] not in result.stderr + result.stdout and SECRET[10:] not in result.stderr + result.stdout
+    assert not hub.requests
+
+
+def test_a_windows_line_ending_around_the_token_is_not_part_of_it(hub, folder, tmp_path, capsys, monkeypatch):
+    with hub_environment(hub.endpoint, tmp_path / "hf_home", token=None):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(SECRET + "\r\n"))
+        assert cli.main(["push", str(folder), "--repo-id", "me/crlf", "--token-stdin", "-q"]) == 0
+    assert hub.last_authorization == f"Bearer {SECRET}"
+    captured = capsys.readouterr()
+    assert SECRET not in captured.err + captured.out

@@ -36,8 +36,12 @@ _LABML_RULES = (
 )
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: unreadable, unsafe, or for another architecture."""
+class CheckpointError(RuntimeError, ValueError):
+    """A checkpoint that cannot be used: unreadable, unsafe, or for another architecture.
+
+    A ``RuntimeError``, as PyTorch's and timm's ``load_state_dict`` raise for a mismatch (fine-tuning code catches
+    that), and a ``ValueError``, as earlier versions of convmixer-timm raised, so both kinds of ``except`` work.
+    """
 
 
 def unwrap_state_dict(checkpoint: Any) -> dict[str, torch.Tensor]:
@@ -164,6 +168,13 @@ def non_finite_tensors(state_dict: Mapping[str, torch.Tensor]) -> list[tuple[str
     return found
 
 
+def non_finite_message(found: list[tuple[str, int, int]], limit: int = 5) -> str:
+    """One line naming the tensors ``non_finite_tensors`` found."""
+    shown = ", ".join(f"{key} ({nan:,} NaN, {inf:,} inf)" for key, nan, inf in found[:limit])
+    more = f" (and {len(found) - limit} more)" if len(found) > limit else ""
+    return f"{len(found)} tensor{'s' if len(found) > 1 else ''} hold NaN or infinite values: {shown}{more}"
+
+
 def read_dimensions(state_dict: Mapping[str, torch.Tensor]) -> tuple[int, int, int, int, int, int]:
     """(h, d, k, p, in_chans, num_classes) of timm-layout weights; num_classes is 0 without a head."""
     try:
@@ -215,12 +226,57 @@ def check_shapes_before_load(module: torch.nn.Module, state_dict: MutableMapping
             f"{describe_architecture(converted)}, the model is {describe_architecture(expected)}; create the "
             "matching model (or pass num_classes= for a different classifier). No weights were changed."
         )
+    unfit = unfit_dtypes(converted, expected)
+    if unfit:
+        raise CheckpointError(f"{unfit_dtypes_message(unfit)}; save the floating-point weights again (e.g. "
+                              "model.float().state_dict()). No weights were changed.")
 
 
-def _check_zip_inflation(path: str) -> None:
-    """Refuse a zip checkpoint whose entries would inflate far beyond the file's size (read from the central
-    directory only, so nothing is decompressed)."""
-    if not zipfile.is_zipfile(path):
+def unfit_dtypes(state_dict: Mapping[str, Any], expected: Mapping[str, torch.Tensor]
+                 ) -> list[tuple[str, torch.dtype, torch.dtype]]:
+    """``(key, checkpoint dtype, model dtype)`` of every tensor that cannot stand for the model's: integer, bool or
+    complex values where the model holds a floating-point parameter or running statistic.
+
+    PyTorch's ``copy_`` would take them without a word: integers load as whole numbers (int64 weights of a float
+    model are all zeros after training), complex values lose their imaginary part. Integer buffers of the model
+    (BatchNorm's ``num_batches_tracked``) are left to PyTorch, which copies any number into them.
+    """
+    found = []
+    for key, value in state_dict.items():
+        target = expected.get(key)
+        if (isinstance(value, torch.Tensor) and isinstance(target, torch.Tensor) and target.is_floating_point()
+                and not value.is_floating_point()):
+            found.append((key, value.dtype, target.dtype))
+    return found
+
+
+def unfit_dtypes_message(unfit: list[tuple[str, torch.dtype, torch.dtype]], limit: int = 5) -> str:
+    """One line naming the tensors ``unfit_dtypes`` found."""
+    def name(dtype: torch.dtype) -> str:
+        return str(dtype).removeprefix("torch.")
+
+    shown = ", ".join(f"{key} ({name(have)}, model {name(want)})" for key, have, want in unfit[:limit])
+    more = f" (and {len(unfit) - limit} more)" if len(unfit) > limit else ""
+    effects = {"integer": "integers as whole-number weights", "bool": "booleans as 0/1 weights",
+               "complex": "complex values without their imaginary part"}
+    kinds = [kind for kind in effects if any(_dtype_kind(have) == kind for _, have, _ in unfit)]
+    return (f"{len(unfit)} checkpoint tensor{'s' if len(unfit) > 1 else ''} hold {' and '.join(kinds)} values where "
+            f"the model has floating-point ones: {shown}{more}; PyTorch would load them without a word "
+            f"({', '.join(effects[kind] for kind in kinds)})")
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    return "complex" if dtype.is_complex else "bool" if dtype == torch.bool else "integer"
+
+
+def check_zip_inflation(path: str | os.PathLike[str]) -> None:
+    """Refuse a zip checkpoint (torch.save's format) whose entries would inflate far beyond the file's size.
+
+    Reads the central directory only (each entry's ``file_size``), so nothing is decompressed; a file that is
+    missing, a folder or not a zip passes, for the loader to report or read as it is.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path) or not zipfile.is_zipfile(path):
         return  # legacy pickles are read as they are: their memory is bounded by their size
     try:
         with zipfile.ZipFile(path) as archive:
@@ -257,7 +313,7 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
             return load_file(path, device="cpu")
         except SafetensorError as exc:
             raise CheckpointError(f"{path} is truncated or corrupt (safetensors: {exc}); download it again") from exc
-    _check_zip_inflation(path)
+    check_zip_inflation(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
