@@ -5,7 +5,7 @@ moment timm is (before any program can ask timm for a model). Programs that only
 through the ``convmixer_timm.pth`` start-up hook installed beside the package.
 
 The public names below load on first use (PEP 562), so that importing a light submodule, such as
-``python -m convmixer_timm.testing.hub_server``, does not import torch.
+``convmixer_timm.configs`` (``recipe_path`` for train.py), does not import torch.
 """
 from __future__ import annotations
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import safetensors.torch
 import timm
+from hub_env import hub_env_vars
+from hub_server import LocalHub
 
 from convmixer_timm import VARIANTS
-from convmixer_timm.testing.hub_env import hub_env_vars
-from convmixer_timm.testing.hub_server import LocalHub
 
 CACHE = Path(os.environ.get("CONVMIXER_TIMM_CACHE", Path(__file__).resolve().parents[1] / ".cache"))
 

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from hub_env import hub_env_vars, hub_environment
+from hub_server import LocalHub
 from waiting import wait_until
 
 from convmixer_timm import cli
 from convmixer_timm.hub import save_hub_folder
-from convmixer_timm.testing.hub_env import hub_env_vars, hub_environment
-from convmixer_timm.testing.hub_server import LocalHub
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CIFAR = "convmixer_256_8_ks5_p2"
