@@ -290,7 +290,7 @@ def _token_from(args: argparse.Namespace) -> str | None:
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
-    from .hub import _test_pause, push_hub_folder, verify_hub_folder
+    from .hub import push_hub_folder, verify_hub_folder
 
     token = _token_from(args)
     progress = _Progress(2, args.quiet)
@@ -298,7 +298,6 @@ def _cmd_push(args: argparse.Namespace) -> int:
         verify_hub_folder(args.dir)
     from huggingface_hub import constants
 
-    _test_pause("before-upload")
     endpoint = args.endpoint or None  # None: huggingface_hub's own default (HF_ENDPOINT, else huggingface.co)
     with progress.step(f"uploading to {args.repo_id} at {endpoint or constants.ENDPOINT}"):
         url = push_hub_folder(args.dir, args.repo_id, token=token, endpoint=endpoint, private=args.private,
