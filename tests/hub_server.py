@@ -306,6 +306,12 @@ class LocalHub:
         return int(self.endpoint.rsplit(":", 1)[1])
 
     @property
+    def open_connections(self) -> int:
+        """The connections being served now (each holds a thread; at most ``max_connections``)."""
+        server = self._server
+        return server.active_connections if server is not None else 0
+
+    @property
     def running(self) -> bool:
         """Whether the server currently accepts connections."""
         return self._server is not None
@@ -629,6 +635,7 @@ class _Server(ThreadingHTTPServer):
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
         self._active = 0
+        self._closing: list[tuple[socket.socket, float]] = []  # refused connections, drained until EOF or deadline
         super().__init__(*args, **kwargs)
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -653,6 +660,11 @@ class _Server(ThreadingHTTPServer):
         finally:
             self._release()
 
+    @property
+    def active_connections(self) -> int:
+        with self._connections_lock:
+            return self._active
+
     def _release(self) -> None:
         with self._connections_lock:
             self._active -= 1
@@ -666,9 +678,37 @@ class _Server(ThreadingHTTPServer):
             # there so that the accepting thread can never stall on one.
             request.settimeout(self.hub.timeout)
             request.sendall((head + body).encode())
+            request.shutdown(socket.SHUT_WR)
+            request.setblocking(False)
         except OSError:
-            pass
-        self.shutdown_request(request)
+            request.close()
+            return
+        # Closing a socket with the client's request unread sends a reset, which can destroy the 503 before the
+        # client reads it: keep reading and dropping what it sends until it closes (service_actions, between
+        # polls of the accept loop), for at most the timeout.
+        self._closing.append((request, time.monotonic() + self.hub.timeout))
+
+    def service_actions(self) -> None:
+        super().service_actions()
+        still_open = []
+        for sock, deadline in self._closing:
+            try:
+                while sock.recv(65536):
+                    pass
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    still_open.append((sock, deadline))
+                    continue
+            except OSError:
+                pass
+            sock.close()
+        self._closing = still_open
+
+    def server_close(self) -> None:
+        super().server_close()
+        for sock, _ in self._closing:
+            sock.close()
+        self._closing = []
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind calls getfqdn(), a reverse DNS lookup that can stall on offline machines.
@@ -1179,11 +1219,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGINT can arrive ignored (background jobs of a non-interactive shell); SIGTERM is what `kill` sends.
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
-    hub = LocalHub(args.root, port=args.port, tokens=tokens, max_body_bytes=int(args.max_body_mib * 2**20)).start()
-    print(f"LocalHub serving {hub.root} at {hub.endpoint}", flush=True)
-    print(f"  export HF_ENDPOINT={hub.endpoint} HF_TOKEN={'<one of your --token values>' if tokens else 'local-token'}",
-          flush=True)
-    try:
+    hub = LocalHub(args.root, port=args.port, tokens=tokens, max_body_bytes=int(args.max_body_mib * 2**20))
+    try:  # from the first line printed on, a signal may arrive (whoever reads it may stop the server at once)
+        hub.start()
+        print(f"LocalHub serving {hub.root} at {hub.endpoint}", flush=True)
+        print(f"  export HF_ENDPOINT={hub.endpoint} "
+              f"HF_TOKEN={'<one of your --token values>' if tokens else 'local-token'}", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
