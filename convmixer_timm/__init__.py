@@ -6,7 +6,7 @@ imported, otherwise the moment timm is (before any program can ask timm for a mo
 imports this package (standard library only) unless ``CONVMIXER_TIMM_AUTOLOAD=0``.
 
 The public names below load on first use (PEP 562), so that importing a light submodule, such as
-``python -m convmixer_timm.testing.hub_server``, does not import torch.
+``convmixer_timm.configs`` (``recipe_path`` for train.py), does not import torch.
 """
 from __future__ import annotations
 

@@ -348,7 +348,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 
 def _push(args: argparse.Namespace, token: str | None) -> int:
-    from .hub import WEIGHTS_NAME, _test_pause, push_hub_folder, verify_hub_folder
+    from .hub import WEIGHTS_NAME, push_hub_folder, verify_hub_folder
     from .models.checkpoint import non_finite_message, non_finite_tensors
 
     progress = _Progress(2, args.quiet)
@@ -365,7 +365,6 @@ def _push(args: argparse.Namespace, token: str | None) -> int:
               file=sys.stderr)
     from huggingface_hub import constants
 
-    _test_pause("before-upload")
     endpoint = args.endpoint or None  # None: huggingface_hub's own default (HF_ENDPOINT, else huggingface.co)
     with progress.step(f"uploading to {args.repo_id} at {endpoint or constants.ENDPOINT}"):
         url = push_hub_folder(args.dir, args.repo_id, token=token, endpoint=endpoint, private=args.private,

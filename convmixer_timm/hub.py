@@ -19,7 +19,6 @@ import re
 import shutil
 import stat
 import sys
-import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -250,24 +249,6 @@ def load_hub_folder(path: str | os.PathLike[str]) -> nn.Module:
 # them, while never touching the folders of a run still in progress.
 _LEFTOVER_SUFFIXES = ("partial", "old")
 
-# Test-only hooks (tests/test_convert_safety.py and tests/test_tokens.py stop real subprocesses at these
-# points). Not an interface: CONVMIXER_TIMM_TEST_PAUSE_AT="POINT:MARKER" makes the process write MARKER at
-# POINT and wait there until the test deletes MARKER (or a signal ends it); CONVMIXER_TIMM_TEST_NO_EXCHANGE=1
-# takes the path of systems without renameat2(RENAME_EXCHANGE).
-_TEST_PAUSE_ENV = "CONVMIXER_TIMM_TEST_PAUSE_AT"
-_TEST_NO_EXCHANGE_ENV = "CONVMIXER_TIMM_TEST_NO_EXCHANGE"
-
-
-def _test_pause(point: str) -> None:
-    spec = os.environ.get(_TEST_PAUSE_ENV)
-    if not spec or spec.partition(":")[0] != point:
-        return
-    marker = Path(spec.partition(":")[2])
-    marker.write_text(str(os.getpid()))
-    while marker.exists():
-        time.sleep(0.02)
-
-
 # A file name holds at most 255 bytes (NAME_MAX on Linux and macOS). ".{stem}.{pid}.{8 hex}.partial" adds up to 29
 # bytes to the stem (pids of up to 10 digits), so an output name longer than this gets a stem cut to fit plus a
 # digest of the whole name: still one stem per output name, whatever the pid, for recover_output to match.
@@ -450,7 +431,7 @@ _RENAME_EXCHANGE = 2
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths atomically with Linux's ``renameat2(RENAME_EXCHANGE)``; False where the C library, the
     kernel or the file system cannot (the caller then falls back to two renames)."""
-    if not sys.platform.startswith("linux") or os.environ.get(_TEST_NO_EXCHANGE_ENV) == "1":
+    if not sys.platform.startswith("linux"):
         return False
     try:
         renameat2 = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28
@@ -488,13 +469,11 @@ def _install(staging: Path, out_dir: Path, overwrite: bool) -> None:
     if not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass --overwrite (overwrite=True) to replace it")
     if _exchange(staging, out_dir):
-        _test_pause("after-exchange")
         _remove(staging)  # the staging path now holds the previous folder
         return
     backup = _leftover_name(out_dir, "old")
     os.rename(out_dir, backup)
     try:
-        _test_pause("after-first-rename")
         os.rename(staging, out_dir)
     except BaseException:
         os.rename(backup, out_dir)
@@ -629,7 +608,6 @@ def _write_staged(reference: nn.Module, out_dir: Path, overwrite: bool, variant:
             metrics=metrics, metrics_note=metrics_note, dataset=dataset, published=published, labels=names,
         )
         (staging / CARD_NAME).write_text(card, encoding="utf-8")
-        _test_pause("staging-written")
 
         loaded = _load_folder(staging, run_forward=False)  # the forward below runs it
         loaded_state = loaded.state_dict()

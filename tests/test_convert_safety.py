@@ -173,12 +173,13 @@ def test_convert_reports_a_zip_bomb_and_leaves_nothing(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------- kills
 
 def _convert_until(point: str, src: Path, out: Path, marker: Path, *, exchange: bool = True) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "CONVMIXER_TIMM_TEST_PAUSE_AT": f"{point}:{marker}"}
-    if not exchange:
-        env["CONVMIXER_TIMM_TEST_NO_EXCHANGE"] = "1"
+    # tests/pause_cli.py runs the real command line, stopped at `point` (see there).
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    pause = [str(Path(__file__).with_name("pause_cli.py")), *([] if exchange else ["--no-exchange"]), point,
+             str(marker), "--"]
     process = subprocess.Popen(
-        [sys.executable, "-m", "convmixer_timm", "convert", str(src), "--out", str(out), "--overwrite", "-q",
-         *SMALL_ARGS], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [sys.executable, *pause, "convert", str(src), "--out", str(out), "--overwrite", "-q", *SMALL_ARGS],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_until(marker.exists, f"convert reaching {point}", process)
     return process
 

@@ -19,6 +19,8 @@ import safetensors.torch
 import timm
 import torch
 import yaml
+from hub_env import hub_env_vars, hub_environment
+from hub_server import LocalHub
 from huggingface_hub import HfApi
 from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 from torch import nn
@@ -26,8 +28,6 @@ from torch import nn
 from convmixer_timm import cli
 from convmixer_timm.hub import save_hub_folder
 from convmixer_timm.models.variants import VARIANTS_BY_NAME
-from convmixer_timm.testing.hub_env import hub_env_vars, hub_environment
-from convmixer_timm.testing.hub_server import LocalHub
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CIFAR = "convmixer_256_8_ks5_p2"
@@ -79,7 +79,8 @@ def seed_folder(hub: LocalHub, repo_id: str, model: nn.Module, tmp_path: Path) -
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
-    with LocalHub(tmp_path_factory.mktemp("hub")) as server:
+    # Any token is "me": the server creates repos only in the caller's own namespace, as the Hub does.
+    with LocalHub(tmp_path_factory.mktemp("hub"), username="me") as server:
         yield server
 
 

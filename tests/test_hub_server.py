@@ -12,6 +12,8 @@ from pathlib import Path
 
 import httpx2
 import pytest
+from hub_env import HubEnvironment, hub_environment
+from hub_server import LocalHub
 from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
@@ -19,9 +21,6 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-
-from convmixer_timm.testing.hub_env import HubEnvironment, hub_environment
-from convmixer_timm.testing.hub_server import LocalHub
 
 TOKEN = "hf_local_test_token"
 

@@ -21,12 +21,12 @@ import pytest
 import safetensors.torch
 import timm
 import torch
+from hub_env import hub_env_vars, hub_environment
+from hub_server import LocalHub
 from huggingface_hub import constants
 from huggingface_hub.errors import LocalEntryNotFoundError
 
 from convmixer_timm.models.pretrained import PretrainedWeightsUnavailableError
-from convmixer_timm.testing.hub_env import hub_env_vars, hub_environment
-from convmixer_timm.testing.hub_server import LocalHub
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(dim=16, depth=1)

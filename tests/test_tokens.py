@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from hub_env import hub_env_vars, hub_environment
+from hub_server import LocalHub
 from waiting import wait_until
 
 from convmixer_timm import cli
 from convmixer_timm.hub import save_hub_folder
-from convmixer_timm.testing.hub_env import hub_env_vars, hub_environment
-from convmixer_timm.testing.hub_server import LocalHub
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CIFAR = "convmixer_256_8_ks5_p2"
@@ -66,9 +66,11 @@ def test_token_from_stdin_never_reaches_argv_output_or_files(hub, folder, tmp_pa
     marker = tmp_path / "paused"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
     env.update(hub_env_vars(hub.endpoint, tmp_path / "hf_home", token=None))
-    env.update(PYTHONPATH=str(REPO_ROOT), CONVMIXER_TIMM_TEST_PAUSE_AT=f"before-upload:{marker}")
+    env.update(PYTHONPATH=str(REPO_ROOT))
+    # tests/pause_cli.py runs the real command line, stopped before the upload (see there).
+    pause = [str(Path(__file__).with_name("pause_cli.py")), "before-upload", str(marker), "--"]
     process = subprocess.Popen(
-        [sys.executable, "-m", "convmixer_timm", "push", str(folder), "--repo-id", "me/secret", "--token-stdin"],
+        [sys.executable, *pause, "push", str(folder), "--repo-id", "me/secret", "--token-stdin"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     process.stdin.write(SECRET + "\n")
     process.stdin.close()

@@ -1,4 +1,7 @@
-"""A local, offline stand-in for the Hugging Face Hub HTTP API.
+"""A local, offline stand-in for the Hugging Face Hub HTTP API, for this project's tests only.
+
+It lives in ``tests/`` and is not part of the installed package: it is a test fixture, not a server to offer
+users (no TLS, repos on a local disk, a fixed set of tokens).
 
 ``LocalHub`` serves the subset of the Hub API that ``huggingface_hub`` 2.4 uses to download files
 (``hf_hub_download``, ``snapshot_download``), inspect repos (``model_info``, ``repo_info``,
@@ -27,18 +30,21 @@ Simplifications compared with the real Hub, on purpose:
   ``X-Linked-Etag``, ``lfs`` in listings), as on the Hub, so the client cache names their blobs by sha256.
 * Downloads are served directly, without the redirect to a CDN.
 * Tokens: with ``tokens={"tok": "alice"}`` only those are valid (another gets 401) and each names its user;
-  by default any bearer token is valid and names ``username``. Either way a repo belongs to the token that
-  created it over HTTP (or ``owner_token=`` from Python): only that token may write to it, delete it or read
-  it while private (403 for writes and deletes, 404 for private reads, as on the Hub). Repos seeded from
-  Python without an owner are readable by all and writable by none. There are no pull requests, branches
-  other than those created from Python, tags, or gated repos.
+  by default any bearer token is valid and names ``username``. Over HTTP a user creates repos only in its own
+  namespace or in an organization ``orgs`` says it belongs to (403 elsewhere, as on the Hub). A repo belongs to
+  the token that created it over HTTP (or ``owner_token=`` from Python): only that token may write to it,
+  delete it or read it while private (403 for writes and deletes, 404 for private reads, as on the Hub). Repos
+  seeded from Python, in any namespace, without an owner are readable by all and writable by none. There are
+  no pull requests, branches other than those created from Python, tags, or gated repos.
 
 Like a real server it checks the token (and, for commits, the repo's owner) before it reads a request body,
 refuses bodies over ``max_body_bytes`` with 413 without reading them, and answers malformed requests with
-4xx. It imports nothing beyond the standard library (and ``python -m`` of it does not import torch).
+4xx. Commits to one repo are applied one at a time, each on the branch head current when it is applied, so
+every commit answered 200 is on its branch. Connections get ``timeout`` seconds per read or write, at most
+``max_connections`` are served at once (503 beyond), and the listen queue holds ``_Server.request_queue_size``.
 
-Standard library only. Run ``python -m convmixer_timm.testing.hub_server --root DIR`` for a standalone
-server.
+Standard library only (it imports no torch). ``python tests/hub_server.py --root DIR`` runs it by hand, for
+debugging the tests.
 """
 
 from __future__ import annotations
@@ -213,7 +219,9 @@ class LocalHub:
     Repos can be seeded from Python with ``add_file``/``add_files`` and inspected with ``read_file``,
     ``list_files`` and ``head``; those raise ``HubError`` (e.g. status 404) for missing repos, revisions or
     files. ``requests`` records the last 10,000 requests received; ``last_authorization`` holds the most
-    recent ``Authorization`` header seen.
+    recent ``Authorization`` header seen. ``orgs`` maps a user to the organizations it belongs to; ``timeout``
+    bounds each read and write on a connection (an idle or stalled client is dropped after it), and
+    ``max_connections`` the connections served at once.
     """
 
     def __init__(
@@ -224,13 +232,22 @@ class LocalHub:
         username: str = "local-user",
         gitattributes: bool = True,
         tokens: Mapping[str, str] | None = None,
+        orgs: Mapping[str, Iterable[str]] | None = None,
         max_body_bytes: int = 1 << 30,
+        timeout: float = 30.0,
+        max_connections: int = 64,
     ) -> None:
+        if timeout <= 0 or max_connections < 1:
+            raise ValueError("timeout must be > 0 and max_connections >= 1")
         self.root = Path(root_dir).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.username = username
         self.tokens = dict(tokens) if tokens is not None else None
+        # user -> the organizations it belongs to: the namespaces, besides its own, it may create repos in.
+        self.orgs = {user: frozenset(names) for user, names in (orgs or {}).items()}
         self.max_body_bytes = max_body_bytes
+        self.timeout = timeout
+        self.max_connections = max_connections
         self.gitattributes = gitattributes
         self.requests: deque[RecordedRequest] = deque(maxlen=10_000)
         self.last_authorization: str | None = None
@@ -287,6 +304,12 @@ class LocalHub:
     def port(self) -> int:
         """The bound TCP port."""
         return int(self.endpoint.rsplit(":", 1)[1])
+
+    @property
+    def open_connections(self) -> int:
+        """The connections being served now (each holds a thread; at most ``max_connections``)."""
+        server = self._server
+        return server.active_connections if server is not None else 0
 
     @property
     def running(self) -> bool:
@@ -488,6 +511,9 @@ class LocalHub:
         create_branch: bool = False,
     ) -> str:
         with self._lock:
+            # The caller's copy of repo.json may be older than the last commit (read before it took the lock):
+            # building on its branch head would drop that commit's files, so read the current one.
+            repo.meta = self._get_repo(repo.repo_id, repo.repo_type).meta
             parent = repo.meta["refs"].get(branch)
             if parent is None and not create_branch:
                 raise HubError(404, f"Invalid rev id: {branch}", "RevisionNotFound")
@@ -600,12 +626,89 @@ class LocalHub:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
+    # socketserver's default backlog of 5 resets connections when a few dozen clients connect at once; the
+    # kernel caps this at net.core.somaxconn, so the queue stays bounded either way.
+    request_queue_size = 128
     hub: LocalHub
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
+        self._active = 0
+        self._closing: list[tuple[socket.socket, float]] = []  # refused connections, drained until EOF or deadline
         super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # One thread per connection, up to hub.max_connections: beyond that a client gets a 503 at once
+        # instead of a thread (slow or idle clients could otherwise hold any number of them).
+        with self._connections_lock:
+            full = self._active >= self.hub.max_connections
+            if not full:
+                self._active += 1
+        if full:
+            self._refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release()
+
+    @property
+    def active_connections(self) -> int:
+        with self._connections_lock:
+            return self._active
+
+    def _release(self) -> None:
+        with self._connections_lock:
+            self._active -= 1
+
+    def _refuse(self, request: socket.socket) -> None:
+        body = json.dumps({"error": f"LocalHub is serving {self.hub.max_connections} connections already"})
+        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: "
+                f"{len(body)}\r\nConnection: close\r\nRetry-After: 1\r\n\r\n")
+        try:
+            # A fresh socket's send buffer takes these few bytes without waiting on the client; the timeout is
+            # there so that the accepting thread can never stall on one.
+            request.settimeout(self.hub.timeout)
+            request.sendall((head + body).encode())
+            request.shutdown(socket.SHUT_WR)
+            request.setblocking(False)
+        except OSError:
+            request.close()
+            return
+        # Closing a socket with the client's request unread sends a reset, which can destroy the 503 before the
+        # client reads it: keep reading and dropping what it sends until it closes (service_actions, between
+        # polls of the accept loop), for at most the timeout.
+        self._closing.append((request, time.monotonic() + self.hub.timeout))
+
+    def service_actions(self) -> None:
+        super().service_actions()
+        still_open = []
+        for sock, deadline in self._closing:
+            try:
+                while sock.recv(65536):
+                    pass
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    still_open.append((sock, deadline))
+                    continue
+            except OSError:
+                pass
+            sock.close()
+        self._closing = still_open
+
+    def server_close(self) -> None:
+        super().server_close()
+        for sock, _ in self._closing:
+            sock.close()
+        self._closing = []
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind calls getfqdn(), a reverse DNS lookup that can stall on offline machines.
@@ -638,6 +741,9 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "LocalHub/1.0"
 
     def setup(self) -> None:
+        # StreamRequestHandler applies self.timeout to the socket: every read (request line, headers, body) and
+        # write then gives up after it, and the connection is closed, so no client holds a thread for long.
+        self.timeout = self.server.hub.timeout
         super().setup()
         self.server.track(self.connection, True)
 
@@ -690,8 +796,11 @@ class _Handler(BaseHTTPRequestHandler):
                 except ValueError as exc:
                     self.close_connection = True
                     raise HubError(400, "Invalid chunk size in a chunked body") from exc
+                if size < 0:
+                    self.close_connection = True
+                    raise HubError(400, "Invalid chunk size in a chunked body")
                 total += size
-                if size < 0 or total > limit:
+                if total > limit:
                     raise self._too_large(total)
                 if size == 0:
                     while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
@@ -701,6 +810,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self.rfile.readline(64)
         try:
             length = int(self.headers.get("Content-Length") or 0)
+            if length < 0:
+                raise ValueError("negative")
         except ValueError as exc:
             self.close_connection = True
             raise HubError(400, f"Invalid Content-Length: {self.headers.get('Content-Length')!r}") from exc
@@ -711,7 +822,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _json_body(self, body: bytes) -> dict[str, Any]:
         try:
             payload = json.loads(body or b"{}")
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: arrays or objects nested too deep
             raise HubError(400, f"Invalid JSON body: {exc}") from exc
         if not isinstance(payload, dict):
             raise HubError(400, f"Invalid JSON body: expected an object, got {type(payload).__name__}")
@@ -835,7 +946,8 @@ class _Handler(BaseHTTPRequestHandler):
             assert user is not None  # _require_token accepted it
             self._send_json(200, {
                 "type": "user", "id": hashlib.md5(user.encode()).hexdigest()[:24], "name": user,
-                "fullname": user, "email": None, "emailVerified": False, "isPro": False, "orgs": [],
+                "fullname": user, "email": None, "emailVerified": False, "isPro": False,
+                "orgs": [{"type": "org", "name": org} for org in sorted(hub.orgs.get(user, ()))],
                 "auth": {"type": "access_token", "accessToken": {"displayName": "local", "role": "write"}},
             }, method)
         elif route == ("POST", "repos/create"):
@@ -872,7 +984,7 @@ class _Handler(BaseHTTPRequestHandler):
     @staticmethod
     def _repo_type(payload: Mapping[str, Any]) -> str:
         repo_type = payload.get("type") or "model"
-        if repo_type not in _URL_PREFIX:
+        if not isinstance(repo_type, str) or repo_type not in _URL_PREFIX:
             raise HubError(400, f"Invalid repo type: {repo_type!r}; expected one of {', '.join(_URL_PREFIX)}")
         return repo_type
 
@@ -881,9 +993,18 @@ class _Handler(BaseHTTPRequestHandler):
         name, organization = payload.get("name"), payload.get("organization")
         if not isinstance(name, str) or not isinstance(organization, (str, type(None))):
             raise HubError(400, "Missing or invalid repo name")
-        repo_id = _check_repo_id(f"{organization or hub.user_of(token)}/{name}")
+        user = hub.user_of(token)
+        namespace = user if organization is None else organization
+        repo_id = _check_repo_id(f"{namespace}/{name}")
         repo_type = self._repo_type(payload)
-        private = payload.get("visibility", "private" if payload.get("private") else "public") == "private"
+        private, visibility = payload.get("private"), payload.get("visibility")
+        if not isinstance(private, (bool, type(None))) or visibility not in (None, "public", "private"):
+            raise HubError(400, "Invalid visibility: 'private' takes true or false, 'visibility' public or private")
+        if namespace != user and namespace not in hub.orgs.get(user, ()):
+            # As on the Hub: only your own namespace, or an organization you are a member of.
+            raise HubError(403, f"You don't have the rights to create a {repo_type} under the namespace "
+                                f"{namespace!r}: it is neither yours ({user!r}) nor one of your organizations")
+        private = visibility == "private" if visibility is not None else bool(private)
         url = hub._repo_url(repo_type, repo_id)
         with hub._lock:
             if (hub._folder(repo_id, repo_type) / "repo.json").is_file():
@@ -926,10 +1047,14 @@ class _Handler(BaseHTTPRequestHandler):
         with hub._lock:
             sha = hub._resolve(repo, revision)
             current = hub._load_commit(repo, sha)["files"]
+        entries = payload.get("files", [])
+        if not isinstance(entries, list) or not all(isinstance(f, dict) and isinstance(f.get("path"), str)
+                                                    for f in entries):
+            raise HubError(400, "Invalid preupload request: 'files' must be a list of objects with a 'path'")
         # "regular" for every file: content then travels base64-encoded in the commit call, no LFS/Xet upload.
         files = [
             {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": current.get(f["path"])}
-            for f in payload.get("files", [])
+            for f in entries
         ]
         self._send_json(200, {"files": files, "commitOid": sha}, method)
 
@@ -952,9 +1077,10 @@ class _Handler(BaseHTTPRequestHandler):
                 header = value
             elif key == "file":
                 content = value.get("content", "")
-                if not isinstance(content, str):
-                    raise HubError(400, f"Invalid content for {path!r}")
-                if value.get("encoding", "base64") == "base64":
+                encoding = value.get("encoding", "base64")
+                if not isinstance(content, str) or encoding not in ("base64", "utf-8"):
+                    raise HubError(400, f"Invalid content or encoding for {path!r}")
+                if encoding == "base64":
                     try:
                         additions[path] = base64.b64decode(content, validate=True)
                     except ValueError as exc:
@@ -969,14 +1095,23 @@ class _Handler(BaseHTTPRequestHandler):
                 raise HubError(400, "LocalHub only accepts regular (inline) files; its preupload never asks for LFS")
             else:
                 raise HubError(400, f"Unknown commit operation: {key!r}")
-        if not header.get("summary"):
-            raise HubError(400, "Commit summary is required")
-        sha = self.hub._commit(
-            repo, revision, additions, deletions=deletions, deleted_folders=deleted_folders,
-            title=header["summary"], description=header.get("description", ""),
-            parent_commit=header.get("parentCommit"),
-        )
-        url = f"{self.hub._repo_url(repo.repo_type, repo.repo_id)}/commit/{sha}"
+        if not header.get("summary") or not isinstance(header["summary"], str):
+            raise HubError(400, "Commit summary is required (a string)")
+        for key in ("description", "parentCommit"):
+            if not isinstance(header.get(key), (str, type(None))):
+                raise HubError(400, f"Invalid commit header: {key!r} must be a string")
+        hub = self.hub
+        with hub._lock:
+            # The owner was checked before the body was read, without the lock: the repo may since have been
+            # deleted, or deleted and created again by another token. Check again where it cannot change.
+            repo = hub._get_repo(repo.repo_id, repo.repo_type)
+            self._require_owner(repo)
+            sha = hub._commit(
+                repo, revision, additions, deletions=deletions, deleted_folders=deleted_folders,
+                title=header["summary"], description=header.get("description") or "",
+                parent_commit=header.get("parentCommit"),
+            )
+        url = f"{hub._repo_url(repo.repo_type, repo.repo_id)}/commit/{sha}"
         self._send_json(200, {"success": True, "commitOid": sha, "commitUrl": url, "hookOutput": ""}, method)
 
     # -- downloads -------------------------------------------------------------------------------------
@@ -1062,7 +1197,7 @@ def _interrupt(signum: int, frame: object) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Serve a LocalHub until interrupted (Ctrl-C or SIGTERM)."""
     parser = argparse.ArgumentParser(
-        prog="python -m convmixer_timm.testing.hub_server",
+        prog="python tests/hub_server.py",
         description="Serve an offline Hugging Face Hub on 127.0.0.1 (point HF_ENDPOINT at it).",
     )
     parser.add_argument("--root", required=True, help="folder holding the repos (created if missing)")
@@ -1084,11 +1219,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGINT can arrive ignored (background jobs of a non-interactive shell); SIGTERM is what `kill` sends.
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
-    hub = LocalHub(args.root, port=args.port, tokens=tokens, max_body_bytes=int(args.max_body_mib * 2**20)).start()
-    print(f"LocalHub serving {hub.root} at {hub.endpoint}", flush=True)
-    print(f"  export HF_ENDPOINT={hub.endpoint} HF_TOKEN={'<one of your --token values>' if tokens else 'local-token'}",
-          flush=True)
-    try:
+    hub = LocalHub(args.root, port=args.port, tokens=tokens, max_body_bytes=int(args.max_body_mib * 2**20))
+    try:  # from the first line printed on, a signal may arrive (whoever reads it may stop the server at once)
+        hub.start()
+        print(f"LocalHub serving {hub.root} at {hub.endpoint}", flush=True)
+        print(f"  export HF_ENDPOINT={hub.endpoint} "
+              f"HF_TOKEN={'<one of your --token values>' if tokens else 'local-token'}", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

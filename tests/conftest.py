@@ -1,0 +1,58 @@
+"""Session set-up: the suite writes nothing into the developer's home folder (issue 13, item 7).
+
+For the whole session, this process and every process it starts get a fresh ``HOME``, removed at the end, with
+the ``XDG_*`` folders and ``CONVMIXER_TIMM_CACHE`` unset so that they default to folders inside it: what
+libraries write to "the user's" folders lands there and goes away. Found by running the tests with ``HOME`` set
+to an empty folder:
+
+* onnxruntime (1.32) telemetry: a device id and an event database in
+  ``~/.cache/Microsoft/DeveloperTools/.onnxruntime``, on every ``InferenceSession``; ``ORT_DISABLE_TELEMETRY=1``
+  switches it off (``tests/test_isolation.py`` checks both runtimes).
+* OpenVINO telemetry: ``import openvino`` writes a Google Analytics client id and usage counts to ``~/intel``
+  when no consent file is there. Its only switches are that consent file and CI markers; the session's home
+  holds one that declines (``isolation.prepare_home``).
+* the package's own cache (``~/.cache/convmixer_timm``: the demo's default output), pip's cache and what its
+  builds run (rustup's settings), huggingface_hub's cache and stored token where a test does not set its own.
+
+The checkout gets nothing either: timm's sdist (``test_timm_suite.py``) is kept in the virtual environment.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+from isolation import TELEMETRY_OFF, USER_DIRS, prepare_home
+
+_saved: dict[str, str | None] = {}
+_home: Path | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _home
+    _saved.update({key: os.environ.get(key) for key in (*USER_DIRS, *TELEMETRY_OFF)})
+    _home = Path(tempfile.mkdtemp(prefix="convmixer-timm-tests-home-"))
+    for key in USER_DIRS:
+        os.environ.pop(key, None)
+    os.environ["HOME"] = str(_home)
+    os.environ.update(TELEMETRY_OFF)
+    prepare_home(_home)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for key, value in _saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    if _home is not None:
+        shutil.rmtree(_home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def user_env() -> dict[str, str]:
+    """The user's own HOME and XDG_CONFIG_HOME (those that were set) from before the session: where to find
+    their configuration (pip's, for the one download from the package registry)."""
+    return {key: value for key in ("HOME", "XDG_CONFIG_HOME") if (value := _saved.get(key)) is not None}

@@ -1,0 +1,46 @@
+"""The test session leaves the developer's home folder alone (issue 13, item 7; ``conftest.py``)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from isolation import prepare_home
+
+# An onnxruntime session and OpenVINO compiling a one-node graph: each wrote telemetry to the home folder.
+RUNTIMES = """
+import os, tempfile
+import onnx, onnx.helper as h, numpy as np
+graph = h.make_graph([h.make_node("Relu", ["x"], ["y"])], "g", [h.make_tensor_value_info("x", 1, [2])],
+                     [h.make_tensor_value_info("y", 1, [2])])
+model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+import onnxruntime
+session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+print(session.run(None, {"x": np.array([-1, 2], dtype=np.float32)})[0].tolist())
+import openvino
+with tempfile.TemporaryDirectory() as tmp:
+    onnx.save(model, os.path.join(tmp, "m.onnx"))
+    core = openvino.Core()
+    compiled = core.compile_model(core.read_model(os.path.join(tmp, "m.onnx")), "CPU")
+print(compiled(np.array([-1, 2], dtype=np.float32))[0].tolist())
+"""
+
+
+def test_the_session_runs_in_a_home_folder_of_its_own(user_env):
+    assert Path.home() != Path(user_env.get("HOME", "/nonexistent"))
+    assert Path.home().name.startswith("convmixer-timm-tests-home-")
+
+
+def test_onnxruntime_and_openvino_write_nothing_to_the_home_folder(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("openvino")
+    home = tmp_path / "home"
+    prepare_home(home)
+    before = sorted(p.relative_to(home).as_posix() for p in home.rglob("*"))
+    env = {**os.environ, "HOME": str(home)}  # the session's settings, in a fresh home folder
+    done = subprocess.run([sys.executable, "-c", RUNTIMES], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split("\n")[:2] == ["[0.0, 2.0]", "[0.0, 2.0]"]
+    assert sorted(p.relative_to(home).as_posix() for p in home.rglob("*")) == before
