@@ -161,7 +161,7 @@ def test_auto_also_races_the_installed_runtimes_and_stays_exact():
     with torch.no_grad():
         _assert_exact(ref(x), tuned(x))
     foreign = ("onnxruntime" in runtimes) + 2 * ("openvino" in runtimes)  # openvino: two hints
-    assert clock.readings == 2 * 2 * (len(tuned.paths()) + foreign)  # two rounds, nothing dropped on a tie
+    assert clock.readings == 2 * (1 + 2) * (len(tuned.paths()) + foreign)  # a first call, two rounds: all tie
     assert tuned.choices[((2, 3, 16, 16), torch.float32, "cpu")] in ("plain", "plain channels_last")
     with pytest.raises(ValueError, match="backend"):
         optimize_for_inference(ours, backend="tvm")
@@ -219,11 +219,21 @@ def test_the_race_stops_once_one_path_is_clearly_ahead():
     clock = StepClock()
     result = speed.race({"ref": _cost(clock, 1.0), "fast": _cost(clock, 0.5)}, clock, rounds=5, min_rounds=2)
     assert result.choice == "fast" and result.times == {"ref": [1.0, 1.0], "fast": [0.5, 0.5]}
-    assert clock.readings == 2 * 2 * 2  # two rounds: after them "ref" is more than 1.2x behind, and it is over
+    assert clock.readings == 2 * 2 * (1 + 2)  # a first call and two rounds: "ref" is more than 1.2x behind, over
     clock = StepClock()
     close = speed.race({"ref": _cost(clock, 1.0), "fast": _cost(clock, 0.5), "close": _cost(clock, 0.55)}, clock,
                        rounds=5, min_rounds=2)
     assert close.choice == "fast" and len(close.times["ref"]) == 2 and len(close.times["close"]) == 5
+
+
+def test_a_path_far_behind_on_its_first_call_is_out_before_the_rounds():
+    clock = StepClock()
+    result = speed.race({"ref": _cost(clock, 1.0), "slow": _cost(clock, 2.6), "fast": _cost(clock, 0.9)}, clock,
+                        rounds=2, margin=0.0)
+    assert set(result.times) == {"ref", "fast"} and result.choice == "fast"  # 2.6 > 2.5 x 0.9 -> dropped
+    clock = StepClock()
+    kept = speed.race({"ref": _cost(clock, 1.0), "slow": _cost(clock, 2.6)}, clock, rounds=2, warmup_drop_ratio=None)
+    assert set(kept.times) == {"ref", "slow"}
 
 
 @pytest.mark.parametrize(("challenger", "winner"), [(0.98, "ref"), (0.9, "other")])

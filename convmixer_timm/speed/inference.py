@@ -428,11 +428,12 @@ class RaceResult:
 
 def race(candidates: Mapping[str, Callable[[], object]], clock: Clock = time.perf_counter, rounds: int = 5,
          min_rounds: int = 2, margin: float = 0.03, drop_ratio: float = 1.2,
-         incumbents: Sequence[str] | None = None) -> RaceResult:
+         incumbents: Sequence[str] | None = None, warmup_drop_ratio: float | None = 2.5) -> RaceResult:
     """Interleaved rounds that stop early: the contest behind each of :class:`AutotunedConvMixer`'s choices.
 
-    One untimed warm-up call each, then rounds of one timed call per candidate, in an order rotated every round
-    (so no path always runs right after the same neighbour). From round ``min_rounds`` on, a candidate whose
+    One warm-up call each (a candidate more than ``warmup_drop_ratio`` times slower than the fastest first call
+    is out at once; ``None`` keeps all), then rounds of one timed call per candidate, in an order rotated every
+    round (so no path always runs right after the same neighbour). From round ``min_rounds`` on, a candidate whose
     fastest call is more than ``drop_ratio`` times the leader's score is out, and the race ends when one is
     left or after ``rounds``. A candidate that raises is out too, with a warning, unless it is the first
     incumbent: the reference model itself refusing the input is the caller's error and is raised. Scores are
@@ -452,11 +453,22 @@ def race(candidates: Mapping[str, Callable[[], object]], clock: Clock = time.per
         dropped[name] = f"{type(error).__name__}: {error}"
         alive.pop(name, None)
 
+    first: dict[str, float] = {}
     for name, run in list(alive.items()):
+        start = clock()
         try:
             run()  # first call: oneDNN primitive creation, weight reorders, onnxruntime arena growth
         except Exception as error:  # a path that fails is not a choice; the others still give the answer
             drop(name, error)
+            continue
+        first[name] = clock() - start
+    if first and warmup_drop_ratio:
+        # A first call costs more than later ones, by a one-time setup that is largest for the fast paths
+        # (OpenVINO's first inference, oneDNN's primitives): only a path far behind even then is out at once.
+        fastest = min(first.values())
+        for name in list(alive):
+            if len(alive) > 1 and first[name] > fastest * warmup_drop_ratio:
+                alive.pop(name)
     times: dict[str, list[float]] = {name: [] for name in alive}
     order = list(alive)
     for index in range(rounds):
