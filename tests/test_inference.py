@@ -306,6 +306,17 @@ def test_a_faster_runtime_is_chosen_and_then_runs_every_call():
     assert [(shape, whole) for shape, whole, _ in built] == [((2, 3, 16, 16), True)]  # small: no proxy
 
 
+@pytest.mark.parametrize(("speedup", "foreign_wins"), [(0.01, False), (0.1, True), (0.7, True)])
+def test_a_runtime_must_beat_pytorch_clearly_even_when_every_pytorch_path_is_out(speedup, foreign_wins):
+    # 0.99 vs 1.0: inside the 3% margin, a PyTorch path stays (no export, no second thread pool); 0.3 vs 1.0:
+    # every PyTorch path is out after its first call, and the runtime wins alone.
+    _, ours = _pair(5, "gelu", 2)
+    clock = StepClock()
+    tuned = WithFakeRuntimes(ours, {"fake": _fake(clock, [], speedup=speedup)}, clock=clock)
+    choice = tuned.tune(torch.randn(2, 3, 16, 16))
+    assert (choice == "fake") == foreign_wins and (choice in tuned.paths()) != foreign_wins
+
+
 def test_a_large_call_races_on_a_cut_copy_and_builds_only_the_winner_whole(monkeypatch):
     monkeypatch.setattr(speed.inference, "PROXY_MACS", 0)  # every call counts as large
     ref, ours = _pair(5, "gelu", 2, depth=4)

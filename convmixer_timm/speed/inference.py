@@ -826,8 +826,8 @@ class AutotunedConvMixer(nn.Module):
                 # A foreign runtime costs an export and a compilation per new shape and a thread pool beside
                 # PyTorch's: like the incumbent, PyTorch's best path is kept unless the runtime beats it clearly.
                 own = {n: _score(t) for n, t in result.times.items() if n in candidates and n not in foreign}
-                best_own = min(own, key=own.get)
-                if _score(result.times[result.choice]) >= own[best_own] * (1.0 - self.margin):
+                best_own = min(own, key=own.get) if own else None  # none: all far behind on their first call
+                if best_own and _score(result.times[result.choice]) >= own[best_own] * (1.0 - self.margin):
                     result.choice = best_own
             runner = foreign.get(result.choice) if depth is None else None
             foreign.clear()  # the runtimes that lost are released now, threads and all
