@@ -150,6 +150,17 @@ def test_optional_runtimes_match_timm_builtin(k, act, runtime):
         optimize_for_inference(ours, backend=runtime)
 
 
+def test_one_export_serves_openvino_throughput_with_a_known_number_of_requests():
+    pytest.importorskip("openvino")
+    ref, ours = _pair(5, "gelu", 2)
+    onnx = speed.inference._onnx_bytes(ours, (1, 3, 16, 16))  # exported at batch 1, the batch axis is dynamic
+    fast = speed.OpenVinoConvMixer(None, (4, 3, 16, 16), "THROUGHPUT", onnx=onnx, requests=2)
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        _assert_exact(ref(x), fast(x))
+    assert fast.requests == 2 and fast.sizes == [2, 2]
+
+
 def test_auto_also_races_the_installed_runtimes_and_stays_exact():
     runtimes = speed.installed_runtimes()
     if not runtimes:

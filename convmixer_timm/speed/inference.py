@@ -199,7 +199,7 @@ class FusedConvMixerInference(nn.Module):
 
     def release(self, shape: Sequence[int]) -> None:
         """Drop the weights packed for inputs of ``shape`` (every depthwise implementation)."""
-        for key in [key for key in self._packed if tuple(key[:-1]) == tuple(shape)]:
+        for key in [key for key in list(self._packed) if tuple(key[:-1]) == tuple(shape)]:  # list(): threads
             self._packed.pop(key, None)
 
     def _apply(self, fn, recurse=True):  # .to()/.float() etc. invalidate the packed copies
@@ -685,6 +685,7 @@ class AutotunedConvMixer(nn.Module):
         self._shape_locks: dict[tuple, threading.Lock] = {}
         self._onnx: OrderedDict[tuple, bytes] = OrderedDict()  # (image size) -> export, at most 2 kept
         self._sessions: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self._ov_requests: dict[tuple, int] = {}  # input shape -> OpenVINO THROUGHPUT's number of requests
         self._arch = _architecture(self.plain)
         self.eval()
 
@@ -749,7 +750,13 @@ class AutotunedConvMixer(nn.Module):
         return session
 
     def _openvino(self, hint: str, model: nn.Module, shape: tuple[int, ...], whole: bool) -> nn.Module:
-        return OpenVinoConvMixer(None, shape, hint, onnx=self._export(model, shape, whole))
+        # THROUGHPUT splits the batch into OpenVINO's optimal number of requests, which takes a compilation to
+        # learn: learnt once per shape (on the proxy, or remembered on disk), the whole model compiles once.
+        requests = self._ov_requests.get(tuple(shape)) if hint == "THROUGHPUT" else None
+        runner = OpenVinoConvMixer(None, shape, hint, onnx=self._export(model, shape, whole), requests=requests)
+        if hint == "THROUGHPUT":
+            self._ov_requests[tuple(shape)] = runner.requests
+        return runner
 
     # -- choosing
 
@@ -784,6 +791,8 @@ class AutotunedConvMixer(nn.Module):
         if disk_key is not None:
             record = self.disk.get(disk_key)
             if record is not None and record["choice"] in names:
+                if isinstance(record.get("openvino_requests"), int) and record["openvino_requests"] >= 1:
+                    self._ov_requests[tuple(x.shape)] = record["openvino_requests"]
                 try:
                     entry = _Entry(record["choice"], self._build(record["choice"], x), "remembered")
                     logger.debug("convmixer_timm: %s for input %s, remembered in %s", entry.name, list(x.shape),
@@ -850,6 +859,7 @@ class AutotunedConvMixer(nn.Module):
                                                                               key=lambda item: _score(item[1]))))
         if remember:
             self.disk.put(disk_key, {"choice": result.choice, "proxy_depth": depth,
+                                     "openvino_requests": self._ov_requests.get(tuple(x.shape)),
                                      "ms": {n: round(1e3 * _score(t), 3) for n, t in result.times.items()}})
         return _Entry(result.choice, runner, "timed")
 
@@ -874,6 +884,7 @@ class AutotunedConvMixer(nn.Module):
                     self._shape_locks.pop(key, None)
                 for old_key, old in evicted:
                     old.runner = None  # the runtime goes with its last reference
+                    self._ov_requests.pop(old_key[0], None)
                     if self.fused is not None:
                         self.fused.release(old_key[0])
         return entry
