@@ -875,7 +875,12 @@ class AutotunedConvMixer(nn.Module):
             with self._lock:
                 entry = self._entries.get(key)
             if entry is None:
-                entry = self._tune(x, key)
+                try:
+                    entry = self._tune(x, key)
+                except BaseException:
+                    with self._lock:  # an input the model refuses leaves no lock behind
+                        self._shape_locks.pop(key, None)
+                    raise
                 with self._lock:
                     self._entries[key] = entry
                     evicted = []
