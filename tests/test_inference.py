@@ -2,6 +2,10 @@
 
 Odd and even kernels, GELU and ReLU, NCHW and channels_last inputs and models, both pointwise implementations;
 tolerance 1e-4 of the reference logits' largest magnitude (observed ~3e-7: only float32 rounding differs).
+
+Then the choosing, on an injected clock (no test reads the wall clock to compare speeds): the race and its early
+stops, failing paths, the cut copy for large calls, four threads on one new shape, the bounded shape cache, the
+choices remembered on disk across a real subprocess, a damaged choice file, and logging instead of printing.
 """
 from __future__ import annotations
 
