@@ -435,13 +435,15 @@ def race(candidates: Mapping[str, Callable[[], object]], clock: Clock = time.per
     is out at once; ``None`` keeps all), then rounds of one timed call per candidate, in an order rotated every
     round (so no path always runs right after the same neighbour). From round ``min_rounds`` on, a candidate whose
     fastest call is more than ``drop_ratio`` times the leader's score is out, and the race ends when one is
-    left or after ``rounds``. A candidate that raises is out too, with a warning, unless it is the first
-    incumbent: the reference model itself refusing the input is the caller's error and is raised. Scores are
+    left (once it has run ``min_rounds`` timed calls) or after ``rounds``. A candidate that raises is out too, with
+    a warning, unless it is the first incumbent: the reference model itself refusing the input is the caller's
+    error and is raised; where every other path failed, the reference is the answer. Scores are
     the mean of each candidate's faster half of calls. The winner must beat the best incumbent (``incumbents``,
     default the first candidate) by ``margin`` to be chosen, so timing noise does not replace the reference
     path with one that is no faster.
     """
     incumbents = list(incumbents) if incumbents else [next(iter(candidates))]
+    rounds = max(1, rounds)
     reference = incumbents[0]
     alive = dict(candidates)
     dropped: dict[str, str] = {}
@@ -488,8 +490,10 @@ def race(candidates: Mapping[str, Callable[[], object]], clock: Clock = time.per
             for name in list(alive):
                 if min(times[name]) > leader * drop_ratio:
                     alive.pop(name)  # clearly behind: another call would not change the outcome
-        if len(alive) == 1:
+        if len(alive) <= 1 and index + 1 >= min_rounds:  # the last one standing has run min_rounds calls too
             break
+    if not alive:  # every other path failed: the reference ran its first call, so it is the safe answer
+        return RaceResult(reference, {name: values for name, values in times.items() if values}, dropped)
     scores = {name: _score(times[name]) for name in alive}
     best = min(scores, key=scores.get)
     standing = [name for name in incumbents if name in scores]
