@@ -184,6 +184,27 @@ def test_auto_also_races_the_installed_runtimes_and_stays_exact():
         speed.AutotunedConvMixer(ours, runtimes=("tvm",))
 
 
+def test_one_export_per_model_and_image_size_serves_every_runtime_and_batch_size(monkeypatch):
+    runtimes = speed.installed_runtimes()
+    if not runtimes:
+        pytest.skip("neither onnxruntime nor openvino is installed")
+    exports = []
+    export = speed.inference._onnx_bytes
+
+    def counting(model, input_size):
+        exports.append(tuple(input_size))
+        return export(model, input_size)
+
+    monkeypatch.setattr(speed.inference, "_onnx_bytes", counting)
+    ref, ours = _pair(5, "gelu", 2)
+    tuned = speed.AutotunedConvMixer(ours, clock=StepClock(), rounds=1, runtimes=runtimes)
+    with torch.no_grad():
+        for shape in [(2, 3, 16, 16), (3, 3, 16, 16), (2, 3, 20, 20)]:
+            x = torch.randn(shape)
+            _assert_exact(ref(x), tuned(x))
+    assert exports == [(2, 3, 16, 16), (2, 3, 20, 20)]  # a new batch size reuses the export of its image size
+
+
 @pytest.mark.skipif(speed.load() is None, reason="no compiler")
 @pytest.mark.parametrize(("dim", "k", "size"), [(37, 9, 11), (48, 8, 19), (20, 11, 6), (16, 3, 1)])
 def test_mixing_kernel_on_uneven_channels_widths_and_kernels(dim, k, size):
