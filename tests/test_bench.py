@@ -139,5 +139,5 @@ def test_first_call_report_reads_off_the_within_5_percent_check(first_call):
                                                                               "warm": {"error": "exit status 1"}}]}]}
     md = first_call.markdown(report)
     assert "default / fastest: max 1.080x; within 1.05x in 1 of 2 runs." in md
-    assert "| 2 | 3.00 | conv+kernel | 0.50 (remembered) | 10.8 | mm+kernel (10.0) | 1.080x | 1.50x | - |" in md
+    assert "| 2 | 3.00 | conv+kernel | 0.50 (remembered) | 10.8 | mm+kernel (10.0) | 1.080x | - | - | 1.50x | - |" in md
     assert "| 3 | exit status 1 |" in md
