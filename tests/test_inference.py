@@ -272,6 +272,15 @@ def test_a_path_far_behind_on_its_first_call_is_out_before_the_rounds():
     assert set(kept.times) == {"ref", "slow"}
 
 
+def test_the_race_pauses_only_before_the_calls_it_is_told_to(monkeypatch):
+    pauses = []
+    monkeypatch.setattr(speed.inference.time, "sleep", pauses.append)  # recorded, not slept
+    clock = StepClock()
+    result = speed.race({"ref": _cost(clock, 1.0), "runtime": _cost(clock, 1.0)}, clock, rounds=3, settle=0.02,
+                        settle_before=("runtime",))
+    assert pauses == [0.02] * 4 and len(result.times["runtime"]) == 3  # its first call and three rounds
+
+
 @pytest.mark.parametrize(("challenger", "winner"), [(0.98, "ref"), (0.9, "other")])
 def test_the_race_keeps_the_incumbent_unless_clearly_beaten(challenger, winner):
     clock = StepClock()

@@ -39,7 +39,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -428,7 +428,8 @@ class RaceResult:
 
 def race(candidates: Mapping[str, Callable[[], object]], clock: Clock = time.perf_counter, rounds: int = 5,
          min_rounds: int = 2, margin: float = 0.03, drop_ratio: float = 1.2,
-         incumbents: Sequence[str] | None = None, warmup_drop_ratio: float | None = 2.5) -> RaceResult:
+         incumbents: Sequence[str] | None = None, warmup_drop_ratio: float | None = 2.5,
+         settle: float = 0.0, settle_before: Collection[str] = ()) -> RaceResult:
     """Interleaved rounds that stop early: the contest behind each of :class:`AutotunedConvMixer`'s choices.
 
     One warm-up call each (a candidate more than ``warmup_drop_ratio`` times slower than the fastest first call
@@ -440,7 +441,8 @@ def race(candidates: Mapping[str, Callable[[], object]], clock: Clock = time.per
     error and is raised; where every other path failed, the reference is the answer. Scores are
     the mean of each candidate's faster half of calls. The winner must beat the best incumbent (``incumbents``,
     default the first candidate) by ``margin`` to be chosen, so timing noise does not replace the reference
-    path with one that is no faster.
+    path with one that is no faster. ``settle`` seconds pass (untimed) before each call of a candidate in
+    ``settle_before``, so that it does not share the cores with the threads the previous call left spinning.
     """
     incumbents = list(incumbents) if incumbents else [next(iter(candidates))]
     rounds = max(1, rounds)
@@ -455,8 +457,13 @@ def race(candidates: Mapping[str, Callable[[], object]], clock: Clock = time.per
         dropped[name] = f"{type(error).__name__}: {error}"
         alive.pop(name, None)
 
+    def pause(name: str) -> None:
+        if settle > 0 and name in settle_before:
+            time.sleep(settle)
+
     first: dict[str, float] = {}
     for name, run in list(alive.items()):
+        pause(name)
         start = clock()
         try:
             run()  # first call: oneDNN primitive creation, weight reorders, onnxruntime arena growth
@@ -478,6 +485,7 @@ def race(candidates: Mapping[str, Callable[[], object]], clock: Clock = time.per
         for name in order[shift:] + order[:shift]:
             if name not in alive:
                 continue
+            pause(name)
             start = clock()
             try:
                 alive[name]()
@@ -669,7 +677,7 @@ class AutotunedConvMixer(nn.Module):
 
     def __init__(self, model: nn.Module, clock: Clock = time.perf_counter, rounds: int = 5, margin: float = 0.03,
                  announce: bool = True, runtimes: Sequence[str] = (), cache_dir: str | os.PathLike | None = None,
-                 max_shapes: int = 8, proxy_depth: int = PROXY_DEPTH, min_rounds: int = 2):
+                 max_shapes: int = 8, proxy_depth: int = PROXY_DEPTH, min_rounds: int = 2, settle: float = 0.02):
         super().__init__()
         unknown = set(runtimes) - set(RUNTIMES)
         if unknown:
@@ -682,6 +690,7 @@ class AutotunedConvMixer(nn.Module):
         self.fused = FusedConvMixerInference(model, "conv", "onednn") if _supported(model) else None
         self.clock, self.rounds, self.min_rounds, self.margin = clock, rounds, min(min_rounds, rounds), margin
         self.announce, self.max_shapes, self.proxy_depth = announce, max_shapes, max(1, proxy_depth)
+        self.settle = settle  # seconds before each timed call of a foreign runtime (race's ``settle``)
         self.disk = ChoiceCache(cache_dir) if cache_dir is not None else None
         self.tunings = 0  # races run by this module (a remembered choice is not one)
         self._entries: OrderedDict[tuple, _Entry] = OrderedDict()
@@ -832,8 +841,12 @@ class AutotunedConvMixer(nn.Module):
                 candidates[name] = functools.partial(foreign[name], x)
             logger.debug("convmixer_timm: paths built in %.2f s", time.perf_counter() - start)
             with torch.no_grad():
+                # PyTorch's OpenMP workers spin for a few ms after a call (8-9 ms of CPU in the next 20 ms,
+                # measured for benchmarks/bench.py); a runtime's call right after one would pay for it, where
+                # in steady use it runs alone.
                 result = race(candidates, self.clock, self.rounds, self.min_rounds, self.margin,
-                              incumbents=("plain", "plain channels_last"))
+                              incumbents=("plain", "plain channels_last"), settle=self.settle,
+                              settle_before=tuple(foreign))
             logger.debug("convmixer_timm: race run in %.2f s", time.perf_counter() - start)
             if result.choice in foreign:
                 # A foreign runtime costs an export and a compilation per new shape and a thread pool beside
