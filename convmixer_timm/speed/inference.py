@@ -690,7 +690,7 @@ class AutotunedConvMixer(nn.Module):
         self.fused = FusedConvMixerInference(model, "conv", "onednn") if _supported(model) else None
         self.clock, self.rounds, self.min_rounds, self.margin = clock, rounds, min(min_rounds, rounds), margin
         self.announce, self.max_shapes, self.proxy_depth = announce, max_shapes, max(1, proxy_depth)
-        self.settle = settle  # seconds before each timed call of a foreign runtime (race's ``settle``)
+        self.settle = settle  # untimed seconds before each timed call (race's ``settle``)
         self.disk = ChoiceCache(cache_dir) if cache_dir is not None else None
         self.tunings = 0  # races run by this module (a remembered choice is not one)
         self._entries: OrderedDict[tuple, _Entry] = OrderedDict()
@@ -842,11 +842,12 @@ class AutotunedConvMixer(nn.Module):
             logger.debug("convmixer_timm: paths built in %.2f s", time.perf_counter() - start)
             with torch.no_grad():
                 # PyTorch's OpenMP workers spin for a few ms after a call (8-9 ms of CPU in the next 20 ms,
-                # measured for benchmarks/bench.py); a runtime's call right after one would pay for it, where
-                # in steady use it runs alone.
+                # measured for benchmarks/bench.py): a runtime's call right after one would pay for it, and a
+                # PyTorch call would find its threads awake. Every timed call starts from a quiet machine, as
+                # each path does in steady use when it runs alone.
                 result = race(candidates, self.clock, self.rounds, self.min_rounds, self.margin,
                               incumbents=("plain", "plain channels_last"), settle=self.settle,
-                              settle_before=tuple(foreign))
+                              settle_before=tuple(candidates))
             logger.debug("convmixer_timm: race run in %.2f s", time.perf_counter() - start)
             if result.choice in foreign:
                 # A foreign runtime costs an export and a compilation per new shape and a thread pool beside
