@@ -29,6 +29,7 @@ from torch import nn
 
 from convmixer_timm import VARIANTS, ConvMixer, speed
 from convmixer_timm.speed import FusedConvMixerInference, optimize_for_inference
+from convmixer_timm.speed.inference import race
 
 CASES = [(5, "gelu", 2), (8, "gelu", 2), (3, "relu", 1), (4, "relu", 3)]
 ROOT = Path(__file__).resolve().parents[1]
@@ -253,22 +254,22 @@ def _cost(clock: StepClock, seconds: float, fail_on: int | None = None):
 
 def test_the_race_stops_once_one_path_is_clearly_ahead():
     clock = StepClock()
-    result = speed.race({"ref": _cost(clock, 1.0), "fast": _cost(clock, 0.5)}, clock, rounds=5, min_rounds=2)
+    result = race({"ref": _cost(clock, 1.0), "fast": _cost(clock, 0.5)}, clock, rounds=5, min_rounds=2)
     assert result.choice == "fast" and result.times == {"ref": [1.0, 1.0], "fast": [0.5, 0.5]}
     assert clock.readings == 2 * 2 * (1 + 2)  # a first call and two rounds: "ref" is more than 1.2x behind, over
     clock = StepClock()
-    close = speed.race({"ref": _cost(clock, 1.0), "fast": _cost(clock, 0.5), "close": _cost(clock, 0.55)}, clock,
-                       rounds=5, min_rounds=2)
+    close = race({"ref": _cost(clock, 1.0), "fast": _cost(clock, 0.5), "close": _cost(clock, 0.55)}, clock,
+                 rounds=5, min_rounds=2)
     assert close.choice == "fast" and len(close.times["ref"]) == 2 and len(close.times["close"]) == 5
 
 
 def test_a_path_far_behind_on_its_first_call_is_out_before_the_rounds():
     clock = StepClock()
-    result = speed.race({"ref": _cost(clock, 1.0), "slow": _cost(clock, 2.6), "fast": _cost(clock, 0.9)}, clock,
-                        rounds=2, margin=0.0)
+    result = race({"ref": _cost(clock, 1.0), "slow": _cost(clock, 2.6), "fast": _cost(clock, 0.9)}, clock,
+                  rounds=2, margin=0.0)
     assert set(result.times) == {"ref", "fast"} and result.choice == "fast"  # 2.6 > 2.5 x 0.9 -> dropped
     clock = StepClock()
-    kept = speed.race({"ref": _cost(clock, 1.0), "slow": _cost(clock, 2.6)}, clock, rounds=2, warmup_drop_ratio=None)
+    kept = race({"ref": _cost(clock, 1.0), "slow": _cost(clock, 2.6)}, clock, rounds=2, warmup_drop_ratio=None)
     assert set(kept.times) == {"ref", "slow"}
 
 
@@ -276,27 +277,27 @@ def test_the_race_pauses_only_before_the_calls_it_is_told_to(monkeypatch):
     pauses = []
     monkeypatch.setattr(speed.inference.time, "sleep", pauses.append)  # recorded, not slept
     clock = StepClock()
-    result = speed.race({"ref": _cost(clock, 1.0), "runtime": _cost(clock, 1.0)}, clock, rounds=3, settle=0.02,
-                        settle_before=("runtime",))
+    result = race({"ref": _cost(clock, 1.0), "runtime": _cost(clock, 1.0)}, clock, rounds=3, settle=0.02,
+                  settle_before=("runtime",))
     assert pauses == [0.02] * 4 and len(result.times["runtime"]) == 3  # its first call and three rounds
 
 
 @pytest.mark.parametrize(("challenger", "winner"), [(0.98, "ref"), (0.9, "other")])
 def test_the_race_keeps_the_incumbent_unless_clearly_beaten(challenger, winner):
     clock = StepClock()
-    assert speed.race({"ref": _cost(clock, 1.0), "other": _cost(clock, challenger)}, clock).choice == winner
+    assert race({"ref": _cost(clock, 1.0), "other": _cost(clock, challenger)}, clock).choice == winner
 
 
 def test_a_path_that_fails_while_timed_is_dropped_with_a_warning_not_raised(caplog):
     clock = StepClock()
     with caplog.at_level(logging.WARNING, logger="convmixer_timm"):
-        result = speed.race({"ref": _cost(clock, 1.0), "broken": _cost(clock, 0.1, fail_on=1),
-                             "flaky": _cost(clock, 0.1, fail_on=3)}, clock, rounds=3)
+        result = race({"ref": _cost(clock, 1.0), "broken": _cost(clock, 0.1, fail_on=1),
+                       "flaky": _cost(clock, 0.1, fail_on=3)}, clock, rounds=3)
     assert result.choice == "ref" and set(result.dropped) == {"broken", "flaky"}
     assert "the runtime crashed" in result.dropped["flaky"]
     assert [r.levelno for r in caplog.records] == [logging.WARNING] * 2
     with pytest.raises(RuntimeError, match="crashed"):  # the reference refusing the input is the caller's error
-        speed.race({"ref": _cost(clock, 1.0, fail_on=1), "other": _cost(clock, 1.0)}, clock)
+        race({"ref": _cost(clock, 1.0, fail_on=1), "other": _cost(clock, 1.0)}, clock)
 
 
 # ------------------------------------------------------------------------------------------ the autotuner

@@ -15,15 +15,11 @@ from .depthwise import DepthwiseConvSame, conv_same, depthwise_weight_grad
 from .inference import (
     RUNTIMES,
     AutotunedConvMixer,
-    ChoiceCache,
     FusedConvMixerInference,
     OnnxRuntimeConvMixer,
     OpenVinoConvMixer,
-    RaceResult,
-    cache_dir,
     installed_runtimes,
     optimize_for_inference,
-    race,
     select_fastest,
 )
 from .layers import BatchNorm2d, depthwise_conv_for_training, kernels_apply, prepare_training_input
@@ -31,10 +27,9 @@ from .loader import KernelLoadError, enabled, kernel_info, load, load_from
 from .mixing import MIXING_ACTIVATIONS, spatial_mixing
 
 __all__ = [
-    "MIXING_ACTIVATIONS", "RUNTIMES", "AutotunedConvMixer", "BatchNorm2d", "BatchNormChannelsLast", "ChoiceCache",
+    "MIXING_ACTIVATIONS", "RUNTIMES", "AutotunedConvMixer", "BatchNorm2d", "BatchNormChannelsLast",
     "DepthwiseConvSame", "FusedConvMixerInference", "KernelLoadError", "OnnxRuntimeConvMixer", "OpenVinoConvMixer",
-    "RaceResult", "allocator_tuned", "cache_dir", "conv_same", "depthwise_conv_for_training", "depthwise_weight_grad",
-    "enabled",
+    "allocator_tuned", "conv_same", "depthwise_conv_for_training", "depthwise_weight_grad", "enabled",
     "installed_runtimes", "kernel_info", "kernels_apply", "load", "load_from", "optimize_for_inference",
-    "prepare_training_input", "race", "restore_cpu_allocator", "select_fastest", "spatial_mixing", "tune_cpu_allocator",
+    "prepare_training_input", "restore_cpu_allocator", "select_fastest", "spatial_mixing", "tune_cpu_allocator",
 ]
