@@ -91,3 +91,53 @@ def test_summary_compares_ours_with_timm_and_the_fastest_foreign_runtime(bench):
     assert "ONEDNN_MAX_CPU_ISA=AVX2" in md and "AVX-512 no" in md
     assert "| convmixer_256_8_ks5_p2 (64) | 2.00x | 2.50x | 1.25x | 1.20x / 1.50x / 0.75x | OpenVINO LATENCY | " in md
     assert md.rstrip().endswith("| 1.60x | 2% |")  # training default vs timm best, then its share of sgemm
+
+
+_FIRST_CALL = Path(__file__).resolve().parents[1] / "benchmarks" / "first_call.py"
+
+
+@pytest.fixture(scope="module")
+def first_call():
+    spec = importlib.util.spec_from_file_location("convmixer_first_call", _FIRST_CALL)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_first_call_interleaves_on_the_injected_clock_and_leaves_failing_paths_out(first_call):
+    now = [0.0]
+
+    def clock() -> float:
+        return now[0]
+
+    def path(cost: float):
+        def run() -> None:
+            now[0] += cost
+
+        return run
+
+    def broken() -> None:
+        raise RuntimeError("no CPU plugin")
+
+    times, errors = first_call.interleave({"a": path(2.0), "b": path(1.0), "x": broken}, rounds=3, clock=clock,
+                                          settle=0.0)
+    assert times == {"a": [2.0] * 3, "b": [1.0] * 3} and "no CPU plugin" in errors["x"]
+
+
+def test_first_call_report_reads_off_the_within_5_percent_check(first_call):
+    def run(ratio: float) -> dict:
+        cold = {"first_call_s": 3.0, "choice": "conv+kernel", "fastest": "mm+kernel", "default_over_fastest": ratio,
+                "timm_best_over_default": 1.5, "ms": {"default": 10.0 * ratio, "mm+kernel": 10.0,
+                                                      "conv+kernel": 10.0 * ratio}}
+        return {"cold": cold, "warm": {"first_call_s": 0.5, "source": "remembered"}}
+
+    header = dict(cpu="CPU", machine="x86_64", cpu_features="f", threads=2, torch="t", timm="t", onnxruntime="o",
+                  openvino="v", rounds=5, runs=2, command="c")
+    report = {"header": header, "variants": [{"name": "convmixer_256_8_ks5_p2", "depth": 8, "batch": 64,
+                                              "runs": [run(1.02), run(1.08), {"cold": {"error": "exit status 1"},
+                                                                              "warm": {"error": "exit status 1"}}]}]}
+    md = first_call.markdown(report)
+    assert "default / fastest: max 1.080x; within 1.05x in 1 of 2 runs." in md
+    assert "| 2 | 3.00 | conv+kernel | 0.50 (remembered) | 10.8 | mm+kernel (10.0) | 1.080x | - | - | 1.50x | - |" in md
+    assert "| 3 | exit status 1 |" in md

@@ -18,29 +18,43 @@ What the optimized module does differently from the eval-mode model, all exact u
 
 Anything the fused path does not cover (another activation, pooling type, device or dtype) runs as a copy of
 the model in eval mode, so the function is always safe to call. Which path runs is measured per input shape on
-the machine where it runs (:class:`AutotunedConvMixer`).
+the machine where it runs (:class:`AutotunedConvMixer`), in a short race that stops once a path is clearly
+ahead, on a copy cut to two blocks where a call is large, and remembered across processes in the user's cache
+(:class:`ChoiceCache`).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import functools
+import hashlib
+import json
+import logging
+import os
+import platform
 import statistics
-import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .loader import load
+from .loader import kernel_info, load
 from .mixing import spatial_mixing
 
 __all__ = [
-    "RUNTIMES", "AutotunedConvMixer", "FusedConvMixerInference", "OnnxRuntimeConvMixer", "OpenVinoConvMixer",
-    "installed_runtimes", "optimize_for_inference", "select_fastest",
+    "RUNTIMES", "AutotunedConvMixer", "ChoiceCache", "FusedConvMixerInference", "OnnxRuntimeConvMixer",
+    "OpenVinoConvMixer", "RaceResult", "cache_dir", "installed_runtimes", "optimize_for_inference", "race",
+    "select_fastest",
 ]
+
+logger = logging.getLogger("convmixer_timm")
 
 _ACTS = ("gelu", "relu")
 
@@ -183,6 +197,11 @@ class FusedConvMixerInference(nn.Module):
             self._packed[key] = packed
         return packed
 
+    def release(self, shape: Sequence[int]) -> None:
+        """Drop the weights packed for inputs of ``shape`` (every depthwise implementation)."""
+        for key in [key for key in list(self._packed) if tuple(key[:-1]) == tuple(shape)]:  # list(): threads
+            self._packed.pop(key, None)
+
     def _apply(self, fn, recurse=True):  # .to()/.float() etc. invalidate the packed copies
         self._packed = {}
         return super()._apply(fn, recurse)
@@ -258,20 +277,26 @@ class FusedConvMixerInference(nn.Module):
             return torch.addcmul(self.head_b, pooled, self.head_w.view(1, -1))
 
 
+def _onnx_bytes(model: nn.Module, input_size: Sequence[int]) -> bytes:
+    """The model's ONNX export (dynamic batch), as bytes: one export serves every batch size of an image size."""
+    from ..export import export_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:  # private to this process, removed on return
+        return export_onnx(model, Path(tmp) / "model.onnx", input_size).read_bytes()
+
+
 class OnnxRuntimeConvMixer(nn.Module):
     """Eval-only wrapper running the model's ONNX export in onnxruntime (CPU); build it with
     :func:`optimize_for_inference` and ``backend="onnxruntime"``. Batch size is free, the image size is the one
-    it was built for. Outputs are CPU float32 tensors without autograd history."""
+    it was built for. Outputs are CPU float32 tensors without autograd history. ``onnx``: an export already made
+    (:func:`convmixer_timm.export_onnx`'s bytes), so that one export serves several modules."""
 
-    def __init__(self, model: nn.Module, input_size: Sequence[int], threads: int | None = None):
+    def __init__(self, model: nn.Module | None, input_size: Sequence[int], threads: int | None = None,
+                 onnx: bytes | None = None):
         super().__init__()
         import onnxruntime as ort
 
-        from ..export import export_onnx
-
-        with tempfile.TemporaryDirectory() as tmp:
-            path = export_onnx(model, Path(tmp) / "model.onnx", input_size)
-            onnx_bytes = path.read_bytes()
+        onnx_bytes = onnx if onnx is not None else _onnx_bytes(model, input_size)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         # Idle onnxruntime threads spin by default, which starves PyTorch work in the same process.
@@ -281,6 +306,7 @@ class OnnxRuntimeConvMixer(nn.Module):
         self.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # InferenceSession.run is thread-safe: one session serves concurrent calls of every batch size.
         x = x.detach().to("cpu", torch.float32).contiguous()
         return torch.from_numpy(self.session.run(None, {self.input_name: x.numpy()})[0])
 
@@ -288,35 +314,42 @@ class OnnxRuntimeConvMixer(nn.Module):
 class OpenVinoConvMixer(nn.Module):
     """Eval-only wrapper running the model's ONNX export in OpenVINO on the CPU, in float32
     (``INFERENCE_PRECISION_HINT=f32``), compiled for one input shape. ``hint="LATENCY"`` runs the batch as one
-    request; ``"THROUGHPUT"`` splits it over OpenVINO's streams and requests. Needs the ``openvino`` extra."""
+    request; ``"THROUGHPUT"`` splits it over OpenVINO's streams and ``requests`` infer requests (default: the
+    number OpenVINO calls optimal, which costs one more compilation to learn). Needs the ``openvino`` extra.
+    Calls are serialized (one request queue), so the module can be shared by threads."""
 
-    def __init__(self, model: nn.Module, input_size: Sequence[int], hint: str = "LATENCY",
-                 threads: int | None = None):
+    def __init__(self, model: nn.Module | None, input_size: Sequence[int], hint: str = "LATENCY",
+                 threads: int | None = None, onnx: bytes | None = None, requests: int | None = None):
         super().__init__()
         import numpy as np
         import openvino as ov
-
-        from ..export import export_onnx
 
         self.input_size = _full_size(input_size)
         self.hint = hint.upper()
         config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": self.hint,
                   "INFERENCE_NUM_THREADS": threads or torch.get_num_threads()}
         core = ov.Core()
+        onnx_bytes = onnx if onnx is not None else _onnx_bytes(model, self.input_size)
         with tempfile.TemporaryDirectory() as tmp:
-            graph = core.read_model(str(export_onnx(model, Path(tmp) / "model.onnx", self.input_size)))
+            path = Path(tmp) / "model.onnx"
+            path.write_bytes(onnx_bytes)
+            graph = core.read_model(str(path))
         batch = self.input_size[0]
         jobs = 1
         if self.hint == "THROUGHPUT":
-            probe = core.compile_model(graph, "CPU", config)
-            jobs = max(1, min(batch, int(probe.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))))
-            del probe
+            if requests is None:
+                probe = core.compile_model(graph, "CPU", config)
+                requests = int(probe.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+                del probe
+            jobs = max(1, min(batch, int(requests)))
+        self.requests = jobs
         self.sizes = [len(part) for part in np.array_split(np.arange(batch), jobs)]
         if len(set(self.sizes)) == 1:  # equal parts: a static shape, OpenVINO's fastest
             graph.reshape({graph.inputs[0]: [self.sizes[0], *self.input_size[1:]]})
         self.compiled = core.compile_model(graph, "CPU", config)
         self.queue = ov.AsyncInferQueue(self.compiled, jobs)
         self.results: list = [None] * jobs
+        self._lock = threading.Lock()  # the queue and its result slots are one call's state
         results = self.results
         # The callback holds the list, not the module: no reference cycle, so a module that loses the choice is
         # freed at once, with OpenVINO's threads (live compiled models slowed PyTorch's paths by ~20% here).
@@ -328,13 +361,15 @@ class OpenVinoConvMixer(nn.Module):
         if tuple(x.shape) != self.input_size:
             raise ValueError(f"this OpenVINO model is compiled for input {list(self.input_size)}, got {list(x.shape)}")
         parts = x.detach().to("cpu", torch.float32).contiguous().split(self.sizes)
-        for index, part in enumerate(parts):
-            self.queue.start_async({0: part.numpy()}, index)
-        self.queue.wait_all()
-        return torch.cat([torch.from_numpy(r) for r in self.results])
+        with self._lock:
+            for index, part in enumerate(parts):
+                self.queue.start_async({0: part.numpy()}, index)
+            self.queue.wait_all()
+            return torch.cat([torch.from_numpy(r) for r in self.results])
 
 
 RUNTIMES = ("onnxruntime", "openvino")
+_FOREIGN_PATHS = {"onnxruntime": ("onnxruntime",), "openvino": ("openvino latency", "openvino throughput")}
 
 
 def installed_runtimes() -> tuple[str, ...]:
@@ -358,7 +393,8 @@ def select_fastest(candidates: Mapping[str, Callable[[], object]], clock: Clock 
 
     The first candidate is the incumbent: another must beat its median by more than ``margin`` to be picked, so
     timing noise cannot trade what is being replaced for something slower in steady use. ``clock`` is injected
-    so the choice can be tested without timing anything.
+    so the choice can be tested without timing anything. Every candidate runs every round; :func:`race` is the
+    shorter contest :class:`AutotunedConvMixer` runs.
     """
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for run in candidates.values():
@@ -374,47 +410,299 @@ def select_fastest(candidates: Mapping[str, Callable[[], object]], clock: Clock 
     return best if medians[best] < medians[incumbent] * (1.0 - margin) else incumbent
 
 
+def _score(times: Sequence[float]) -> float:
+    # The mean of the faster half: another process's load only ever adds time, so the slow samples say more
+    # about the machine than about the path, and a single lucky sample is not trusted alone either.
+    low = sorted(times)[: max(1, len(times) // 2)]
+    return sum(low) / len(low)
+
+
+@dataclasses.dataclass
+class RaceResult:
+    """What :func:`race` decided: the winner, each candidate's timed calls, and why any were dropped."""
+
+    choice: str
+    times: dict[str, list[float]]
+    dropped: dict[str, str]
+
+
+def race(candidates: Mapping[str, Callable[[], object]], clock: Clock = time.perf_counter, rounds: int = 5,
+         min_rounds: int = 2, margin: float = 0.03, drop_ratio: float = 1.2,
+         incumbents: Sequence[str] | None = None, warmup_drop_ratio: float | None = 2.5,
+         settle: float = 0.0, settle_before: Collection[str] = ()) -> RaceResult:
+    """Interleaved rounds that stop early: the contest behind each of :class:`AutotunedConvMixer`'s choices.
+
+    One warm-up call each (a candidate more than ``warmup_drop_ratio`` times slower than the fastest first call
+    is out at once; ``None`` keeps all), then rounds of one timed call per candidate, in an order rotated every
+    round (so no path always runs right after the same neighbour). From round ``min_rounds`` on, a candidate whose
+    fastest call is more than ``drop_ratio`` times the leader's score is out, and the race ends when one is
+    left (once it has run ``min_rounds`` timed calls) or after ``rounds``. A candidate that raises is out too, with
+    a warning, unless it is the first incumbent: the reference model itself refusing the input is the caller's
+    error and is raised; where every other path failed, the reference is the answer. Scores are
+    the mean of each candidate's faster half of calls. The winner must beat the best incumbent (``incumbents``,
+    default the first candidate) by ``margin`` to be chosen, so timing noise does not replace the reference
+    path with one that is no faster. ``settle`` seconds pass (untimed) before each call of a candidate in
+    ``settle_before``, so that it does not share the cores with the threads the previous call left spinning.
+    """
+    incumbents = list(incumbents) if incumbents else [next(iter(candidates))]
+    rounds = max(1, rounds)
+    reference = incumbents[0]
+    alive = dict(candidates)
+    dropped: dict[str, str] = {}
+
+    def drop(name: str, error: BaseException) -> None:
+        if name == reference:
+            raise error
+        logger.warning("convmixer_timm: inference path %r left out: %s: %s", name, type(error).__name__, error)
+        dropped[name] = f"{type(error).__name__}: {error}"
+        alive.pop(name, None)
+
+    def pause(name: str) -> None:
+        if settle > 0 and name in settle_before:
+            time.sleep(settle)
+
+    first: dict[str, float] = {}
+    for name, run in list(alive.items()):
+        pause(name)
+        start = clock()
+        try:
+            run()  # first call: oneDNN primitive creation, weight reorders, onnxruntime arena growth
+        except Exception as error:  # a path that fails is not a choice; the others still give the answer
+            drop(name, error)
+            continue
+        first[name] = clock() - start
+    if first and warmup_drop_ratio:
+        # A first call costs more than later ones, by a one-time setup that is largest for the fast paths
+        # (OpenVINO's first inference, oneDNN's primitives): only a path far behind even then is out at once.
+        fastest = min(first.values())
+        for name in list(alive):
+            if len(alive) > 1 and first[name] > fastest * warmup_drop_ratio:
+                alive.pop(name)
+    times: dict[str, list[float]] = {name: [] for name in alive}
+    order = list(alive)
+    for index in range(rounds):
+        shift = index % len(order)
+        for name in order[shift:] + order[:shift]:
+            if name not in alive:
+                continue
+            pause(name)
+            start = clock()
+            try:
+                alive[name]()
+            except Exception as error:
+                drop(name, error)
+                continue
+            times[name].append(clock() - start)
+        if index + 1 >= min_rounds and len(alive) > 1:
+            leader = min(_score(times[name]) for name in alive)
+            for name in list(alive):
+                if min(times[name]) > leader * drop_ratio:
+                    alive.pop(name)  # clearly behind: another call would not change the outcome
+        if len(alive) <= 1 and index + 1 >= min_rounds:  # the last one standing has run min_rounds calls too
+            break
+    if not alive:  # every other path failed: the reference ran its first call, so it is the safe answer
+        return RaceResult(reference, {name: values for name, values in times.items() if values}, dropped)
+    scores = {name: _score(times[name]) for name in alive}
+    best = min(scores, key=scores.get)
+    standing = [name for name in incumbents if name in scores]
+    if standing:
+        incumbent = min(standing, key=scores.get)
+        if scores[best] >= scores[incumbent] * (1.0 - margin):
+            best = incumbent
+    return RaceResult(best, {name: values for name, values in times.items() if values}, dropped)
+
+
+# ------------------------------------------------------------------------------------------ remembered choices
+
+
+def cache_dir() -> Path:
+    """Where :func:`optimize_for_inference` remembers its choices: ``$CONVMIXER_TIMM_CACHE/inference``, else
+    ``~/.cache/convmixer_timm/inference`` (the folder the demo and the kernel build use)."""
+    root = os.environ.get("CONVMIXER_TIMM_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "convmixer_timm") / "inference"
+
+
+_SCHEMA = 1
+
+
+def _version(package: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+@functools.lru_cache(maxsize=1)
+def _machine() -> dict[str, str]:
+    """The CPU (model and the hash of its flags) and the settings that decide which ISA each library uses."""
+    model, flags = platform.processor() or platform.machine(), ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == (platform.processor() or platform.machine()):
+                model = value.strip()
+            elif key.strip() in ("flags", "Features") and not flags:
+                flags = " ".join(sorted(value.split()))
+    except OSError:
+        pass
+    env = {name: os.environ.get(name, "") for name in (
+        "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY", "CONVMIXER_TIMM_CPU_ISA")}
+    return {"cpu": model, "machine": platform.machine(), "flags_sha256": hashlib.sha256(flags.encode()).hexdigest(),
+            "torch_capability": str(getattr(torch.backends.cpu, "get_cpu_capability", lambda: "?")()),
+            **{f"env {k}": v for k, v in env.items()}}
+
+
+def _architecture(model: nn.Module) -> dict[str, object]:
+    """The model's speed-relevant shape: dim, depth, kernel, patch, activation, classes, and every tensor shape."""
+    shapes = [f"{name}:{list(t.shape)}" for name, t in model.state_dict().items()]
+    arch: dict[str, object] = {"class": type(model).__name__,
+                               "shapes_sha256": hashlib.sha256("\n".join(shapes).encode()).hexdigest()}
+    try:
+        stem = model.stem[0]
+        arch.update(dim=int(stem.weight.shape[0]), depth=len(model.blocks), patch=int(stem.stride[0]),
+                    kernel=int(model.blocks[0][0].fn[0].weight.shape[-1]) if len(model.blocks) else 0,
+                    act=type(model.stem[1]).__name__, in_chans=int(stem.weight.shape[1]))
+    except (AttributeError, IndexError, TypeError):
+        pass
+    return arch
+
+
+class ChoiceCache:
+    """Choices remembered across processes: one small JSON file per (machine, libraries, model, input) key.
+
+    JSON data only (a file is never executed or unpickled, and a name read from it is used only if it is one of
+    the paths on offer). Writes go to a temporary file in the same folder and are renamed into place, so a
+    reader sees the old file or the new one, whole. A file that cannot be read as this schema is reported once
+    (a warning) and treated as absent; the next choice overwrites it.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self._warned_write = False
+
+    def path(self, key: Mapping[str, object]) -> Path:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+        return self.folder / f"{digest}.json"
+
+    def get(self, key: Mapping[str, object]) -> dict | None:
+        path = self.path(key)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            logger.warning("convmixer_timm: cannot read the remembered inference choice %s (%s); timing again",
+                           path, error)
+            return None
+        try:
+            data = json.loads(text)
+            if not (isinstance(data, dict) and data.get("schema") == _SCHEMA and isinstance(data.get("choice"), str)
+                    and json.dumps(data.get("key"), sort_keys=True) == json.dumps(key, sort_keys=True)):
+                raise ValueError("not a choice for this key")
+        except ValueError as error:  # JSONDecodeError included
+            logger.warning("convmixer_timm: damaged inference-choice file %s (%s); timing again and replacing it",
+                           path, error)
+            return None
+        return data
+
+    def put(self, key: Mapping[str, object], record: Mapping[str, object]) -> None:
+        path = self.path(key)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=self.folder)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    json.dump({"schema": _SCHEMA, "key": key, **record}, f, indent=1, sort_keys=True)
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+        except OSError as error:  # a read-only or full cache: the choice still holds for this process
+            if not self._warned_write:
+                self._warned_write = True
+                logger.warning("convmixer_timm: cannot remember inference choices in %s (%s)", self.folder, error)
+
+
+# --------------------------------------------------------------------------------------------- the autotuner
+
+
+@dataclasses.dataclass
+class _Entry:
+    name: str
+    runner: nn.Module | None  # a foreign runtime built for the full model, or None for PyTorch's paths
+    source: str  # "timed" or "remembered"
+
+
+# Timing is serialized process-wide: two measurements at once (two shapes, two modules) would each time the
+# other's load. Looking up a choice already made never waits for it.
+_MEASURING = threading.Lock()
+
+# A call of at most this many multiply-adds is cheap enough to time on the whole model; above it, paths race on
+# a copy cut to PROXY_DEPTH blocks. The blocks are identical, so a path's time is its stem and head plus depth x
+# its block time, and the race ranks the block time at a fraction of the cost (768/32 at batch 2: 1/16).
+PROXY_MACS = 2 * 10 ** 9
+PROXY_DEPTH = 2
+
+
+def _cut(module: nn.Module, depth: int) -> nn.Module:
+    """A shallow copy of ``module`` with only its first ``depth`` blocks (parameters shared, nothing copied)."""
+    cut = copy.copy(module)
+    cut._modules = dict(module._modules)
+    blocks = module.blocks
+    cut._modules["blocks"] = blocks[:depth]  # Sequential and ModuleList slice to their own type
+    if isinstance(module, FusedConvMixerInference):
+        cut._packed = {}  # packed weights are per block list
+    return cut
+
+
 class AutotunedConvMixer(nn.Module):
     """What :func:`optimize_for_inference` returns: for each input shape, the fastest exact path, measured once.
 
-    Like ``torch.backends.cudnn.benchmark``: the first call with a new (shape, dtype, device) times every path on
-    that input and keeps the fastest for later calls of that shape (``choices``). The paths: the plain eval
-    model with NCHW or channels_last input (the faster of the two is the incumbent, kept unless another path
-    beats it by 3%), and where the model is supported, :class:`FusedConvMixerInference` with each pointwise
-    (oneDNN conv, MKL addmm) and depthwise (compiled kernel, oneDNN) implementation.
+    Like ``torch.backends.cudnn.benchmark``: the first call with a new (shape, dtype, device) races the paths
+    (:func:`race`) and keeps the winner for later calls of that shape (``choices``). The paths: the plain eval
+    model with NCHW or channels_last input (the faster is the incumbent, kept unless another path beats it by
+    ``margin``), :class:`FusedConvMixerInference` with each pointwise (oneDNN conv, MKL addmm) and depthwise
+    (compiled kernel, oneDNN) implementation where the model is supported, and ``runtimes`` (onnxruntime,
+    OpenVINO) on the model's ONNX export. Where a call is large (``PROXY_MACS``), the race runs on a copy cut to
+    ``proxy_depth`` blocks, and only the winner is built for the whole model.
+
+    ``cache_dir``: a folder where choices are remembered across processes (:class:`ChoiceCache`); ``None``
+    remembers nothing on disk. ``max_shapes``: how many shapes' choices are kept; the least recently used is
+    dropped with its runtime. Tuning is thread-safe: threads that see a new shape together wait for one
+    measurement and share its result. Progress is logged to the ``convmixer_timm`` logger (INFO).
     """
 
     def __init__(self, model: nn.Module, clock: Clock = time.perf_counter, rounds: int = 5, margin: float = 0.03,
-                 announce: bool = True, runtimes: Sequence[str] = ()):
+                 announce: bool = True, runtimes: Sequence[str] = (), cache_dir: str | os.PathLike | None = None,
+                 max_shapes: int = 8, proxy_depth: int = PROXY_DEPTH, min_rounds: int = 2, settle: float = 0.02):
         super().__init__()
         unknown = set(runtimes) - set(RUNTIMES)
         if unknown:
             raise ValueError(f"unknown runtimes {sorted(unknown)}: choose from {RUNTIMES}")
+        if max_shapes < 1:
+            raise ValueError(f"max_shapes must be >= 1, got {max_shapes}")
         self.runtimes = tuple(runtimes)
         self.plain = copy.deepcopy(model).eval()
         self.plain_channels_last = copy.deepcopy(self.plain).to(memory_format=torch.channels_last)
         self.fused = FusedConvMixerInference(model, "conv", "onednn") if _supported(model) else None
-        self.clock, self.rounds, self.margin, self.announce = clock, rounds, margin, announce
-        self.choices: dict[tuple, str] = {}
-        self.runners: dict[tuple, nn.Module] = {}  # a foreign runtime compiled for the shape it won
+        self.clock, self.rounds, self.min_rounds, self.margin = clock, rounds, min(min_rounds, rounds), margin
+        self.announce, self.max_shapes, self.proxy_depth = announce, max_shapes, max(1, proxy_depth)
+        self.settle = settle  # untimed seconds before each timed call (race's ``settle``)
+        self.disk = ChoiceCache(cache_dir) if cache_dir is not None else None
+        self.tunings = 0  # races run by this module (a remembered choice is not one)
+        self._entries: OrderedDict[tuple, _Entry] = OrderedDict()
+        self._lock = threading.Lock()  # guards _entries and _shape_locks; never held while measuring
+        self._shape_locks: dict[tuple, threading.Lock] = {}
+        self._onnx: OrderedDict[tuple, bytes] = OrderedDict()  # (image size) -> export, at most 2 kept
+        self._sessions: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self._ov_requests: dict[tuple, int] = {}  # input shape -> OpenVINO THROUGHPUT's number of requests
+        self._arch = _architecture(self.plain)
         self.eval()
 
-    def _foreign_paths(self, x: torch.Tensor) -> dict[str, nn.Module]:
-        """The optional runtimes, each compiled for ``x``'s shape; one that fails to build is left out."""
-        builders: dict[str, Callable[[], nn.Module]] = {}
-        if "onnxruntime" in self.runtimes:
-            builders["onnxruntime"] = lambda: OnnxRuntimeConvMixer(self.plain, tuple(x.shape))
-        if "openvino" in self.runtimes:
-            for hint in ("LATENCY", "THROUGHPUT"):
-                builders[f"openvino {hint.lower()}"] = lambda h=hint: OpenVinoConvMixer(self.plain, tuple(x.shape), h)
-        paths = {}
-        for name, make in builders.items():
-            try:
-                paths[name] = make()
-            except Exception as error:  # an optional path: the others still give the answer
-                print(f"convmixer_timm: {name} left out of the choice for {list(x.shape)}: {error}",
-                      file=sys.stderr, flush=True)
-        return paths
+    # -- the paths
 
     def paths(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         """PyTorch's paths by name: the plain model in both layouts, and the fused module's combinations."""
@@ -426,58 +714,238 @@ class AutotunedConvMixer(nn.Module):
 
     def run_path(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """One of PyTorch's paths (see :meth:`paths`) on ``x``."""
+        return self._run_torch_path(name, x, self.plain, self.plain_channels_last, self.fused)
+
+    @staticmethod
+    def _run_torch_path(name: str, x: torch.Tensor, plain: nn.Module, plain_cl: nn.Module,
+                        fused: FusedConvMixerInference | None) -> torch.Tensor:
         if name == "plain":
-            return self.plain(x)
+            return plain(x)
         if name == "plain channels_last":
-            return self.plain_channels_last(x.contiguous(memory_format=torch.channels_last))
+            return plain_cl(x.contiguous(memory_format=torch.channels_last))
         pointwise, depthwise = name.split("+")
-        return self.fused.run(x, pointwise, depthwise)
+        return fused.run(x, pointwise, depthwise)
+
+    def _foreign_builders(self) -> dict[str, Callable[[nn.Module, tuple[int, ...], bool], nn.Module]]:
+        """Each optional runtime's path: a builder taking (model, input shape, whether ``model`` is the whole
+        one) and returning a module for that shape. Subclasses may add their own."""
+        builders: dict[str, Callable[[nn.Module, tuple[int, ...], bool], nn.Module]] = {}
+        if "onnxruntime" in self.runtimes:
+            builders["onnxruntime"] = self._onnxruntime
+        if "openvino" in self.runtimes:
+            for hint in ("LATENCY", "THROUGHPUT"):
+                builders[f"openvino {hint.lower()}"] = functools.partial(self._openvino, hint)
+        return builders
+
+    def _export(self, model: nn.Module, shape: tuple[int, ...], whole: bool) -> bytes:
+        # Once per image size and depth (the batch axis is dynamic), shared by every runtime. The whole model's
+        # export is kept for the next batch size (at most two image sizes: it is as large as the weights); a
+        # proxy's is dropped after its race.
+        key = (len(model.blocks) if hasattr(model, "blocks") else None, whole, *shape[1:])
+        with self._lock:
+            onnx = self._onnx.get(key)
+        if onnx is None:
+            onnx = _onnx_bytes(model, shape)
+            with self._lock:
+                self._onnx[key] = onnx
+                while sum(whole for _, whole, *_ in self._onnx) > 2:
+                    self._onnx.pop(next(k for k in self._onnx if k[1]))
+        return onnx
+
+    def _onnxruntime(self, model: nn.Module, shape: tuple[int, ...], whole: bool) -> nn.Module:
+        if not whole:
+            return OnnxRuntimeConvMixer(None, shape, onnx=self._export(model, shape, whole))
+        # One session per image size serves every batch size; it lives while a choice uses it.
+        session = self._sessions.get(tuple(shape[1:]))
+        if session is None:
+            session = OnnxRuntimeConvMixer(None, shape, onnx=self._export(model, shape, whole))
+            self._sessions[tuple(shape[1:])] = session
+        return session
+
+    def _openvino(self, hint: str, model: nn.Module, shape: tuple[int, ...], whole: bool) -> nn.Module:
+        # THROUGHPUT splits the batch into OpenVINO's optimal number of requests, which takes a compilation to
+        # learn: learnt once per shape (on the proxy, or remembered on disk), the whole model compiles once.
+        requests = self._ov_requests.get(tuple(shape)) if hint == "THROUGHPUT" else None
+        runner = OpenVinoConvMixer(None, shape, hint, onnx=self._export(model, shape, whole), requests=requests)
+        if hint == "THROUGHPUT":
+            self._ov_requests[tuple(shape)] = runner.requests
+        return runner
+
+    # -- choosing
+
+    def _disk_key(self, x: torch.Tensor, candidates: Sequence[str]) -> dict[str, object]:
+        versions = {name: _version(name) for name in ("torch", "timm", "convmixer-timm", *self.runtimes)}
+        return {"machine": _machine(), "threads": torch.get_num_threads(), "versions": versions,
+                "kernels": str(kernel_info().get("isa")) if load() is not None else "none",
+                "model": self._arch, "input": {"shape": list(x.shape), "dtype": str(x.dtype)},
+                "candidates": sorted(candidates)}
+
+    def _proxy_depth(self, x: torch.Tensor) -> int | None:
+        """The depth of the copy the race runs on, or None to race on the whole model."""
+        arch = self._arch
+        if "dim" not in arch or arch["depth"] <= self.proxy_depth:
+            return None
+        grid = (x.shape[-2] // arch["patch"]) * (x.shape[-1] // arch["patch"])
+        dim = arch["dim"]
+        block = arch["kernel"] ** 2 * dim + dim * dim
+        macs = x.shape[0] * grid * (arch["in_chans"] * arch["patch"] ** 2 * dim + arch["depth"] * block)
+        return self.proxy_depth if macs > PROXY_MACS else None
+
+    def _build(self, name: str, x: torch.Tensor) -> nn.Module | None:
+        """The whole model's runner for a foreign path (None for PyTorch's paths)."""
+        builders = self._foreign_builders()
+        return builders[name](self.plain, tuple(x.shape), True) if name in builders else None
+
+    def _tune(self, x: torch.Tensor, key: tuple) -> _Entry:
+        foreign_ok = x.device.type == "cpu" and x.dtype == torch.float32
+        builders = self._foreign_builders() if foreign_ok else {}
+        names = [*self.paths(), *builders]
+        disk_key = self._disk_key(x, names) if self.disk is not None else None
+        if disk_key is not None:
+            record = self.disk.get(disk_key)
+            if record is not None and record["choice"] in names:
+                if isinstance(record.get("openvino_requests"), int) and record["openvino_requests"] >= 1:
+                    self._ov_requests[tuple(x.shape)] = record["openvino_requests"]
+                try:
+                    entry = _Entry(record["choice"], self._build(record["choice"], x), "remembered")
+                    logger.debug("convmixer_timm: %s for input %s, remembered in %s", entry.name, list(x.shape),
+                                 self.disk.path(disk_key))
+                    return entry
+                except Exception as error:
+                    logger.warning("convmixer_timm: the remembered inference path %r failed to build (%s: %s); "
+                                   "timing again", record["choice"], type(error).__name__, error)
+        depth = self._proxy_depth(x)
+        level = logging.INFO if self.announce else logging.DEBUG
+        logger.log(level, "convmixer_timm: timing %d inference paths for input %s%s (once per input shape)",
+                   len(names), list(x.shape), f" on a {depth}-block copy" if depth else "")
+        with _MEASURING:
+            start = time.perf_counter()  # for the log line only; the choice uses self.clock
+            if depth is None:
+                plain, plain_cl, fused = self.plain, self.plain_channels_last, self.fused
+            else:
+                plain, plain_cl = _cut(self.plain, depth), _cut(self.plain_channels_last, depth)
+                fused = _cut(self.fused, depth) if self.fused is not None else None
+            candidates: dict[str, Callable[[], object]] = {
+                name: functools.partial(self._run_torch_path, name, x, plain, plain_cl, fused)
+                for name in self.paths()}
+            foreign: dict[str, nn.Module] = {}
+            for name, make in builders.items():
+                built = time.perf_counter()
+                try:
+                    foreign[name] = make(plain, tuple(x.shape), depth is None)
+                    logger.debug("convmixer_timm: built %s in %.2f s", name, time.perf_counter() - built)
+                except Exception as error:  # an optional path: the others still give the answer
+                    logger.warning("convmixer_timm: inference path %r left out for input %s: %s: %s", name,
+                                   list(x.shape), type(error).__name__, error)
+                    continue
+                candidates[name] = functools.partial(foreign[name], x)
+            logger.debug("convmixer_timm: paths built in %.2f s", time.perf_counter() - start)
+            with torch.no_grad():
+                # PyTorch's OpenMP workers spin for a few ms after a call (8-9 ms of CPU in the next 20 ms,
+                # measured for benchmarks/bench.py): a runtime's call right after one would pay for it, and a
+                # PyTorch call would find its threads awake. Every timed call starts from a quiet machine, as
+                # each path does in steady use when it runs alone.
+                result = race(candidates, self.clock, self.rounds, self.min_rounds, self.margin,
+                              incumbents=("plain", "plain channels_last"), settle=self.settle,
+                              settle_before=tuple(candidates))
+            logger.debug("convmixer_timm: race run in %.2f s", time.perf_counter() - start)
+            if result.choice in foreign:
+                # A foreign runtime costs an export and a compilation per new shape and a thread pool beside
+                # PyTorch's: like the incumbent, PyTorch's best path is kept unless the runtime beats it clearly.
+                own = {n: _score(t) for n, t in result.times.items() if n in candidates and n not in foreign}
+                best_own = min(own, key=own.get) if own else None  # none: all far behind on their first call
+                if best_own and _score(result.times[result.choice]) >= own[best_own] * (1.0 - self.margin):
+                    result.choice = best_own
+            runner = foreign.get(result.choice) if depth is None else None
+            foreign.clear()  # the runtimes that lost are released now, threads and all
+            with self._lock:
+                for proxy_key in [k for k in self._onnx if not k[1]]:
+                    del self._onnx[proxy_key]
+            del candidates, plain, plain_cl, fused
+            self.tunings += 1
+        remember = disk_key is not None
+        if depth is not None and result.choice in builders:
+            try:
+                runner = self._build(result.choice, x)
+            except Exception as error:  # not remembered: the next process races again
+                logger.warning("convmixer_timm: inference path %r failed for the whole model (%s: %s); using "
+                               "the plain model", result.choice, type(error).__name__, error)
+                result.choice, remember = "plain", False
+        logger.log(level, "convmixer_timm: chose %s for input %s in %.1f s (%s)", result.choice, list(x.shape),
+                   time.perf_counter() - start,
+                   ", ".join(f"{n} {1e3 * _score(t):.1f} ms" for n, t in sorted(result.times.items(),
+                                                                              key=lambda item: _score(item[1]))))
+        if remember:
+            self.disk.put(disk_key, {"choice": result.choice, "proxy_depth": depth,
+                                     "openvino_requests": self._ov_requests.get(tuple(x.shape)),
+                                     "ms": {n: round(1e3 * _score(t), 3) for n, t in result.times.items()}})
+        return _Entry(result.choice, runner, "timed")
+
+    def _entry(self, x: torch.Tensor) -> _Entry:
+        key = (tuple(x.shape), x.dtype, x.device.type)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+                return entry
+            shape_lock = self._shape_locks.setdefault(key, threading.Lock())
+        with shape_lock:  # one tuning per shape: threads that see it meanwhile wait here and reuse it
+            with self._lock:
+                entry = self._entries.get(key)
+            if entry is None:
+                try:
+                    entry = self._tune(x, key)
+                except BaseException:
+                    with self._lock:  # an input the model refuses leaves no lock behind
+                        self._shape_locks.pop(key, None)
+                    raise
+                with self._lock:
+                    self._entries[key] = entry
+                    evicted = []
+                    while len(self._entries) > self.max_shapes:
+                        evicted.append(self._entries.popitem(last=False))
+                    self._shape_locks.pop(key, None)
+                for old_key, old in evicted:
+                    old.runner = None  # the runtime goes with its last reference
+                    self._ov_requests.pop(old_key[0], None)
+                    if self.fused is not None:
+                        self.fused.release(old_key[0])
+        return entry
+
+    @property
+    def choices(self) -> dict[tuple, str]:
+        """The path chosen for each (shape, dtype, device) kept, least recently used first."""
+        with self._lock:
+            return {key: entry.name for key, entry in self._entries.items()}
 
     def tune(self, x: torch.Tensor) -> str:
-        """Measure every path on ``x`` (once per shape, dtype and device) and return the chosen one's name."""
-        key = (tuple(x.shape), x.dtype, x.device.type)
-        choice = self.choices.get(key)
-        if choice is None:
-            if self.announce:
-                runtimes = f" and {', '.join(self.runtimes)}" if self.runtimes else ""
-                print(f"convmixer_timm: timing PyTorch's inference paths{runtimes} for input {list(x.shape)} (once "
-                      "per input shape)", file=sys.stderr, flush=True)
-            foreign = self._foreign_paths(x) if x.device.type == "cpu" and x.dtype == torch.float32 else {}
-            paths = {**self.paths(), **foreign}
-            with torch.no_grad():
-                layouts = {name: paths[name] for name in ("plain", "plain channels_last")}
-                incumbent = select_fastest({n: (lambda f=f: f(x)) for n, f in layouts.items()}, self.clock,
-                                           self.rounds, margin=0.0)
-                contest = {incumbent: paths[incumbent], **{n: f for n, f in paths.items() if n not in layouts}}
-                choice = select_fastest({n: (lambda f=f: f(x)) for n, f in contest.items()}, self.clock,
-                                        self.rounds, self.margin)
-            if choice in foreign:
-                self.runners[key] = foreign[choice]
-            foreign.clear()  # the runtimes that lost are released now, threads and all
-            self.choices[key] = choice
-        return choice
+        """Choose a path for ``x``'s (shape, dtype, device) if none is kept yet, and return its name."""
+        return self._entry(x).name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            choice = self.tune(x)
-            runner = self.runners.get((tuple(x.shape), x.dtype, x.device.type))
-            return runner(x) if runner is not None else self.run_path(choice, x)
+            entry = self._entry(x)
+            return entry.runner(x) if entry.runner is not None else self.run_path(entry.name, x)
 
 
-def optimize_for_inference(model: nn.Module, input_size: Sequence[int] | None = None,
-                           backend: str = "auto") -> nn.Module:
+def optimize_for_inference(model: nn.Module, input_size: Sequence[int] | None = None, backend: str = "auto",
+                           cache: bool | str | os.PathLike = True) -> nn.Module:
     """Return the fastest exact eval-mode version of ``model`` (a convmixer-timm or timm ``ConvMixer``).
 
     The model itself is left untouched. Which implementation is fastest depends on the shape and the CPU (on an
     AVX2-only EPYC the compiled spatial-mixing kernel lost to oneDNN by up to 2x where it won on AVX-512), so
-    nothing is assumed: every path is timed on the first input of each shape, and the choice is kept for that
-    shape (:class:`AutotunedConvMixer`, like ``cudnn.benchmark``; the first call of a new shape prints one line
-    and takes a few seconds). With ``input_size`` (``(N, C, H, W)`` or ``(C, H, W)``) that first measurement
-    happens here instead, silently. The plain eval model in its faster layout is the incumbent, kept unless
-    another path beats it by 3%, so the result is not slower than the model it replaces beyond timing noise.
-    Outputs match the eval-mode model to float32 rounding (``tests/test_inference.py``).
+    nothing is assumed: the paths race on the first input of each shape, and the winner is kept for that shape
+    (:class:`AutotunedConvMixer`, like ``cudnn.benchmark``). The first call of a new shape takes seconds and logs
+    what it does to the ``convmixer_timm`` logger (INFO); with ``input_size`` (``(N, C, H, W)`` or
+    ``(C, H, W)``) that first race happens here instead. The plain eval model in its faster layout is the
+    incumbent, kept unless another path beats it by 3%. Outputs match the eval-mode model to float32 rounding
+    (``tests/test_inference.py``).
 
-    ``backend``: ``"auto"`` (default) also times the optional runtimes installed here, onnxruntime (the ``onnx``
+    ``cache``: choices are remembered across processes in :func:`cache_dir` (``True``), in the given folder, or
+    not at all (``False``); a remembered choice skips the race (keyed by CPU, thread count, library versions,
+    the model's architecture and the input shape).
+
+    ``backend``: ``"auto"`` (default) also races the optional runtimes installed here, onnxruntime (the ``onnx``
     extra) and OpenVINO FP32 (the ``openvino`` extra), on the model's own ONNX export, and uses one where it is
     faster; ``"torch"`` keeps to PyTorch's paths; ``"onnxruntime"`` or ``"openvino"`` (needs ``input_size``)
     returns that runtime's wrapper alone.
@@ -492,7 +960,8 @@ def optimize_for_inference(model: nn.Module, input_size: Sequence[int] | None = 
             return OnnxRuntimeConvMixer(model, input_size)
         return OpenVinoConvMixer(model, input_size)
     runtimes = installed_runtimes() if backend == "auto" else ()
-    tuned = AutotunedConvMixer(model, announce=input_size is None, runtimes=runtimes)
+    folder = (cache_dir() if cache is True else None) if isinstance(cache, bool) else Path(cache)
+    tuned = AutotunedConvMixer(model, announce=input_size is None, runtimes=runtimes, cache_dir=folder)
     if input_size is not None:
         tuned.tune(torch.randn(_full_size(input_size)))
     return tuned
