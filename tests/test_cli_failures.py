@@ -25,12 +25,12 @@ import pytest
 import safetensors.torch
 import timm
 import torch
+from convmixer_timm.testing.hub_env import hub_environment
+from convmixer_timm.testing.hub_server import LocalHub
 from reference import randomize_batchnorm
 
 from convmixer_timm import cli
 from convmixer_timm.hub import recover_output, save_hub_folder
-from convmixer_timm.testing.hub_env import hub_environment
-from convmixer_timm.testing.hub_server import LocalHub
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CIFAR = "convmixer_256_8_ks5_p2"

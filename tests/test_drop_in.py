@@ -20,14 +20,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 from reference import randomize_batchnorm
 from timm.models.convmixer import ConvMixer as TimmConvMixer
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from convmixer_timm import ConvMixer, VARIANTS, speed
+from convmixer_timm import VARIANTS, ConvMixer, speed
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = ["kernels", "no-kernels"]
@@ -67,7 +66,7 @@ def same_result_or_same_failure(run: Callable[[nn.Module], object], ref: nn.Modu
     for model in (ref, ours):
         try:
             outcomes.append(("ok", run(model)))
-        except Exception as error:  # noqa: BLE001 - the type is what is compared
+        except Exception as error:
             outcomes.append(("error", error))
     (kind_ref, ref_out), (kind_ours, our_out) = outcomes
     assert kind_ref == kind_ours, f"timm's built-in: {kind_ref} {ref_out!r}; ours: {kind_ours} {our_out!r}"
@@ -171,7 +170,7 @@ def test_torch_func_transforms(k, transform, mode, kernels):
 
 
 def test_gradgradcheck_float64_through_the_model(kernels):
-    ref, ours = _pair(4, dim=3, depth=1)
+    _, ours = _pair(4, dim=3, depth=1)
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda images: ours.train()(images), (x,))
     assert torch.autograd.gradgradcheck(lambda images: ours.train().blocks(images), (torch.randn(
@@ -396,7 +395,7 @@ print("eager", allocator_tuned())
     {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"},
 ], ids=["none", "mmap-threshold", "top-pad", "glibc-tunables"])
 def test_allocator_settings_the_user_chose_are_left_alone(setting):
-    result = _python(_TRAIN_AND_REPORT, env={k: v for k, v in setting.items()})
+    result = _python(_TRAIN_AND_REPORT, env=dict(setting))
     assert result.returncode == 0, result.stderr[-2000:]
     expected = "eager True" if not setting else "eager False"
     assert expected in result.stdout

@@ -131,7 +131,7 @@ def test_unsupported_models_fall_back_to_an_eval_copy():
 
 def test_rejects_wrong_input():
     _, ours = _pair(3, "relu", 1)
-    with pytest.raises(ValueError, match="expects images"):
+    with pytest.raises(RuntimeError, match="expects images"):
         optimize_for_inference(ours)(torch.randn(1, 1, 8, 8))
     with pytest.raises(ValueError, match="expected images"):
         FusedConvMixerInference(ours)(torch.randn(1, 1, 8, 8))

@@ -20,13 +20,13 @@ import pytest
 import safetensors.torch
 import timm
 import torch
+from convmixer_timm.testing.hub_env import hub_environment
+from convmixer_timm.testing.hub_server import LocalHub
 from reference import randomize_batchnorm
 from torch import nn
 
 from convmixer_timm.hub import save_hub_folder
 from convmixer_timm.models.checkpoint import CheckpointError
-from convmixer_timm.testing.hub_env import hub_environment
-from convmixer_timm.testing.hub_server import LocalHub
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CIFAR = "convmixer_256_8_ks5_p2"

@@ -6,6 +6,7 @@ from /proc, not inferred from speed.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -542,12 +543,12 @@ def test_the_median_ignores_one_slow_outlier():
     assert speed.select_fastest({"steady": clock.path(0.012), "jittery": jittery}, clock=clock) == "jittery"
 
 
-def test_optimize_for_inference_measures_each_new_shape_once(capsys):
+def test_optimize_for_inference_measures_each_new_shape_once(caplog):
     model = ConvMixer(8, 1, 3, 2, num_classes=3).eval()
     clock = FakeClock()
     tuned = speed.AutotunedConvMixer(model, clock=clock, rounds=3)
     assert clock.readings == 0  # nothing is measured before the first input
-    with torch.no_grad():
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="convmixer_timm"):
         expected = model(torch.ones(2, 3, 8, 8))
         torch.testing.assert_close(tuned(torch.ones(2, 3, 8, 8)), expected, rtol=1e-5, atol=1e-5)
         first = clock.readings
@@ -556,15 +557,16 @@ def test_optimize_for_inference_measures_each_new_shape_once(capsys):
         assert clock.readings == first  # the same shape reuses its choice
         tuned(torch.ones(1, 3, 10, 10))
         assert clock.readings > first and len(tuned.choices) == 2
-    announced = [line for line in capsys.readouterr().err.splitlines() if "timing" in line]
+    announced = [record.getMessage() for record in caplog.records if "timing" in record.getMessage()]
     assert len(announced) == 2 and "[2, 3, 8, 8]" in announced[0]
 
 
-def test_with_input_size_the_measurement_happens_up_front_and_silently(capsys):
+def test_with_input_size_the_measurement_happens_up_front_and_silently(caplog, capsys):
     model = ConvMixer(8, 1, 3, 2, num_classes=3).eval()
-    tuned = speed.optimize_for_inference(model, input_size=(3, 8, 8))
+    with caplog.at_level(logging.INFO, logger="convmixer_timm"):
+        tuned = speed.optimize_for_inference(model, input_size=(3, 8, 8))
     assert list(tuned.choices) == [((1, 3, 8, 8), torch.float32, "cpu")]
-    assert "timing" not in capsys.readouterr().err
+    assert "timing" not in caplog.text and not capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ quiet
