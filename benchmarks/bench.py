@@ -254,6 +254,7 @@ def time_foreign(runtime: str, build: Callable[..., tuple[dict, dict]], path: Pa
 
 
 TORCH_ONLY = "optimize_for_inference(backend='torch')"
+COMPILED_TRAINING = "convmixer-timm compiled NCHW"
 
 
 def bench_inference(variant: Variant, batch: int, repeats: int, warmup: int, runtimes: dict[str, dict]) -> dict:
@@ -314,7 +315,7 @@ def bench_inference(variant: Variant, batch: int, repeats: int, warmup: int, run
     return summarise(variant, "inference", batch, flops, times, errors, memory, info)
 
 
-def bench_training(variant: Variant, batch: int, repeats: int, warmup: int) -> dict:
+def bench_training(variant: Variant, batch: int, repeats: int, warmup: int, compiled: bool = True) -> dict:
     ref, ours = build_models(variant)
     s = variant.img_size
     x = torch.randn(batch, 3, s, s)
@@ -327,6 +328,13 @@ def bench_training(variant: Variant, batch: int, repeats: int, warmup: int) -> d
         "convmixer-timm channels_last": (copy.deepcopy(ours).to(memory_format=torch.channels_last),
                                          x.contiguous(memory_format=torch.channels_last)),
     }
+    if compiled:  # torch.compile (inductor, train.py --torchcompile), each model in its best and the default layout
+        models.update({
+            "timm compiled NCHW": (torch.compile(copy.deepcopy(ref)), x),
+            "timm compiled channels_last": (torch.compile(copy.deepcopy(ref).to(memory_format=torch.channels_last)),
+                                            x.contiguous(memory_format=torch.channels_last)),
+            COMPILED_TRAINING: (torch.compile(copy.deepcopy(ours)), x),
+        })
     # Gradients of one step from identical weights, against timm NCHW.
     grads = {}
     for name, (model, inp) in models.items():
@@ -359,7 +367,8 @@ def summarise(variant: Variant, mode: str, batch: int, flops: int, times: dict[s
     sg = statistics.median(times.pop("sgemm 2048^3"))
     sgemm_rate = 2 * 2048 ** 3 / sg
     med = {k: statistics.median(v) for k, v in times.items()}
-    timm_best = min(med["timm NCHW"], med["timm channels_last"])
+    timm_best = min(med["timm NCHW"], med["timm channels_last"])  # eager, as every earlier result file
+    timm_best_any = min(t for k, t in med.items() if k.startswith("timm "))  # torch.compile included
     foreign = extra.get("foreign", [])
     fastest_foreign = min(foreign, key=med.get) if foreign else None
     rows = []
@@ -367,6 +376,7 @@ def summarise(variant: Variant, mode: str, batch: int, flops: int, times: dict[s
         rate = flops / t
         rows.append(dict(
             candidate=name, images_per_s=batch / t, ms=1e3 * t, speedup_vs_timm_best=timm_best / t,
+            speedup_vs_timm_best_any=timm_best_any / t,
             speedup_vs_fastest_foreign=med[fastest_foreign] / t if fastest_foreign else None,
             gflops=rate / 1e9, fraction_of_sgemm=rate / sgemm_rate, max_rel_err=errors.get(name),
             peak_mib=memory[name] / 2 ** 20 if name in memory else None, times_ms=[1e3 * v for v in times[name]],
@@ -453,17 +463,20 @@ def markdown_summary(results: list[dict]) -> list[str]:
     out = ["## Summary", "",
            "Ratios are speedups (>1: ours faster). Inference: `optimize_for_inference(model)` (the default, "
            "which also times the installed runtimes), with `input_size`, and with `backend='torch'` (PyTorch's "
-           "paths only); training: the default model fed NCHW (convmixer-timm NCHW).", "",
+           "paths only); training: the default model fed NCHW (convmixer-timm NCHW), against timm's better eager "
+           "layout, and the default model under torch.compile against the best of timm's eager and compiled runs.",
+           "",
            "| variant (batch) | optimize_for_inference vs timm best | with input_size | PyTorch paths only "
            "| vs fastest foreign (default / input_size / PyTorch only) | fastest foreign | inference of sgemm "
-           "| training default vs timm best | training of sgemm |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| training default vs timm best | training of sgemm | compiled training vs timm best (eager or compiled) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for (variant, batch), modes in keyed.items():
         inf, train = modes.get("inference"), modes.get("training")
         default = _row(inf, "optimize_for_inference") if inf else None
         sized = _row(inf, "optimize_for_inference(input_size)") if inf else None
         torch_only = _row(inf, TORCH_ONLY) if inf else None
         step = _row(train, "convmixer-timm NCHW") if train else None
+        compiled_step = _row(train, COMPILED_TRAINING) if train else None
         fastest = inf.get("fastest_foreign") if inf else None
         vs_foreign = " / ".join(_fmt(row['speedup_vs_fastest_foreign']) for row in (default, sized, torch_only)
                                 if row) if fastest else "-"
@@ -473,7 +486,8 @@ def markdown_summary(results: list[dict]) -> list[str]:
             f"{_fmt(torch_only and torch_only['speedup_vs_timm_best'])} | {vs_foreign} | {fastest or '-'} | "
             f"{_fmt(default and 100 * default['fraction_of_sgemm'], '.0f', '%')} | "
             f"{_fmt(step and step['speedup_vs_timm_best'])} | "
-            f"{_fmt(step and 100 * step['fraction_of_sgemm'], '.0f', '%')} |")
+            f"{_fmt(step and 100 * step['fraction_of_sgemm'], '.0f', '%')} | "
+            f"{_fmt(compiled_step and compiled_step['speedup_vs_timm_best_any'])} |")
     out.append("")
     return out
 
@@ -534,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime candidate")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile training candidates")
     parser.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO candidates")
     parser.add_argument("--openvino-hint", choices=["both", "latency", "throughput"], default="both",
                         help="OpenVINO PERFORMANCE_HINT to time (default both; the faster counts)")
@@ -577,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
             if mode == "inference":
                 r = bench_inference(variant, batch, args.repeats, args.warmup, runtimes)
             else:
-                r = bench_training(variant, batch, args.repeats, args.warmup)
+                r = bench_training(variant, batch, args.repeats, args.warmup, compiled=not args.no_compile)
             results.append(r)
             print("\n".join(markdown_result(r)), flush=True, file=sys.stderr)
     md = markdown(results, header)

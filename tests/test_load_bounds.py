@@ -20,8 +20,8 @@ import pytest
 import safetensors.torch
 import timm
 import torch
-from convmixer_timm.testing.hub_env import hub_environment
-from convmixer_timm.testing.hub_server import LocalHub
+from hub_env import hub_environment
+from hub_server import LocalHub
 from reference import randomize_batchnorm
 from torch import nn
 
