@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -107,6 +108,25 @@ def eval_loader(dataset: Any, data_config: dict[str, Any], batch_size: int, work
         crop_pct=data_config["crop_pct"], crop_mode=data_config["crop_mode"], num_workers=workers,
         device=device, use_prefetcher=False, persistent_workers=False,
     )
+
+
+def clear_own_folder(out: Path) -> None:
+    """Empty the demo's own default folder of anything but a Hub folder's files, so the save may replace it.
+
+    ``save_hub_folder(overwrite=True)`` replaces only a folder that holds nothing else (a mistyped ``--out`` must
+    not delete a user's files); the default folder under the cache is the demo's, replaced by every run.
+    """
+    from .hub import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME
+
+    if out.is_symlink() or not out.is_dir():
+        return
+    for entry in out.iterdir():
+        if entry.name in (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -256,6 +276,8 @@ def _finish(args: argparse.Namespace, model: nn.Module, val_set: Any, num_train:
     accuracy, seen = evaluate(model, val_loader, device)
     print(f"held-out accuracy (trained model): {accuracy:.4f} ({round(accuracy * seen)}/{seen})")
 
+    if args.out is None:
+        clear_own_folder(out)
     saved = save_hub_folder(
         model.cpu(), out, BASE_MODEL,
         metrics={"top1": round(100 * accuracy, 2)},

@@ -137,7 +137,8 @@ def test_probing_for_timm_before_importing_it_still_registers_the_models():
         import importlib.util, sys
         assert importlib.util.find_spec("timm") is not None
         assert importlib.util.find_spec("timm") is not None
-        assert "timm" not in sys.modules and "convmixer_timm" not in sys.modules
+        # The start-up hook has imported the package (standard library only), nothing of torch or timm.
+        assert "timm" not in sys.modules and "torch" not in sys.modules and "convmixer_timm.models" not in sys.modules
         import timm
         print("convmixer_256_8_ks5_p2" in timm.list_models(), "convmixer_timm.models" in sys.modules)
     """)

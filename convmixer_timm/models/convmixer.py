@@ -16,7 +16,13 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Type, Union
 import torch
 import torch.fx
 import torch.nn.functional as F
-from timm.layers import DropPath, SelectAdaptivePool2d, get_act_layer, get_device_dtype
+from timm.layers import (
+    DropPath,
+    SelectAdaptivePool2d,
+    get_act_layer,
+    get_device_dtype,
+    register_notrace_module,
+)
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
@@ -322,6 +328,10 @@ class ConvMixer(nn.Module):
 
 # FX cannot branch on a traced tensor's shape, device or a module's mode: each of these is one call in a traced
 # graph (torch.fx.symbolic_trace, torchvision's and timm's feature extractors), evaluated when the graph runs.
+# timm's own tracer (its FX feature extraction, then often TorchScript) keeps these as leaf modules, like
+# nn.BatchNorm2d and nn.Conv2d in timm's built-in; their forwards script.
+register_notrace_module(BatchNorm2d)
+register_notrace_module(SamePaddingDepthwiseConv)
 _FX_LEAVES = ("check_input_channels", "match_memory_format", "same_padding_depthwise_conv")
 for _fx_leaf in _FX_LEAVES:
     torch.fx.wrap(_fx_leaf)

@@ -18,7 +18,7 @@ This module imports no timm: the models register with timm when timm is imported
 this module, so it must not be waiting on timm itself.
 """
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.fx
@@ -44,7 +44,8 @@ def _tracing_or_exporting() -> bool:
     return torch.jit.is_tracing() or (exporting is not None and exporting())
 
 
-def _in_functorch_transform(tensors) -> bool:
+@torch.jit.unused
+def _in_functorch_transform(tensors: List[torch.Tensor]) -> bool:
     # torch.func transforms support neither autograd-registered custom operators nor memory formats under vmap;
     # PyTorch's ops in the caller's layout are exact there. (Dynamo traces through transforms itself.)
     if torch.compiler.is_compiling():
@@ -145,11 +146,12 @@ def layout_for_cpu_training(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-@torch.jit.unused
 def match_memory_format(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``out`` in the memory format of the caller's input ``like``: channels_last in, channels_last out; else
     NCHW-contiguous (a no-op where ``out`` already is)."""
-    if out.dim() != 4 or like.dim() != 4 or _in_functorch_transform([out, like]):
+    if out.dim() != 4 or like.dim() != 4:
+        return out
+    if not torch.jit.is_scripting() and _in_functorch_transform([out, like]):
         return out  # torch.func's batched tensors have no memory format of their own
     if like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous():
         return out.contiguous(memory_format=torch.channels_last)
