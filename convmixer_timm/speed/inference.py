@@ -645,6 +645,11 @@ _MEASURING = threading.Lock()
 # its block time, and the race ranks the block time at a fraction of the cost (768/32 at batch 2: 1/16).
 PROXY_MACS = 2 * 10 ** 9
 PROXY_DEPTH = 2
+# A copy cut to two blocks weighs per-call costs (a runtime's request overhead, the stem and the head) more than
+# the whole model does: on a 2-core Xeon, 256/8 k5 at batch 64, OpenVINO lost the 2-block race to conv+kernel and
+# then ran 1.15x faster on the whole model. So after a race on the copy, PyTorch's best path and the best runtime
+# race again on the whole model, where both are within this ratio of the copy's winner.
+CONFIRM_RATIO = 1.3
 
 
 def _cut(module: nn.Module, depth: int) -> nn.Module:
@@ -857,6 +862,7 @@ class AutotunedConvMixer(nn.Module):
                 if best_own and _score(result.times[result.choice]) >= own[best_own] * (1.0 - self.margin):
                     result.choice = best_own
             runner = foreign.get(result.choice) if depth is None else None
+            foreign_names = set(foreign)
             foreign.clear()  # the runtimes that lost are released now, threads and all
             with self._lock:
                 for proxy_key in [k for k in self._onnx if not k[1]]:
@@ -864,7 +870,10 @@ class AutotunedConvMixer(nn.Module):
             del candidates, plain, plain_cl, fused
             self.tunings += 1
         remember = disk_key is not None
-        if depth is not None and result.choice in builders:
+        if depth is not None:
+            with _MEASURING:
+                result.choice, runner = self._confirm_on_whole_model(x, result, foreign_names)
+        if depth is not None and result.choice in builders and runner is None:
             try:
                 runner = self._build(result.choice, x)
             except Exception as error:  # not remembered: the next process races again
@@ -880,6 +889,38 @@ class AutotunedConvMixer(nn.Module):
                                      "openvino_requests": self._ov_requests.get(tuple(x.shape)),
                                      "ms": {n: round(1e3 * _score(t), 3) for n, t in result.times.items()}})
         return _Entry(result.choice, runner, "timed")
+
+    def _confirm_on_whole_model(self, x: torch.Tensor, result: RaceResult,
+                                foreign_names: set[str]) -> tuple[str, nn.Module | None]:
+        """After a race on a cut copy: PyTorch's best path and the best runtime, where both came within
+        ``CONFIRM_RATIO`` of the winner, race again on the whole model. Returns the choice and, where a runtime
+        won, its whole-model runner."""
+        scores = {name: _score(times) for name, times in result.times.items() if name not in result.dropped}
+        own = [name for name in scores if name not in foreign_names]
+        other = [name for name in scores if name in foreign_names]
+        if not own or not other:
+            return result.choice, None
+        best = min(scores.values())
+        best_own, best_other = min(own, key=scores.get), min(other, key=scores.get)
+        if max(scores[best_own], scores[best_other]) > best * CONFIRM_RATIO:
+            return result.choice, None
+        try:
+            runner = self._build(best_other, x)
+        except Exception as error:  # the runtime fails on the whole model: PyTorch's path stands
+            logger.warning("convmixer_timm: inference path %r failed for the whole model (%s: %s)", best_other,
+                           type(error).__name__, error)
+            return best_own, None
+        candidates = {
+            best_own: functools.partial(self._run_torch_path, best_own, x, self.plain, self.plain_channels_last,
+                                        self.fused),
+            best_other: functools.partial(runner, x),
+        }
+        with torch.no_grad():
+            final = race(candidates, self.clock, self.rounds, self.min_rounds, self.margin, incumbents=(best_own,),
+                         settle=self.settle, settle_before=tuple(candidates))
+        logger.debug("convmixer_timm: on the whole model %s", ", ".join(
+            f"{name} {1e3 * _score(times):.1f} ms" for name, times in final.times.items()))
+        return final.choice, (runner if final.choice == best_other else None)
 
     def _entry(self, x: torch.Tensor) -> _Entry:
         key = (tuple(x.shape), x.dtype, x.device.type)
