@@ -171,8 +171,6 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         describe_architecture,
         key_differences,
         load_checkpoint_file,
-        non_finite_message,
-        non_finite_tensors,
         to_timm_layout,
         unfit_dtypes,
         unfit_dtypes_message,
@@ -206,13 +204,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             raise CliError(f"{args.src} is truncated or corrupt ({type(exc).__name__}: {exc}); download or save "
                            "it again") from exc
         state_dict = to_timm_layout(raw)
-        non_finite = non_finite_tensors(state_dict)
-        if non_finite and not args.allow_non_finite:
-            raise CliError(f"{args.src}: {non_finite_message(non_finite)}. Such weights give NaN outputs; "
-                           "pass --allow-non-finite to convert them anyway")
-    if non_finite and not args.quiet:
-        print(f"warning: converting as asked (--allow-non-finite): {non_finite_message(non_finite)}",
-              file=sys.stderr)
+        non_finite = _refuse_non_finite(state_dict, args.src, "convert", args.allow_non_finite)
+    _warn_non_finite(non_finite, "converting", args.quiet)
     with progress.step(f"loading the weights into {variant.name}"):
         import timm
 
@@ -307,6 +300,24 @@ def _token_from(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _refuse_non_finite(state_dict: dict, source: object, verb: str, allowed: bool) -> list[tuple[str, int, int]]:
+    """(key, NaN count, inf count) of tensors holding NaN or inf; a CliError unless --allow-non-finite."""
+    from .models.checkpoint import non_finite_message, non_finite_tensors
+
+    non_finite = non_finite_tensors(state_dict)
+    if non_finite and not allowed:
+        raise CliError(f"{source}: {non_finite_message(non_finite)}. Such weights give NaN outputs; pass "
+                       f"--allow-non-finite to {verb} them anyway")
+    return non_finite
+
+
+def _warn_non_finite(non_finite: list[tuple[str, int, int]], doing: str, quiet: bool) -> None:
+    if non_finite and not quiet:
+        from .models.checkpoint import non_finite_message
+
+        print(f"warning: {doing} as asked (--allow-non-finite): {non_finite_message(non_finite)}", file=sys.stderr)
+
+
 def _check_token(token: str, source: str) -> None:
     from .hub import malformed_token
 
@@ -349,20 +360,15 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 def _push(args: argparse.Namespace, token: str | None) -> int:
     from .hub import WEIGHTS_NAME, push_hub_folder, verify_hub_folder
-    from .models.checkpoint import non_finite_message, non_finite_tensors
 
     progress = _Progress(2, args.quiet)
     with progress.step(f"checking that {args.dir} loads with timm"):
         verify_hub_folder(args.dir)
         from safetensors.torch import load_file
 
-        non_finite = non_finite_tensors(load_file(Path(args.dir) / WEIGHTS_NAME))
-        if non_finite and not args.allow_non_finite:
-            raise CliError(f"{Path(args.dir) / WEIGHTS_NAME}: {non_finite_message(non_finite)}. Such weights give "
-                           "NaN outputs; pass --allow-non-finite to publish them anyway")
-    if non_finite and not args.quiet:
-        print(f"warning: publishing as asked (--allow-non-finite): {non_finite_message(non_finite)}",
-              file=sys.stderr)
+        non_finite = _refuse_non_finite(load_file(Path(args.dir) / WEIGHTS_NAME), Path(args.dir) / WEIGHTS_NAME,
+                                         "publish", args.allow_non_finite)
+    _warn_non_finite(non_finite, "publishing", args.quiet)
     from huggingface_hub import constants
 
     endpoint = args.endpoint or None  # None: huggingface_hub's own default (HF_ENDPOINT, else huggingface.co)

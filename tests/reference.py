@@ -6,6 +6,9 @@ the labml.ai annotated implementation, so its state dict has that layout.
 """
 from __future__ import annotations
 
+import zipfile
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -105,3 +108,14 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
                 m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
                 m.bias.copy_(torch.randn(n, generator=gen) * 0.2)
     return model
+
+
+def zip_bomb(path: Path, inflated: int) -> Path:
+    """A zip laid out like torch.save's, whose data.pkl entry is ``inflated`` zero bytes, deflated."""
+    chunk = bytes(1 << 20)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
+        archive.writestr("archive/version", "3\n")
+        with archive.open("archive/data.pkl", "w", force_zip64=True) as entry:
+            for _ in range(inflated // len(chunk)):
+                entry.write(chunk)
+    return path

@@ -11,14 +11,13 @@ import signal
 import subprocess
 import sys
 import textwrap
-import zipfile
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import timm
 import torch
-from reference import randomize_batchnorm
+from reference import randomize_batchnorm, zip_bomb
 from waiting import wait_until
 
 from convmixer_timm import cli
@@ -113,19 +112,8 @@ def test_read_dimensions_counts_only_blocks_present():
     assert "d=2" in describe_architecture(stray)
 
 
-def _zip_bomb(path: Path, inflated: int) -> Path:
-    """A zip laid out like torch.save's, whose data.pkl entry is ``inflated`` zero bytes, deflated."""
-    chunk = bytes(1 << 20)
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
-        archive.writestr("archive/version", "3\n")
-        with archive.open("archive/data.pkl", "w", force_zip64=True) as entry:
-            for _ in range(inflated // len(chunk)):
-                entry.write(chunk)
-    return path
-
-
 def test_zip_bomb_is_refused_before_it_is_inflated(tmp_path, monkeypatch):
-    bomb = _zip_bomb(tmp_path / "bomb.pth", 64 << 20)
+    bomb = zip_bomb(tmp_path / "bomb.pth", 64 << 20)
     assert bomb.stat().st_size < 1 << 20
 
     def never(*args, **kwargs):
@@ -141,7 +129,7 @@ def test_zip_bomb_is_refused_before_it_is_inflated(tmp_path, monkeypatch):
 
 def test_zip_bomb_memory_stays_bounded_in_a_fresh_process(tmp_path):
     """Peak memory, measured in a process of its own: a 256 MiB inflation must not happen."""
-    bomb = _zip_bomb(tmp_path / "bomb.pth", 256 << 20)
+    bomb = zip_bomb(tmp_path / "bomb.pth", 256 << 20)
     code = textwrap.dedent(f"""
         import resource, sys
         from convmixer_timm.models.checkpoint import CheckpointError, load_checkpoint_file
@@ -162,7 +150,7 @@ def test_zip_bomb_memory_stays_bounded_in_a_fresh_process(tmp_path):
 
 
 def test_convert_reports_a_zip_bomb_and_leaves_nothing(tmp_path, capsys):
-    bomb = _zip_bomb(tmp_path / "bomb.pth", 16 << 20)
+    bomb = zip_bomb(tmp_path / "bomb.pth", 16 << 20)
     parent = tmp_path / "hub"
     parent.mkdir()
     assert cli.main(["convert", str(bomb), "--out", str(parent / "out"), *SMALL_ARGS]) == 1

@@ -22,7 +22,7 @@ import timm
 import torch
 from hub_env import hub_environment
 from hub_server import LocalHub
-from reference import randomize_batchnorm
+from reference import randomize_batchnorm, zip_bomb
 from torch import nn
 
 from convmixer_timm.hub import save_hub_folder
@@ -36,17 +36,6 @@ SMALL = dict(dim=32, depth=2)
 def small_model(seed: int = 0, **overrides) -> nn.Module:
     torch.manual_seed(seed)
     return randomize_batchnorm(timm.create_model(CIFAR, **{**SMALL, **overrides}), seed).eval()
-
-
-def zip_bomb(path: Path, inflated: int) -> Path:
-    """A zip laid out like torch.save's, whose data.pkl entry is ``inflated`` zero bytes, deflated."""
-    chunk = bytes(1 << 20)
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
-        archive.writestr("archive/version", "3\n")
-        with archive.open("archive/data.pkl", "w", force_zip64=True) as entry:
-            for _ in range(inflated // len(chunk)):
-                entry.write(chunk)
-    return path
 
 
 def deflated_copy(src: Path, dst: Path) -> Path:
