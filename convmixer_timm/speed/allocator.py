@@ -22,6 +22,7 @@ alone entirely.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 import threading
@@ -56,22 +57,23 @@ def user_chose_allocator() -> str | None:
     if chosen:
         return chosen[0]
     preload = os.environ.get("LD_PRELOAD", "")
+    return next((name for name in _OTHER_ALLOCATORS if name in preload), None) or _other_allocator_mapped()
+
+
+@functools.cache
+def _other_allocator_mapped() -> str | None:
+    # Linked in, or preloaded under any name. A loaded allocator stays loaded, so /proc/self/maps is read once per
+    # process, not at every training step that finds the allocator the user's.
     try:
-        with open("/proc/self/maps") as maps:  # linked in, or preloaded under any name
+        with open("/proc/self/maps") as maps:
             mapped = maps.read()
     except OSError:
-        mapped = ""
-    for name in _OTHER_ALLOCATORS:
-        if name in preload or f"lib{name}" in mapped:
-            return name
-    return None
-
-
-def _glibc() -> ctypes.CDLL | None:
-    if os.environ.get("CONVMIXER_TIMM_TUNE_MALLOC", "1").strip().lower() in ("0", "false", "no", "off"):
         return None
-    if not sys.platform.startswith("linux") or user_chose_allocator() is not None:
-        return None  # the user's allocator settings stand (or there is no glibc malloc to tune)
+    return next((name for name in _OTHER_ALLOCATORS if f"lib{name}" in mapped), None)
+
+
+@functools.cache
+def _glibc_functions() -> ctypes.CDLL | None:
     try:
         libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version  # noqa: B018 - raises AttributeError where the C library is not glibc
@@ -82,6 +84,14 @@ def _glibc() -> ctypes.CDLL | None:
     except (OSError, AttributeError):
         return None
     return libc
+
+
+def _glibc() -> ctypes.CDLL | None:
+    if os.environ.get("CONVMIXER_TIMM_TUNE_MALLOC", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    if not sys.platform.startswith("linux") or user_chose_allocator() is not None:
+        return None  # the user's allocator settings stand (or there is no glibc malloc to tune)
+    return _glibc_functions()
 
 
 def _set(libc: ctypes.CDLL, values: dict[int, int]) -> bool:
