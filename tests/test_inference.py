@@ -29,8 +29,8 @@ from torch import nn
 
 from convmixer_timm import VARIANTS, ConvMixer, speed
 from convmixer_timm.speed import FusedConvMixerInference, autotune, optimize_for_inference
-from convmixer_timm.speed import runtimes as runtime_module
 from convmixer_timm.speed import race as race_module
+from convmixer_timm.speed import runtimes as runtime_module
 from convmixer_timm.speed.race import race
 
 CASES = [(5, "gelu", 2), (8, "gelu", 2), (3, "relu", 1), (4, "relu", 3)]
@@ -88,6 +88,7 @@ def test_every_path_matches_timm_builtin(k, act, patch, channels_last, pointwise
             _assert_exact(expected[:1], paths[name](x[:1]))  # batch 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("k", "act", "patch"), CASES)
 def test_the_default_matches_timm_builtin_on_every_shape_it_sees(k, act, patch):
     ref, ours = _pair(k, act, patch)
@@ -188,6 +189,7 @@ def test_auto_also_races_the_installed_runtimes_and_stays_exact():
         speed.AutotunedConvMixer(ours, runtimes=("tvm",))
 
 
+@pytest.mark.slow
 def test_one_export_per_model_and_image_size_serves_every_runtime_and_batch_size(monkeypatch):
     runtimes = speed.installed_runtimes()
     if not runtimes:
@@ -470,6 +472,7 @@ def _choice_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.json"))
 
 
+@pytest.mark.slow
 def test_a_choice_is_remembered_across_processes(tmp_path):
     cache = tmp_path / "shared"
     child = textwrap.dedent("""
