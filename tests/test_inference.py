@@ -517,7 +517,7 @@ def test_a_damaged_choice_file_is_one_warning_and_a_new_race(tmp_path, caplog):
     with torch.no_grad():
         fresh()(x)
         [file] = _choice_files(tmp_path)
-        for damage in (b"\x00{not json", json.dumps({"schema": 1, "choice": "plain", "key": {}}).encode()):
+        for damage in (b"\x00{not json", json.dumps({"schema": 2, "choice": "plain", "key": {}}).encode()):
             file.write_bytes(damage)
             tuned = fresh()
             caplog.clear()

@@ -160,6 +160,8 @@ def test_a_remembered_close_call_races_once_more(tmp_path):
     assert fresh().tunings == 1 and json.loads(file.read_text())["races"] == 2
     file.write_text(json.dumps({**record, "margin": 0.03, "noise": 0.10, "races": 2}))
     assert fresh().tunings == 0  # decided by two races: kept (and still guarded in use)
+    file.write_text(json.dumps({"schema": 1, "key": record["key"], "choice": "plain"}))
+    assert fresh().tunings == 1 and json.loads(file.read_text())["schema"] == 2  # an older version's: replaced
 
 
 # ------------------------------------------------------------------------------------------ the choice cache

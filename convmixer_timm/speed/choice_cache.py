@@ -186,7 +186,10 @@ class ChoiceCache:
             data = self._read(path)
             if data is None:
                 return None
-            return _check(json.loads(data.decode("utf-8")), key)
+            record = json.loads(data.decode("utf-8"))
+            if isinstance(record, dict) and type(record.get("schema")) is int and 0 < record["schema"] < SCHEMA:
+                return None  # written by an older version: raced again and replaced without a warning
+            return _check(record, key)
         except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             reason = "nested too deeply" if isinstance(error, RecursionError) else str(error)[:200]
             logger.warning("convmixer_timm: damaged inference-choice file %s (%s); timing again and replacing it",

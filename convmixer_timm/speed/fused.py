@@ -56,6 +56,8 @@ def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def supported(model: nn.Module) -> bool:
+    """Whether :class:`FusedConvMixerInference` can run ``model`` exactly (a float32 CPU ConvMixer with GELU or
+    ReLU, BatchNorm with running statistics, average pooling); anything else runs as the plain eval model."""
     try:
         stem, blocks = model.stem, model.blocks
         acts = [act_kind(stem[1])]
