@@ -28,8 +28,10 @@ from timm.models.convmixer import ConvMixer as TimmConvMixer
 from torch import nn
 
 from convmixer_timm import VARIANTS, ConvMixer, speed
-from convmixer_timm.speed import FusedConvMixerInference, optimize_for_inference
-from convmixer_timm.speed.inference import race
+from convmixer_timm.speed import FusedConvMixerInference, autotune, optimize_for_inference
+from convmixer_timm.speed import race as race_module
+from convmixer_timm.speed import runtimes as runtime_module
+from convmixer_timm.speed.race import race
 
 CASES = [(5, "gelu", 2), (8, "gelu", 2), (3, "relu", 1), (4, "relu", 3)]
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,6 +88,7 @@ def test_every_path_matches_timm_builtin(k, act, patch, channels_last, pointwise
             _assert_exact(expected[:1], paths[name](x[:1]))  # batch 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("k", "act", "patch"), CASES)
 def test_the_default_matches_timm_builtin_on_every_shape_it_sees(k, act, patch):
     ref, ours = _pair(k, act, patch)
@@ -158,7 +161,7 @@ def test_optional_runtimes_match_timm_builtin(k, act, runtime):
 def test_one_export_serves_openvino_throughput_with_a_known_number_of_requests():
     pytest.importorskip("openvino")
     ref, ours = _pair(5, "gelu", 2)
-    onnx = speed.inference._onnx_bytes(ours, (1, 3, 16, 16))  # exported at batch 1, the batch axis is dynamic
+    onnx = runtime_module.onnx_bytes(ours, (1, 3, 16, 16))  # exported at batch 1, the batch axis is dynamic
     fast = speed.OpenVinoConvMixer(None, (4, 3, 16, 16), "THROUGHPUT", onnx=onnx, requests=2)
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
@@ -177,26 +180,28 @@ def test_auto_also_races_the_installed_runtimes_and_stays_exact():
     with torch.no_grad():
         _assert_exact(ref(x), tuned(x))
     foreign = ("onnxruntime" in runtimes) + 2 * ("openvino" in runtimes)  # openvino: two hints
-    assert clock.readings == 2 * (1 + 2) * (len(tuned.paths()) + foreign)  # a first call, two rounds: all tie
-    assert tuned.choices[((2, 3, 16, 16), torch.float32, "cpu")] in ("plain", "plain channels_last")
+    # a first call and two rounds per path (all tie), then the call itself, timed for the re-check
+    assert clock.readings == 2 * (1 + 2) * (len(tuned.paths()) + foreign) + 2
+    assert tuned.choices[((2, 3), (3, 16, 16), torch.float32, "cpu")] in ("plain", "plain channels_last")
     with pytest.raises(ValueError, match="backend"):
         optimize_for_inference(ours, backend="tvm")
     with pytest.raises(ValueError, match="unknown runtimes"):
         speed.AutotunedConvMixer(ours, runtimes=("tvm",))
 
 
+@pytest.mark.slow
 def test_one_export_per_model_and_image_size_serves_every_runtime_and_batch_size(monkeypatch):
     runtimes = speed.installed_runtimes()
     if not runtimes:
         pytest.skip("neither onnxruntime nor openvino is installed")
     exports = []
-    export = speed.inference._onnx_bytes
+    export = runtime_module.onnx_bytes
 
     def counting(model, input_size):
         exports.append(tuple(input_size))
         return export(model, input_size)
 
-    monkeypatch.setattr(speed.inference, "_onnx_bytes", counting)
+    monkeypatch.setattr(runtime_module, "onnx_bytes", counting)
     ref, ours = _pair(5, "gelu", 2)
     tuned = speed.AutotunedConvMixer(ours, clock=StepClock(), rounds=1, runtimes=runtimes)
     with torch.no_grad():
@@ -275,7 +280,7 @@ def test_a_path_far_behind_on_its_first_call_is_out_before_the_rounds():
 
 def test_the_race_pauses_only_before_the_calls_it_is_told_to(monkeypatch):
     pauses = []
-    monkeypatch.setattr(speed.inference.time, "sleep", pauses.append)  # recorded, not slept
+    monkeypatch.setattr(race_module.time, "sleep", pauses.append)  # recorded, not slept
     clock = StepClock()
     result = race({"ref": _cost(clock, 1.0), "runtime": _cost(clock, 1.0)}, clock, rounds=3, settle=0.02,
                   settle_before=("runtime",))
@@ -348,7 +353,7 @@ def test_a_faster_runtime_is_chosen_and_then_runs_every_call():
         runtime = built[0][2]()
         calls = runtime.calls
         _assert_exact(ref(x), tuned(x))
-    assert tuned.choices == {((2, 3, 16, 16), torch.float32, "cpu"): "fake"} and runtime.calls == calls + 1
+    assert tuned.choices == {((2, 3), (3, 16, 16), torch.float32, "cpu"): "fake"} and runtime.calls == calls + 1
     assert [(shape, whole) for shape, whole, _ in built] == [((2, 3, 16, 16), True)]  # small: no proxy
 
 
@@ -364,7 +369,7 @@ def test_a_runtime_must_beat_pytorch_clearly_even_when_every_pytorch_path_is_out
 
 
 def test_a_large_call_races_on_a_cut_copy_and_builds_only_the_winner_whole(monkeypatch):
-    monkeypatch.setattr(speed.inference, "PROXY_MACS", 0)  # every call counts as large
+    monkeypatch.setattr(autotune, "PROXY_MACS", 0)  # every call counts as large
     ref, ours = _pair(5, "gelu", 2, depth=4)
     clock, built = StepClock(), []
     tuned = WithFakeRuntimes(ours, {"fake": _fake(clock, built)}, clock=clock)
@@ -408,9 +413,9 @@ def test_four_threads_seeing_a_new_shape_share_one_tuning():
                 all_in.set()
             return super().forward(x)
 
-        def _tune(self, x, key):
+        def _tune(self, x, previous=None):
             all_in.wait(timeout=120)  # a hang guard: the tuning starts once all four threads are inside
-            return super()._tune(x, key)
+            return super()._tune(x, previous)
 
     tuned = Counting(ours, clock=StepClock())
     x = torch.randn(3, 3, 16, 16)
@@ -439,14 +444,14 @@ def test_the_shape_cache_is_bounded_and_releases_the_runtimes_it_drops():
     _, ours = _pair(5, "gelu", 2)
     clock, built = StepClock(), []
     tuned = WithFakeRuntimes(ours, {"fake": _fake(clock, built)}, clock=clock, max_shapes=2)
-    shapes = [(1, 3, 8, 8), (2, 3, 8, 8), (1, 3, 8, 8), (3, 3, 8, 8)]  # the third call makes (2, ...) the oldest
+    shapes = [(1, 3, 8, 8), (2, 3, 8, 8), (1, 3, 8, 8), (4, 3, 8, 8)]  # the third call makes (2, ...) the oldest
     with torch.no_grad():
         for shape in shapes:
             tuned(torch.randn(shape))
     gc.collect()
     alive = {shape: ref() is not None for shape, _, ref in built}
-    assert alive == {(1, 3, 8, 8): True, (2, 3, 8, 8): False, (3, 3, 8, 8): True}
-    assert [key[0] for key in tuned.choices] == [(1, 3, 8, 8), (3, 3, 8, 8)] and tuned.tunings == 3
+    assert alive == {(1, 3, 8, 8): True, (2, 3, 8, 8): False, (4, 3, 8, 8): True}
+    assert [key[0] for key in tuned.choices] == [(1, 1), (4, 7)] and tuned.tunings == 3
     assert all(key[:4] != (2, 3, 8, 8) for key in tuned.fused._packed)  # its packed weights went too
 
 
@@ -467,6 +472,7 @@ def _choice_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.json"))
 
 
+@pytest.mark.slow
 def test_a_choice_is_remembered_across_processes(tmp_path):
     cache = tmp_path / "shared"
     child = textwrap.dedent("""
@@ -486,13 +492,15 @@ def test_a_choice_is_remembered_across_processes(tmp_path):
     [file] = _choice_files(cache / "inference")
     record = json.loads(file.read_text())  # plain data
     assert record["choice"] == choice and record["key"]["model"]["dim"] == 16
-    assert record["key"]["input"]["shape"] == [2, 3, 16, 16] and "machine" in record["key"]
+    assert record["key"]["input"] == {"batches": [2, 3], "image": [3, 16, 16], "dtype": "torch.float32"}
+    assert "machine" in record["key"]
+    close_call = record["margin"] < record["noise"]  # won inside the noise: the next process races once more
     _, ours = _pair(5, "gelu", 2)  # the same architecture, other weights: the same choice applies
     tuned = optimize_for_inference(ours, backend="torch", cache=cache / "inference")
     with torch.no_grad():
         tuned(torch.randn(2, 3, 16, 16))
-    assert tuned.tunings == 0 and list(tuned.choices.values()) == [choice]
-    assert next(iter(tuned._entries.values())).source == "remembered"
+    assert tuned.tunings == close_call and (close_call or list(tuned.choices.values()) == [choice])
+    assert next(iter(tuned._entries.values())).source == ("timed" if close_call else "remembered")
     other = optimize_for_inference(ours, backend="torch", cache=cache / "inference")
     with torch.no_grad():
         other(torch.randn(1, 3, 16, 16))  # another shape is another key
@@ -509,7 +517,7 @@ def test_a_damaged_choice_file_is_one_warning_and_a_new_race(tmp_path, caplog):
     with torch.no_grad():
         fresh()(x)
         [file] = _choice_files(tmp_path)
-        for damage in (b"\x00{not json", json.dumps({"schema": 1, "choice": "plain", "key": {}}).encode()):
+        for damage in (b"\x00{not json", json.dumps({"schema": 2, "choice": "plain", "key": {}}).encode()):
             file.write_bytes(damage)
             tuned = fresh()
             caplog.clear()

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from isolation import prepare_home
+from isolation import TELEMETRY_OFF, prepare_home
 
 # An onnxruntime session and OpenVINO compiling a one-node graph: each wrote telemetry to the home folder.
 RUNTIMES = """
@@ -44,3 +44,32 @@ def test_onnxruntime_and_openvino_write_nothing_to_the_home_folder(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split("\n")[:2] == ["[0.0, 2.0]", "[0.0, 2.0]"]
     assert sorted(p.relative_to(home).as_posix() for p in home.rglob("*")) == before
+
+
+# What backend="auto" does in a user's program: import both runtimes, race them, serve a call.
+AUTO = """
+import os, sys, torch
+from convmixer_timm import ConvMixer
+from convmixer_timm.speed import installed_runtimes, optimize_for_inference
+model = ConvMixer(8, 1, 3, 2, num_classes=3).eval()
+with torch.no_grad():
+    out = optimize_for_inference(model)(torch.randn(2, 3, 8, 8))
+print(sorted(installed_runtimes()), sorted(name for name in ("onnxruntime", "openvino") if name in sys.modules),
+      os.environ.get("ORT_DISABLE_TELEMETRY"), os.environ.get("CI"))
+"""
+
+
+@pytest.mark.slow
+def test_optimize_for_inference_with_the_runtimes_writes_nothing_to_an_empty_home(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("openvino")
+    home = tmp_path / "home"
+    home.mkdir()  # empty: no consent file, and none of the session's telemetry switches below
+    env = {key: value for key, value in os.environ.items()
+           if key not in (*TELEMETRY_OFF, "CI", "TF_BUILD", "JENKINS_URL")}
+    env.update(HOME=str(home), CONVMIXER_TIMM_CACHE=str(tmp_path / "cache"))
+    done = subprocess.run([sys.executable, "-c", AUTO], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runtimes = "['onnxruntime', 'openvino']"
+    assert done.stdout.split("\n")[0] == f"{runtimes} {runtimes} None None"  # imported; switches put back
+    assert not list(home.rglob("*"))

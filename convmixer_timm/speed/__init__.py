@@ -7,24 +7,19 @@
 * ``batch_norm.py``, ``depthwise.py``, ``mixing.py``: the kernels as ``torch.library`` operators
   (``torch.ops.convmixer_timm.*``) with fake kernels and autograd formulas;
 * ``allocator.py``: the one process setting (glibc's thresholds), scoped to eager CPU training and undoable;
-* ``inference.py``: :func:`optimize_for_inference`, measured per input shape where it runs;
+* ``fused.py``: the fused eval-only model (:class:`FusedConvMixerInference`);
+* ``runtimes.py``: onnxruntime and OpenVINO on the model's ONNX export, imported with their telemetry off;
+* ``race.py``, ``autotune.py``, ``choice_cache.py``: :func:`optimize_for_inference`, which races the paths per
+  batch bucket and image size where it runs, and remembers the winners;
 * ``layers.py``: the seam, the only part ``models/convmixer.py`` uses.
 
 Nothing here imports timm.
 """
 from .allocator import allocator_tuned, restore_cpu_allocator, tune_cpu_allocator
+from .autotune import AutotunedConvMixer, optimize_for_inference
 from .batch_norm import batch_norm_train, batch_norm_train_backward, batch_norm_training_with_kernels
 from .depthwise import conv_same, depthwise_conv_same, depthwise_weight_grad
-from .inference import (
-    RUNTIMES,
-    AutotunedConvMixer,
-    FusedConvMixerInference,
-    OnnxRuntimeConvMixer,
-    OpenVinoConvMixer,
-    installed_runtimes,
-    optimize_for_inference,
-    select_fastest,
-)
+from .fused import FusedConvMixerInference
 from .layers import (
     BatchNorm2d,
     depthwise_conv_for_training,
@@ -34,6 +29,7 @@ from .layers import (
 )
 from .loader import KernelLoadError, enabled, kernel_info, load, load_from
 from .mixing import MIXING_ACTIVATIONS, spatial_mixing
+from .runtimes import RUNTIMES, OnnxRuntimeConvMixer, OpenVinoConvMixer, installed_runtimes
 
 __all__ = [
     "MIXING_ACTIVATIONS", "RUNTIMES", "AutotunedConvMixer", "BatchNorm2d", "FusedConvMixerInference",
@@ -41,5 +37,5 @@ __all__ = [
     "batch_norm_train_backward", "batch_norm_training_with_kernels", "conv_same", "depthwise_conv_for_training",
     "depthwise_conv_same", "depthwise_weight_grad", "enabled", "installed_runtimes", "kernel_info", "kernels_apply",
     "layout_for_cpu_training", "load", "load_from", "match_memory_format", "optimize_for_inference",
-    "restore_cpu_allocator", "select_fastest", "spatial_mixing", "tune_cpu_allocator",
+    "restore_cpu_allocator", "spatial_mixing", "tune_cpu_allocator",
 ]
