@@ -171,7 +171,7 @@ def _train(model: nn.Module, loss_of, checkpointing: bool, steps: int) -> list[d
     """``steps`` SGD steps on fixed images; after each, every gradient and BatchNorm buffer, by name."""
     model.set_grad_checkpointing(checkpointing)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    x = _images()
+    x = _images(dtype=next(model.parameters()).dtype)
     states = []
     for _ in range(steps):
         optimizer.zero_grad()
@@ -200,3 +200,24 @@ def test_grad_checkpointing_updates_running_stats_once_per_step(kernels, reentra
                 assert int(actual[name]) == int(value) == step, name
             else:
                 torch.testing.assert_close(actual[name], value, **F64, msg=f"step {step}: {name}")
+
+
+@pytest.mark.slow
+def test_compiled_training_with_grad_checkpointing_updates_running_stats_once(reentrant):
+    """``torch.compile(fullgraph=True)`` traces the checkpointed blocks without a graph break; its graph updates
+    each buffer in its forward only, as eager training without checkpointing does."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm(ConvMixer(**SMALL)).train()
+    plain = _train(copy.deepcopy(model), _loss_of_forward, checkpointing=False, steps=1)[0]
+    checkpointed = copy.deepcopy(model)
+    checkpointed.set_grad_checkpointing(True)
+    torch._dynamo.reset()
+    compiled = torch.compile(checkpointed, fullgraph=True)
+    _loss_of_forward(compiled, _images(dtype=torch.float32)).backward()
+    for name, value in checkpointed.named_buffers():
+        if name.endswith("num_batches_tracked"):
+            assert int(value) == int(plain[name]) == 1, name
+        else:
+            torch.testing.assert_close(value, plain[name], rtol=1e-4, atol=1e-6, msg=name)
+    for name, p in checkpointed.named_parameters():
+        torch.testing.assert_close(p.grad, plain[f"{name}.grad"], rtol=1e-4, atol=1e-6, msg=name)
