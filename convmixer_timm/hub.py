@@ -85,7 +85,20 @@ def _model_args(variant: Variant, model: nn.Module, arch: Architecture, override
     pool = _global_pool_of(model)
     if pool is not None:
         args["global_pool"] = pool
+    args.update(_batch_norm_args_of(model))
     args.update(overrides or {})
+    return args
+
+
+def _batch_norm_args_of(model: nn.Module) -> dict[str, float]:
+    """``bn_momentum`` / ``bn_eps`` where every BatchNorm shares a value other than PyTorch's default: eps
+    changes the outputs, so a folder without it would not reproduce the model."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    args: dict[str, float] = {}
+    for arg, attribute, default in (("bn_momentum", "momentum", 0.1), ("bn_eps", "eps", 1e-5)):
+        values = {getattr(m, attribute) for m in norms}
+        if len(values) == 1 and isinstance(value := values.pop(), float) and value != default:
+            args[arg] = value
     return args
 
 

@@ -53,6 +53,22 @@ def _act_name(act_layer: ActLayer) -> str:
     return act_layer.lower() if isinstance(act_layer, str) else getattr(act_layer, "__name__", str(act_layer))
 
 
+# PyTorch's BatchNorm defaults, which timm's train.py keeps unless --bn-momentum / --bn-eps are given.
+BN_MOMENTUM = 0.1
+BN_EPS = 1e-5
+
+
+def _batch_norm_args(bn_momentum: Optional[float], bn_eps: Optional[float]) -> Dict[str, float]:
+    """Every BatchNorm's momentum and eps; None keeps PyTorch's default (timm's ``resolve_bn_args`` convention)."""
+    momentum = BN_MOMENTUM if bn_momentum is None else bn_momentum
+    eps = BN_EPS if bn_eps is None else bn_eps
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"bn_momentum must be a number in [0, 1] (PyTorch's default is 0.1), got {bn_momentum!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 < eps < float("inf"):
+        raise ValueError(f"bn_eps must be a positive number (PyTorch's default is 1e-5), got {bn_eps!r}")
+    return {"bn_momentum": float(momentum), "bn_eps": float(eps)}
+
+
 def check_input_channels(x: torch.Tensor, in_chans: int) -> None:
     """Fail early, naming the expected channels, instead of deep inside the stem convolution.
 
@@ -74,11 +90,12 @@ def check_input_channels(x: torch.Tensor, in_chans: int) -> None:
 class ConvMixerStem(nn.Sequential):
     """Patch embedding: a p x p convolution with stride p, then activation and BatchNorm."""
 
-    def __init__(self, in_chans: int, dim: int, patch_size: int, act_layer: ActLayer, device=None, dtype=None):
+    def __init__(self, in_chans: int, dim: int, patch_size: int, act_layer: ActLayer,
+                 bn_momentum: float = BN_MOMENTUM, bn_eps: float = BN_EPS, device=None, dtype=None):
         super().__init__(
             nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size, device=device, dtype=dtype),
             _create_act(act_layer),
-            BatchNorm2d(dim, device=device, dtype=dtype),
+            BatchNorm2d(dim, eps=bn_eps, momentum=bn_momentum, device=device, dtype=dtype),
         )
         self.in_chans = in_chans
 
@@ -130,11 +147,12 @@ def same_padding_depthwise_conv(conv: SamePaddingDepthwiseConv, x: torch.Tensor)
 class DepthwiseMixing(nn.Sequential):
     """Spatial mixing inside a block: depthwise conv -> act -> BN."""
 
-    def __init__(self, dim: int, kernel_size: int, act_layer: ActLayer, device=None, dtype=None):
+    def __init__(self, dim: int, kernel_size: int, act_layer: ActLayer, bn_momentum: float = BN_MOMENTUM,
+                 bn_eps: float = BN_EPS, device=None, dtype=None):
         super().__init__(
             SamePaddingDepthwiseConv(dim, kernel_size, device=device, dtype=dtype),
             _create_act(act_layer),
-            BatchNorm2d(dim, device=device, dtype=dtype),
+            BatchNorm2d(dim, eps=bn_eps, momentum=bn_momentum, device=device, dtype=dtype),
         )
 
 
@@ -154,12 +172,13 @@ class ConvMixerBlock(nn.Sequential):
     """One ConvMixer layer: residual depthwise (spatial) mixing, then pointwise (channel) mixing, no residual."""
 
     def __init__(self, dim: int, kernel_size: int, act_layer: ActLayer, drop_path: float = 0.0,
-                 device=None, dtype=None):
+                 bn_momentum: float = BN_MOMENTUM, bn_eps: float = BN_EPS, device=None, dtype=None):
+        bn = {"bn_momentum": bn_momentum, "bn_eps": bn_eps}
         super().__init__(
-            Residual(DepthwiseMixing(dim, kernel_size, act_layer, device=device, dtype=dtype), drop_path),
+            Residual(DepthwiseMixing(dim, kernel_size, act_layer, **bn, device=device, dtype=dtype), drop_path),
             nn.Conv2d(dim, dim, kernel_size=1, device=device, dtype=dtype),
             _create_act(act_layer),
-            BatchNorm2d(dim, device=device, dtype=dtype),
+            BatchNorm2d(dim, eps=bn_eps, momentum=bn_momentum, device=device, dtype=dtype),
         )
 
 
@@ -178,6 +197,8 @@ class ConvMixer(nn.Module):
             drop_rate: float = 0.0,
             drop_path_rate: float = 0.0,
             act_layer: ActLayer = "gelu",
+            bn_momentum: Optional[float] = None,
+            bn_eps: Optional[float] = None,
             device=None,
             dtype=None,
     ):
@@ -193,6 +214,9 @@ class ConvMixer(nn.Module):
             drop_rate: Dropout before the classifier.
             drop_path_rate: Stochastic depth on the residual branch, rising linearly to this value over depth.
             act_layer: Activation by timm name ('gelu', 'relu', ...) or class; names keep config.json serialisable.
+            bn_momentum: Momentum of every BatchNorm's running statistics (train.py ``--bn-momentum``); None for
+                PyTorch's 0.1.
+            bn_eps: Epsilon of every BatchNorm (train.py ``--bn-eps``); None for PyTorch's 1e-5.
         """
         super().__init__()
         for arg, value in (("dim", dim), ("depth", depth), ("kernel_size", kernel_size), ("patch_size", patch_size),
@@ -201,6 +225,7 @@ class ConvMixer(nn.Module):
                 raise ValueError(f"ConvMixer {arg} must be a positive integer, got {value!r}")
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        bn = _batch_norm_args(bn_momentum, bn_eps)
         dd = {"device": device, "dtype": dtype}
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -210,10 +235,10 @@ class ConvMixer(nn.Module):
         self.act_name = _act_name(act_layer)
         self.grad_checkpointing = False
 
-        self.stem = ConvMixerStem(in_chans, dim, patch_size, act_layer, **dd)
+        self.stem = ConvMixerStem(in_chans, dim, patch_size, act_layer, **bn, **dd)
         drop_path_rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.Sequential(*[
-            ConvMixerBlock(dim, kernel_size, act_layer, drop_path=dpr, **dd) for dpr in drop_path_rates
+            ConvMixerBlock(dim, kernel_size, act_layer, drop_path=dpr, **bn, **dd) for dpr in drop_path_rates
         ])
         self.feature_info = [dict(num_chs=dim, reduction=patch_size, module=f"blocks.{i}") for i in range(depth)]
         self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))

@@ -81,17 +81,45 @@ class BatchNorm2d(nn.BatchNorm2d):
         return batch_norm_2d(self, x)
 
     def step_running_stats(self) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], float, bool]:
-        """Count the batch and return (running_mean, running_var, average factor, use batch statistics)."""
+        """Count the batch and return (running_mean, running_var, average factor, use batch statistics).
+
+        A training forward that activation checkpointing recomputes during backward counts nothing and gets
+        copies of the running statistics to update: the step already counted when it first ran, so the buffers
+        change once per step, as without checkpointing. The copies keep the recomputation's operators (and what
+        they save for backward, which non-reentrant checkpointing compares) those of the first run.
+        """
+        recomputing = False
+        if not torch.jit.is_scripting():
+            recomputing = self.training and _recomputing_in_backward()
         average_factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
+            if not recomputing:
+                self.num_batches_tracked.add_(1)
             if self.momentum is None:
                 average_factor = 1.0 / float(self.num_batches_tracked)
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         update_buffers = not self.training or self.track_running_stats
         running_mean = self.running_mean if update_buffers else None
         running_var = self.running_var if update_buffers else None
+        if recomputing:
+            running_mean = None if running_mean is None else running_mean.clone()
+            running_var = None if running_var is None else running_var.clone()
         return running_mean, running_var, average_factor, use_batch_stats
+
+
+@torch.jit.unused
+def _recomputing_in_backward() -> bool:
+    """Whether this forward runs inside a backward pass: that is where ``torch.utils.checkpoint`` recomputes a
+    checkpointed forward, reentrant or not (timm's ``checkpoint_seq``, ``--grad-checkpointing``, FSDP's wrapper).
+
+    PyTorch offers no public signal for it (pytorch/pytorch#96136); the autograd engine's current graph task is
+    -1 outside a backward pass. A compiled graph needs no check: it records each buffer update once, in its
+    forward, and its backward recomputes values only.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return graph_task_id is not None and graph_task_id() != -1
 
 
 @torch.jit.unused
