@@ -265,12 +265,11 @@ def test_leftovers_of_a_killed_run_with_a_long_name_are_removed(tmp_path):
     out = parent / ("é" * 127 + "x")  # 255 bytes in UTF-8: the staging name must cut whole characters
     script = textwrap.dedent(f"""
         import os, signal, sys
-        from convmixer_timm import hub
-        real = hub._install
+        from convmixer_timm.hub import install
         def killed(staging, out_dir, overwrite):  # the folder is staged, complete: die before it is moved
             print(staging.name, flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
-        hub._install = killed
+        install.move_into_place = killed
         from convmixer_timm import cli
         cli.main(["convert", {str(src)!r}, "--out", {str(out)!r}, *{SMALL_ARGS!r}])
     """)
