@@ -283,6 +283,72 @@ def test_leftovers_of_a_killed_run_with_a_long_name_are_removed(tmp_path):
     assert list(parent.iterdir()) == []
 
 
+def _hostile(tmp_path: Path) -> dict[str, tuple[list[object], int, str]]:
+    """Inputs a careless or hostile caller gives, each with its exit status and a fragment of its one line."""
+    src = tmp_path / "w.safetensors"
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    huge = tmp_path / "huge.txt"
+    with open(huge, "wb") as file:
+        file.truncate(17 * 2**20)  # sparse: no disk used
+    out = tmp_path / "out"
+
+    def kwargs(extra: str) -> list[str]:
+        return ["--model", CIFAR, "--model-kwargs", "dim=32", "depth=2", extra, "-q"]
+
+    return {
+        "long name": (["convert", src, "--out", tmp_path / ("x" * 256), *SMALL_ARGS], 2, "at most 255 bytes"),
+        "not UTF-8": (["convert", src, "--out", tmp_path / os.fsdecode(b"a\xffb"), *SMALL_ARGS], 2,
+                      "b'a\\xffb' is not UTF-8"),
+        "NUL in --out": (["convert", src, "--out", f"{tmp_path}/a\0b", *SMALL_ARGS], 2, "NUL character"),
+        "nested labels": (["convert", src, "--out", out, "--labels", deep, *SMALL_ARGS], 2, "nests JSON lists too"),
+        "huge labels": (["convert", src, "--out", out, "--labels", huge, *SMALL_ARGS], 2, "over 16 MiB"),
+        "NUL in --labels": (["convert", src, "--out", out, "--labels", f"{tmp_path}/a\0b", *SMALL_ARGS], 2,
+                            "NUL character"),
+        "ANSI in --dataset": (["convert", src, "--out", out, "--dataset", "\x1b[31mred", *SMALL_ARGS], 2,
+                              "--dataset holds an escape character"),
+        # Refused by the shapes alone, before a 128 GB classifier is allocated.
+        "1e9 classes": (["convert", src, "--out", out, "--num-classes", "1000000000", *SMALL_ARGS], 1,
+                        "classifier has 10 classes but convmixer_256_8_ks5_p2 is built with 1000000000; pass "
+                        "--num-classes 10"),
+        "1e8 channels": (["convert", src, "--out", out, *kwargs("dim=100000000")], 1,
+                         "--model-kwargs dim=32 depth=2 kernel_size=5 patch_size=2 --num-classes 10"),
+        "negative classes": (["convert", src, "--out", out, "--num-classes", "-5", *SMALL_ARGS], 2,
+                             "invalid class count"),
+        "pretrained": (["convert", src, "--out", out, *kwargs("pretrained=True")], 2,
+                       'timm.create_model("convmixer_256_8_ks5_p2", pretrained=True)'),
+        "device": (["convert", src, "--out", out, *kwargs("device='cuda'")], 2,
+                   "'device' is not an argument of the architecture"),
+        "bad repo id": (["push", tmp_path / "missing", "--repo-id", "bad id!!"], 2,
+                        "--repo-id: 'bad id!!' is not a Hub repo id"),
+        "bad endpoint": (["push", tmp_path / "missing", "--repo-id", "me/x", "--endpoint", "ftp://x"], 2,
+                         "is not an http(s) URL"),
+        "bad revision": (["push", tmp_path / "missing", "--repo-id", "me/x", "--revision", "a\nb"], 2,
+                         "--revision: the revision holds a control character"),
+    }
+
+
+@pytest.mark.parametrize("case", ["long name", "not UTF-8", "NUL in --out", "nested labels", "huge labels",
+                                  "NUL in --labels", "ANSI in --dataset", "1e9 classes", "1e8 channels",
+                                  "negative classes", "pretrained", "device", "bad repo id", "bad endpoint",
+                                  "bad revision"])
+def test_hostile_input_is_one_line_with_the_usage_or_failure_status(tmp_path, capsys, case):
+    save(small_state(40), tmp_path / "w.safetensors")
+    argv, status, fragment = _hostile(tmp_path)[case]
+    try:
+        code = cli.main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse's own usage errors
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == status, err
+    line = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and line.startswith("convmixer-timm "), err
+    assert fragment in line, line
+    if status == 1 or "usage:" not in err:
+        one_line(err)
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------------------------------------------- signals
 
 
