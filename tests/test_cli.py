@@ -154,6 +154,7 @@ def test_convert_every_layout_loads_with_identical_outputs(tmp_path, case, capsy
     assert config["pretrained_cfg"]["num_classes"] == variant.num_classes
 
 
+@pytest.mark.slow
 def test_convert_as_real_subprocess(tmp_path):
     """``python -m convmixer_timm convert`` end to end, in a fresh interpreter (start-up hook included)."""
     reference = small_timm(7)
@@ -178,6 +179,7 @@ def card_parts(folder: Path) -> tuple[dict, str]:
     return yaml.safe_load(front), body
 
 
+@pytest.mark.slow
 def test_model_card_states_the_architecture_and_no_figures_for_unknown_weights(tmp_path):
     variant = VARIANTS_BY_NAME[CIFAR]
     # The published configuration (full size, 0.59M params) with random weights: the architecture's numbers are
@@ -199,6 +201,7 @@ def test_model_card_states_the_architecture_and_no_figures_for_unknown_weights(t
     assert "No accuracy is stated for these weights" in body
 
 
+@pytest.mark.slow
 def test_model_card_quotes_the_published_figures_only_for_weights_with_the_published_digest(tmp_path, monkeypatch):
     """The variant table records the digest of published weights; none are on disk here, so one is made up."""
     from convmixer_timm.hub import weights_sha256
@@ -321,6 +324,7 @@ def test_convert_refuses_bad_labels_naming_the_problem(tmp_path, capsys, content
     assert "cannot read --labels" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_class_names_only_where_they_are_known(tmp_path):
     from convmixer_timm.labels import CIFAR10_LABELS
 

@@ -148,6 +148,7 @@ def test_full_disk_is_one_line_and_keeps_the_old_folder(tmp_path, capsys):
         assert folder_bytes(disk / "out") == before and [p.name for p in disk.iterdir()] == ["out"]
 
 
+@pytest.mark.slow
 def test_file_size_limit_is_one_line(tmp_path):
     """RLIMIT_FSIZE (``ulimit -f``) in a child process: needs no privileges."""
     big = save(small_state(2, dim=256, depth=4), tmp_path / "big.safetensors")
@@ -182,6 +183,7 @@ def test_read_only_file_system_is_one_line_before_anything_is_read(tmp_path, cap
         assert "is not writable" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_folder_the_user_may_not_write_to_is_one_line(shared, tmp_path):
     src = save(small_state(4), shared / "w.safetensors")
     locked = shared / "locked"
@@ -256,6 +258,7 @@ def test_long_output_names_that_the_file_system_allows(tmp_path, capsys, length)
     assert [p.name for p in parent.iterdir()] == [name]
 
 
+@pytest.mark.slow
 def test_leftovers_of_a_killed_run_with_a_long_name_are_removed(tmp_path):
     """A run with a 255-byte output name is killed (SIGKILL: no clean-up) while writing; the next run of any
     user command on that output removes its staging folder."""
@@ -410,6 +413,7 @@ def test_another_users_leftovers_are_never_adopted(shared, capsys):
     assert folder_bytes(shared / f".m.{pid}.89abcdef.partial") == partial
 
 
+@pytest.mark.slow
 def test_leftovers_another_user_planted_do_not_block_a_run(shared, tmp_path):
     """Run as ``nobody`` in a sticky folder where root's look-alike leftovers cannot be moved or removed."""
     src = save(small_state(11), shared / "mine.safetensors")
