@@ -8,7 +8,7 @@ the weights are the published ones, identified by digest.
 from __future__ import annotations
 
 import dataclasses
-import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -56,9 +56,56 @@ class Architecture:
             variant.h, variant.d, variant.k, variant.p, variant.act, 3, variant.num_classes)
 
 
+# Characters YAML reads as line breaks or refuses in a document (besides C0/C1 controls); written as escapes.
+_YAML_ESCAPED = {"\u2028", "\u2029", "\ufeff"}
+
+
 def _yaml_str(value: str) -> str:
-    # A JSON string is a valid YAML scalar, and quoting keeps names like "sklearn digits: 8x8" intact.
-    return json.dumps(value, ensure_ascii=False)
+    """``value`` as a YAML double-quoted scalar that reads back as exactly ``value`` (YAML 1.1 and 1.2).
+
+    Quoting keeps names like "sklearn digits: 8x8" or "- x" intact; backslash, quote and every character YAML
+    would take as a line break or refuse are escaped, so no value can end the scalar or the front matter.
+    """
+    out = []
+    for char in value:
+        code = ord(char)
+        if char in '"\\':
+            out.append("\\" + char)
+        elif code < 0x20 or 0x7F <= code <= 0x9F or char in _YAML_ESCAPED or 0xD800 <= code <= 0xDFFF:
+            out.append(f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}")
+        else:
+            out.append(char)
+    return '"' + "".join(out) + '"'
+
+
+# Characters markdown (CommonMark, GitHub's tables, the Hub's maths) gives a meaning; each is written escaped.
+_MD_PUNCTUATION = set("\\`*_{}[]()#!|~$")
+_HTML_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
+
+
+def _md(text: str) -> str:
+    """``text`` as markdown that shows exactly ``text``: no emphasis, link, table cell break or HTML tag."""
+    text = " ".join(str(text).split())  # a line break would end a list item or a table row
+    return "".join(_HTML_ENTITIES.get(c) or (f"\\{c}" if c in _MD_PUNCTUATION else c) for c in text)
+
+
+def _code(text: str) -> str:
+    """``text`` as a markdown code span: shown verbatim (HTML included), whatever backticks it holds."""
+    text = str(text).replace("\r", " ").replace("\n", " ")
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def _repo_name_for_code(repo_name: str) -> str:
+    """The folder's name where it can be a Hub repo name (a code snippet quotes it), else a placeholder."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(f"ORG/{repo_name}")
+    except HFValidationError:
+        return "NAME"
+    return repo_name
 
 
 def _fmt_metric(value: Any) -> str:
@@ -88,6 +135,7 @@ def render_model_card(
     table's top-1 and data set quoted. ``labels`` are the class names written into config.json, if any.
     """
     metrics = dict(metrics or {})
+    code_name = _repo_name_for_code(repo_name)
     measured_on = metrics.pop("dataset", None)
     trained_on = dataset or (variant.dataset if published else None)
     spec = arch.as_variant(variant)
@@ -112,16 +160,17 @@ def render_model_card(
             metric_type = "accuracy" if name.lower().startswith("top") else name
             lines += [f"    - type: {_yaml_str(metric_type)}", f"      name: {_yaml_str(name)}",
                       f"      value: {value}"]
-    lines += ["---", "", f"# Model card for {repo_name}", ""]
+    lines += ["---", "", f"# Model card for {_md(repo_name)}", ""]
 
     same = "" if arch.is_published(variant) else (
         f" Its configuration differs from the published `{variant.name}` "
         f"(h={variant.h}, d={variant.d}, k={variant.k}, p={variant.p}, {variant.act}, {variant.num_classes} classes).")
     if labels:
-        shown = ", ".join(f"`{name}`" for name in labels[:10]) + (", ..." if len(labels) > 10 else "")
+        shown = ", ".join(_code(name) for name in labels[:10]) + (", ..." if len(labels) > 10 else "")
         class_names = f"{shown} (`label_names` in config.json)"
     else:
-        class_names = "not given (outputs are class indices)"
+        class_names = ("not known: none were given and the training data set does not imply them, so the outputs "
+                       "are class indices (transformers shows them as LABEL_0, LABEL_1, ...)")
     lines += [
         f"A ConvMixer image classifier built as timm's `{variant.name}` architecture.{same}",
         "",
@@ -150,7 +199,7 @@ def render_model_card(
             f"= {2 * macs / 1e9:.4g} GFLOPs, 1 MAC = 2 FLOPs), counting the patch embedding, depthwise, "
             "pointwise and classifier layers; activations, BatchNorm and pooling are not counted")
     lines += [
-        f"- **Training data set:** {trained_on or 'not stated'}",
+        f"- **Training data set:** {_md(trained_on) if trained_on else 'not stated'}",
         "- **Paper:** [Patches Are All You Need?](https://arxiv.org/abs/2201.09792)",
         "- **Original code:** https://github.com/locuslab/convmixer",
         "- **Licence:** MIT",
@@ -160,9 +209,9 @@ def render_model_card(
     ]
     if numeric:
         source = metrics_note or "measured for the weights in this repository"
-        where = f" on {evaluated_on}" if evaluated_on else ""
+        where = f" on {_md(evaluated_on)}" if evaluated_on else ""
         lines += [f"Figures{where}, {source}:", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {name} | {_fmt_metric(value)} |" for name, value in numeric.items()]
+        lines += [f"| {_md(name)} | {_fmt_metric(value)} |" for name, value in numeric.items()]
         lines.append("")
     if published and variant.top1 is not None:
         lines += [f"These are the published `{variant.name}` weights (identified by their SHA-256 digest). Their "
@@ -181,7 +230,7 @@ def render_model_card(
         "import timm  # with convmixer-timm installed, importing timm registers the ConvMixer models",
         "import torch",
         "",
-        f'model = timm.create_model("hf-hub:ORG/{repo_name}", pretrained=True).eval()  # or "local-dir:PATH"',
+        f'model = timm.create_model("hf-hub:ORG/{code_name}", pretrained=True).eval()  # or "local-dir:PATH"',
         "config = timm.data.resolve_data_config({}, model=model)",
         "transform = timm.data.create_transform(**config)",
         "with torch.no_grad():",
@@ -193,7 +242,7 @@ def render_model_card(
         "```python",
         "from transformers import pipeline",
         "",
-        f'classifier = pipeline("image-classification", model="ORG/{repo_name}")  # or a local folder',
+        f'classifier = pipeline("image-classification", model="ORG/{code_name}")  # or a local folder',
         "print(classifier(image))  # [{'label': ..., 'score': ...}, ...]",
         "```",
         "",

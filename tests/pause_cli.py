@@ -7,8 +7,8 @@ then it goes on as ``python -m convmixer_timm CLI-ARGS...`` would, exit status i
 package's own functions from outside, so the package carries no test hooks:
 
 * ``staging-written``: ``convert`` has written and checked its hidden staging folder and is about to move it to
-  the output (the start of ``hub._install``); the previous output is untouched.
-* ``after-exchange``: the staging folder and the previous output have just been swapped (``hub._exchange``
+  the output (the start of ``hub.install.move_into_place``); the previous output is untouched.
+* ``after-exchange``: the staging folder and the previous output have just been swapped (``hub.install.exchange``
   returned True); the staging path holds the previous output.
 * ``after-first-rename``: without ``renameat2`` (pass ``--no-exchange``), the previous output has just been
   renamed to its backup and the new one is not yet in place.
@@ -28,6 +28,7 @@ from typing import Any
 from waiting import wait_until
 
 from convmixer_timm import cli, hub
+from convmixer_timm.hub import install as safe_install
 
 POINTS = ("staging-written", "after-exchange", "after-first-rename", "before-upload")
 
@@ -47,11 +48,11 @@ def before(function: Callable[..., Any], point: str, marker: Path) -> Callable[.
 
 
 def install(point: str, marker: Path, no_exchange: bool) -> None:
-    real_exchange = hub._exchange
+    real_exchange = safe_install.exchange
     if no_exchange:
-        hub._exchange = lambda a, b: False
+        safe_install.exchange = lambda a, b: False
     if point == "staging-written":
-        hub._install = before(hub._install, point, marker)
+        safe_install.move_into_place = before(safe_install.move_into_place, point, marker)
     elif point == "before-upload":
         hub.push_hub_folder = before(hub.push_hub_folder, point, marker)  # cli imports it when push runs
     elif point == "after-exchange":
@@ -60,12 +61,12 @@ def install(point: str, marker: Path, no_exchange: bool) -> None:
             if swapped:
                 pause(point, marker)
             return swapped
-        hub._exchange = exchange
+        safe_install.exchange = exchange
     elif point == "after-first-rename":
-        # Replacing an existing output without an exchange, _install renames twice: the previous output to its
+        # Replacing an existing output without an exchange, move_into_place renames twice: the previous output to its
         # backup, then the staging folder into place. Pause as the second begins, so that a signal arrives
-        # where _install handles it (put the backup back), with the first one done.
-        real_install, real_rename = hub._install, os.rename
+        # where move_into_place handles it (put the backup back), with the first one done.
+        real_install, real_rename = safe_install.move_into_place, os.rename
         calls = 0
 
         def rename(src: Any, dst: Any, **kwargs: Any) -> None:
@@ -77,12 +78,12 @@ def install(point: str, marker: Path, no_exchange: bool) -> None:
 
         @functools.wraps(real_install)
         def install_with_pause(*args: Any, **kwargs: Any) -> Any:
-            os.rename = rename  # only while _install runs
+            os.rename = rename  # only while move_into_place runs
             try:
                 return real_install(*args, **kwargs)
             finally:
                 os.rename = real_rename
-        hub._install = install_with_pause
+        safe_install.move_into_place = install_with_pause
 
 
 def main(argv: list[str]) -> int:

@@ -154,6 +154,7 @@ def test_convert_every_layout_loads_with_identical_outputs(tmp_path, case, capsy
     assert config["pretrained_cfg"]["num_classes"] == variant.num_classes
 
 
+@pytest.mark.slow
 def test_convert_as_real_subprocess(tmp_path):
     """``python -m convmixer_timm convert`` end to end, in a fresh interpreter (start-up hook included)."""
     reference = small_timm(7)
@@ -178,6 +179,7 @@ def card_parts(folder: Path) -> tuple[dict, str]:
     return yaml.safe_load(front), body
 
 
+@pytest.mark.slow
 def test_model_card_states_the_architecture_and_no_figures_for_unknown_weights(tmp_path):
     variant = VARIANTS_BY_NAME[CIFAR]
     # The published configuration (full size, 0.59M params) with random weights: the architecture's numbers are
@@ -199,6 +201,7 @@ def test_model_card_states_the_architecture_and_no_figures_for_unknown_weights(t
     assert "No accuracy is stated for these weights" in body
 
 
+@pytest.mark.slow
 def test_model_card_quotes_the_published_figures_only_for_weights_with_the_published_digest(tmp_path, monkeypatch):
     """The variant table records the digest of published weights; none are on disk here, so one is made up."""
     from convmixer_timm.hub import weights_sha256
@@ -219,6 +222,9 @@ def test_model_card_quotes_the_published_figures_only_for_weights_with_the_publi
     assert meta["datasets"] == ["cifar10"]
     assert "**Training data set:** cifar-10" in body
     assert f"{variant.top1:.2f} %" in body and variant.top1_source in body and "SHA-256" in body
+    from convmixer_timm.labels import CIFAR10_LABELS  # the published weights' classes are known: CIFAR-10's
+
+    assert read_config(tmp_path / "published")["label_names"] == list(CIFAR10_LABELS)
 
     # One value changed: other weights, so neither the figure nor the data set is claimed.
     with torch.no_grad():
@@ -226,6 +232,7 @@ def test_model_card_quotes_the_published_figures_only_for_weights_with_the_publi
     assert weights_sha256(published.state_dict()) != digest
     meta, body = card_parts(save_hub_folder(published, tmp_path / "other", CIFAR))
     assert "datasets" not in meta and f"{variant.top1:.2f}" not in body and "cifar" not in body.lower()
+    assert "label_names" not in read_config(tmp_path / "other")
 
 
 def test_model_card_states_figures_given_for_these_weights(tmp_path, capsys):
@@ -292,7 +299,7 @@ def test_convert_labels_from_a_file_reach_config_and_card(tmp_path, capsys):
     # Three classes and no names given: the data set's names would be a false claim, so none are written.
     assert run_cli(*base, "--out", tmp_path / "unnamed") == 0
     assert "label_names" not in read_config(tmp_path / "unnamed")
-    assert "**Class names:** not given" in card_parts(tmp_path / "unnamed")[1]
+    assert "**Class names:** not known" in card_parts(tmp_path / "unnamed")[1]
 
 
 @pytest.mark.parametrize("content, message", [
@@ -317,12 +324,16 @@ def test_convert_refuses_bad_labels_naming_the_problem(tmp_path, capsys, content
     assert "cannot read --labels" in capsys.readouterr().err
 
 
-def test_variant_labels_only_where_the_data_set_is_the_variants(tmp_path):
+@pytest.mark.slow
+def test_class_names_only_where_they_are_known(tmp_path):
     from convmixer_timm.labels import CIFAR10_LABELS
 
     model = small_timm(14)
-    # A CIFAR variant with CIFAR-10's 10 outputs carries CIFAR-10's names, also when the data set is named so.
-    assert read_config(save_hub_folder(model, tmp_path / "a", CIFAR))["label_names"] == list(CIFAR10_LABELS)
+    # Ten outputs of a CIFAR variant, data set unknown: they may be digits, so CIFAR-10's names would be a claim.
+    unnamed = save_hub_folder(model, tmp_path / "a", CIFAR)
+    assert "label_names" not in read_config(unnamed)
+    assert "**Class names:** not known" in card_parts(unnamed)[1]
+    # The data set the caller names implies them, in any spelling.
     assert read_config(save_hub_folder(model, tmp_path / "b", CIFAR, dataset="CIFAR10"))["label_names"] == \
         list(CIFAR10_LABELS)
     # Ten outputs trained on something else: no names, unless the caller gives them.
@@ -336,6 +347,72 @@ def test_variant_labels_only_where_the_data_set_is_the_variants(tmp_path):
     with pytest.raises(ValueError, match="has 9 class names but the model has 10 classes"):
         save_hub_folder(model, tmp_path / "f", CIFAR, labels=digits[:9])
     assert not (tmp_path / "f").exists()
+
+
+@pytest.mark.slow
+def test_unknown_class_names_reach_transformers_as_its_generic_ones(tmp_path, capsys):
+    """transformers names 1000 unnamed outputs as ImageNet's classes itself; a folder of unknown classes says
+    LABEL_i instead, and given names (markdown, HTML and all) reach id2label unchanged."""
+    from transformers import AutoConfig
+
+    base = ["--model", CIFAR, "--model-kwargs", "dim=8", "depth=1", "-q"]
+    ten = _save(small_timm(30, dim=8, depth=1).state_dict(), tmp_path / "ten.safetensors")
+    thousand = _save(small_timm(31, dim=8, depth=1, num_classes=1000).state_dict(), tmp_path / "1k.safetensors")
+    assert run_cli("convert", ten, "--out", tmp_path / "ten", *base) == 0, capsys.readouterr().err
+    assert run_cli("convert", thousand, "--out", tmp_path / "1k", "--num-classes", "1000", *base) == 0
+    assert AutoConfig.from_pretrained(tmp_path / "ten").id2label[0] == "LABEL_0"  # transformers' default
+    id2label = AutoConfig.from_pretrained(tmp_path / "1k").id2label
+    assert [id2label[i] for i in (0, 999)] == ["LABEL_0", "LABEL_999"]  # not 'tench, Tinca tinca'
+    assert "**Class names:** not known" in card_parts(tmp_path / "1k")[1]
+
+    names = HOSTILE_NAMES + [f"c{i}" for i in range(10 - len(HOSTILE_NAMES))]
+    (tmp_path / "names.json").write_text(json.dumps(names))
+    assert run_cli("convert", ten, "--out", tmp_path / "named", "--labels", tmp_path / "names.json", *base) == 0
+    id2label = AutoConfig.from_pretrained(tmp_path / "named").id2label
+    assert [id2label[i] for i in range(10)] == names
+
+
+# Names that mean something to markdown, HTML or YAML: the card must show them as text.
+HOSTILE_NAMES = ["<script>alert(1)</script>", "a|b", "`tick`", "**bold**", "[link](http://x)", 'q"uote: - x',
+                 "$x$ & y"]
+
+
+def test_model_card_escapes_names_and_data_sets(tmp_path):
+    model = small_timm(32)
+    names = HOSTILE_NAMES + [f"c{i}" for i in range(10 - len(HOSTILE_NAMES))]
+    dataset = 'my: "set" # <b>|x|</b> \u2028 *'
+    out = save_hub_folder(model, tmp_path / "<i>card", CIFAR, labels=names, dataset=dataset,
+                          metrics={"top|1": 50.0})
+    meta, body = card_parts(out)
+    assert meta["datasets"] == [dataset]  # the YAML front matter reads back exactly
+    assert meta["model-index"][0]["name"] == "<i>card"
+    assert "<script>" not in body.replace("`<script>", "") and "<i>" not in body and "<b>" not in body
+    assert "`` `tick` ``" in body  # a code span with a longer fence shows the backticks
+    assert "`<script>alert(1)</script>`" in body  # verbatim inside a code span, where HTML is not parsed
+    assert "| top\\|1 | 50 |" in body  # the pipe does not split the table row
+    assert "# Model card for &lt;i&gt;card" in body
+    assert 'hf-hub:ORG/NAME"' in body  # not a Hub repo name: the usage snippet gets a placeholder
+    assert read_config(out)["label_names"] == names
+
+
+@pytest.mark.parametrize("bad, what", [("a\x1b[31mred", "escape character"), ("two\nlines", "control character"),
+                                       ("tab\there", "control character"), ("\ud800", "lone surrogate")])
+def test_control_characters_in_names_are_refused_naming_the_label(tmp_path, capsys, bad, what):
+    names = [f"c{i}" for i in range(10)]
+    names[3] = bad
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps(names))
+    src = _save(small_timm(33).state_dict(), tmp_path / "w.safetensors")
+    assert run_cli("convert", src, "--model", CIFAR, "--model-kwargs", "dim=32", "depth=2", "--out",
+                   tmp_path / "out", "--labels", labels, "-q") == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "\x1b" not in err, err
+    assert "class 3's name" in err and what in err
+    with pytest.raises(ValueError, match=f"class 3's name .*{what}"):
+        save_hub_folder(small_timm(33), tmp_path / "api", CIFAR, labels=names)
+    with pytest.raises(ValueError, match=f"dataset holds .*{what}"):
+        save_hub_folder(small_timm(33), tmp_path / "api", CIFAR, dataset=bad)
+    assert_nothing_left(tmp_path, {"w.safetensors", "labels.json"})
 
 
 # ---------------------------------------------------------------------------------------------------- failures

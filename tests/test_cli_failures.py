@@ -148,6 +148,7 @@ def test_full_disk_is_one_line_and_keeps_the_old_folder(tmp_path, capsys):
         assert folder_bytes(disk / "out") == before and [p.name for p in disk.iterdir()] == ["out"]
 
 
+@pytest.mark.slow
 def test_file_size_limit_is_one_line(tmp_path):
     """RLIMIT_FSIZE (``ulimit -f``) in a child process: needs no privileges."""
     big = save(small_state(2, dim=256, depth=4), tmp_path / "big.safetensors")
@@ -182,6 +183,7 @@ def test_read_only_file_system_is_one_line_before_anything_is_read(tmp_path, cap
         assert "is not writable" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_folder_the_user_may_not_write_to_is_one_line(shared, tmp_path):
     src = save(small_state(4), shared / "w.safetensors")
     locked = shared / "locked"
@@ -256,6 +258,7 @@ def test_long_output_names_that_the_file_system_allows(tmp_path, capsys, length)
     assert [p.name for p in parent.iterdir()] == [name]
 
 
+@pytest.mark.slow
 def test_leftovers_of_a_killed_run_with_a_long_name_are_removed(tmp_path):
     """A run with a 255-byte output name is killed (SIGKILL: no clean-up) while writing; the next run of any
     user command on that output removes its staging folder."""
@@ -265,12 +268,11 @@ def test_leftovers_of_a_killed_run_with_a_long_name_are_removed(tmp_path):
     out = parent / ("é" * 127 + "x")  # 255 bytes in UTF-8: the staging name must cut whole characters
     script = textwrap.dedent(f"""
         import os, signal, sys
-        from convmixer_timm import hub
-        real = hub._install
+        from convmixer_timm.hub import install
         def killed(staging, out_dir, overwrite):  # the folder is staged, complete: die before it is moved
             print(staging.name, flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
-        hub._install = killed
+        install.move_into_place = killed
         from convmixer_timm import cli
         cli.main(["convert", {str(src)!r}, "--out", {str(out)!r}, *{SMALL_ARGS!r}])
     """)
@@ -282,6 +284,72 @@ def test_leftovers_of_a_killed_run_with_a_long_name_are_removed(tmp_path):
     assert [p.name for p in parent.iterdir()] == [staging]
     recover_output(out)
     assert list(parent.iterdir()) == []
+
+
+def _hostile(tmp_path: Path) -> dict[str, tuple[list[object], int, str]]:
+    """Inputs a careless or hostile caller gives, each with its exit status and a fragment of its one line."""
+    src = tmp_path / "w.safetensors"
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    huge = tmp_path / "huge.txt"
+    with open(huge, "wb") as file:
+        file.truncate(17 * 2**20)  # sparse: no disk used
+    out = tmp_path / "out"
+
+    def kwargs(extra: str) -> list[str]:
+        return ["--model", CIFAR, "--model-kwargs", "dim=32", "depth=2", extra, "-q"]
+
+    return {
+        "long name": (["convert", src, "--out", tmp_path / ("x" * 256), *SMALL_ARGS], 2, "at most 255 bytes"),
+        "not UTF-8": (["convert", src, "--out", tmp_path / os.fsdecode(b"a\xffb"), *SMALL_ARGS], 2,
+                      "b'a\\xffb' is not UTF-8"),
+        "NUL in --out": (["convert", src, "--out", f"{tmp_path}/a\0b", *SMALL_ARGS], 2, "NUL character"),
+        "nested labels": (["convert", src, "--out", out, "--labels", deep, *SMALL_ARGS], 2, "nests JSON lists too"),
+        "huge labels": (["convert", src, "--out", out, "--labels", huge, *SMALL_ARGS], 2, "over 16 MiB"),
+        "NUL in --labels": (["convert", src, "--out", out, "--labels", f"{tmp_path}/a\0b", *SMALL_ARGS], 2,
+                            "NUL character"),
+        "ANSI in --dataset": (["convert", src, "--out", out, "--dataset", "\x1b[31mred", *SMALL_ARGS], 2,
+                              "--dataset holds an escape character"),
+        # Refused by the shapes alone, before a 128 GB classifier is allocated.
+        "1e9 classes": (["convert", src, "--out", out, "--num-classes", "1000000000", *SMALL_ARGS], 1,
+                        "classifier has 10 classes but convmixer_256_8_ks5_p2 is built with 1000000000; pass "
+                        "--num-classes 10"),
+        "1e8 channels": (["convert", src, "--out", out, *kwargs("dim=100000000")], 1,
+                         "--model-kwargs dim=32 depth=2 kernel_size=5 patch_size=2 --num-classes 10"),
+        "negative classes": (["convert", src, "--out", out, "--num-classes", "-5", *SMALL_ARGS], 2,
+                             "invalid class count"),
+        "pretrained": (["convert", src, "--out", out, *kwargs("pretrained=True")], 2,
+                       'timm.create_model("convmixer_256_8_ks5_p2", pretrained=True)'),
+        "device": (["convert", src, "--out", out, *kwargs("device='cuda'")], 2,
+                   "'device' is not an argument of the architecture"),
+        "bad repo id": (["push", tmp_path / "missing", "--repo-id", "bad id!!"], 2,
+                        "--repo-id: 'bad id!!' is not a Hub repo id"),
+        "bad endpoint": (["push", tmp_path / "missing", "--repo-id", "me/x", "--endpoint", "ftp://x"], 2,
+                         "is not an http(s) URL"),
+        "bad revision": (["push", tmp_path / "missing", "--repo-id", "me/x", "--revision", "a\nb"], 2,
+                         "--revision: the revision holds a control character"),
+    }
+
+
+@pytest.mark.parametrize("case", ["long name", "not UTF-8", "NUL in --out", "nested labels", "huge labels",
+                                  "NUL in --labels", "ANSI in --dataset", "1e9 classes", "1e8 channels",
+                                  "negative classes", "pretrained", "device", "bad repo id", "bad endpoint",
+                                  "bad revision"])
+def test_hostile_input_is_one_line_with_the_usage_or_failure_status(tmp_path, capsys, case):
+    save(small_state(40), tmp_path / "w.safetensors")
+    argv, status, fragment = _hostile(tmp_path)[case]
+    try:
+        code = cli.main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse's own usage errors
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == status, err
+    line = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and line.startswith("convmixer-timm "), err
+    assert fragment in line, line
+    if status == 1 or "usage:" not in err:
+        one_line(err)
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------------------------------- signals
@@ -345,6 +413,7 @@ def test_another_users_leftovers_are_never_adopted(shared, capsys):
     assert folder_bytes(shared / f".m.{pid}.89abcdef.partial") == partial
 
 
+@pytest.mark.slow
 def test_leftovers_another_user_planted_do_not_block_a_run(shared, tmp_path):
     """Run as ``nobody`` in a sticky folder where root's look-alike leftovers cannot be moved or removed."""
     src = save(small_state(11), shared / "mine.safetensors")

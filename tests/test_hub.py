@@ -236,7 +236,7 @@ _TRANSFORMERS_FROM_HUB = textwrap.dedent("""
 def test_pushed_folder_loads_in_transformers_from_the_hub(hub, env, tmp_path):
     """A user's script: transformers alone, the repo id, the Hub (here the local one) named by HF_ENDPOINT."""
     model = small_model(11)
-    folder = save_hub_folder(model, tmp_path / "folder", CIFAR)
+    folder = save_hub_folder(model, tmp_path / "folder", CIFAR, dataset="cifar-10")
     assert cli.main(["push", str(folder), "--repo-id", "me/for-transformers"]) == 0
     environ = {k: v for k, v in os.environ.items() if k != "CONVMIXER_TIMM_AUTOLOAD"}  # HF_* from hub_environment
     done = subprocess.run([sys.executable, "-c", _TRANSFORMERS_FROM_HUB, "me/for-transformers"], env=environ,

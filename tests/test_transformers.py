@@ -42,7 +42,7 @@ def timm_inference_labels(model: torch.nn.Module, label_type: str, indices: list
 
 
 def test_cifar_folder_loads_in_transformers_with_cifar10_names(tmp_path):
-    folder = save_hub_folder(small(CIFAR, 0), tmp_path / "cifar", CIFAR)
+    folder = save_hub_folder(small(CIFAR, 0), tmp_path / "cifar", CIFAR, dataset="cifar-10")
     config = json.loads((folder / "config.json").read_text())
     assert config["model_args"] == {"dim": 32, "depth": 2}
     results = assert_transformers_matches_timm(folder, random_images(3, seed=0))
@@ -59,7 +59,7 @@ def test_cifar_folder_loads_in_transformers_with_cifar10_names(tmp_path):
 
 def test_imagenet_folder_names_classes_like_timm_and_transformers_do(tmp_path):
     # 1000 classes at 224 px; h=16 keeps the forward cheap.
-    folder = save_hub_folder(small(IMAGENET, 1, dim=16), tmp_path / "imagenet", IMAGENET)
+    folder = save_hub_folder(small(IMAGENET, 1, dim=16), tmp_path / "imagenet", IMAGENET, dataset="imagenet-1k")
     assert_transformers_matches_timm(folder, random_images(2, seed=1))
 
     info = ImageNetInfo("imagenet-1k")
@@ -115,7 +115,7 @@ _FRESH_PROCESS = textwrap.dedent("""
 def test_a_fresh_process_that_imports_only_transformers_loads_a_folder(tmp_path):
     """transformers calls timm.create_model(architecture): the start-up hook registers the models on import."""
     model = small(CIFAR, 5)
-    folder = save_hub_folder(model, tmp_path / "folder", CIFAR)
+    folder = save_hub_folder(model, tmp_path / "folder", CIFAR, dataset="cifar-10")
     env = {k: v for k, v in os.environ.items() if k != "CONVMIXER_TIMM_AUTOLOAD"}
     env["HF_HUB_OFFLINE"] = "1"  # a local folder needs no network; offline makes any attempt fail fast
     done = subprocess.run([sys.executable, "-c", _FRESH_PROCESS, str(folder)], capture_output=True, text=True,
