@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from convmixer_timm import ConvMixer, speed
 from convmixer_timm.hub import load_hub_folder, save_hub_folder
-from convmixer_timm.speed.inference import FusedConvMixerInference
+from convmixer_timm.speed import FusedConvMixerInference
 
 SMALL = dict(dim=8, depth=2, kernel_size=3, patch_size=2, num_classes=5)
 F64 = dict(rtol=1e-9, atol=1e-12)
