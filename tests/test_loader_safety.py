@@ -35,7 +35,7 @@ OTHER_USER = 65534  # nobody
 needs_kernels = pytest.mark.skipif(speed.load() is None, reason="kernels not built here (no C++ compiler)")
 needs_compiler = pytest.mark.skipif(build.find_compiler() is None, reason="no C++ compiler")
 needs_root = pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
-                                reason="chown and running as another user need root")
+                                reason="chown, and a process without root's permission override, need root")
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/fd and /proc/self/maps")
 
 
@@ -183,8 +183,7 @@ def test_an_install_reached_through_a_linked_folder_loads(tmp_path, relative):
     # is a link. The path given is never resolved by hand: the loader follows the links as Python does.
     store = _installed_copy(tmp_path / "store" / "abc-convmixer" / "site-packages" / "convmixer_timm" / "speed")
     (tmp_path / "profile").symlink_to(Path("store/abc-convmixer") if relative else store.parents[2])
-    folder = tmp_path / "profile" / "site-packages" / "convmixer_timm" / "speed"
-    assert loader.load_from(folder / build.LIBRARY_NAME, sources=folder).isa in loader.ISAS
+    assert _load(tmp_path / "profile" / "site-packages" / "convmixer_timm" / "speed").isa in loader.ISAS
 
 
 @needs_kernels
@@ -366,6 +365,7 @@ IN_A_PROCESS = {  # the SIGBUS case, the hang case, the case only a process with
 }
 
 
+@pytest.mark.slow  # a process each, importing torch and timm
 @needs_kernels
 @needs_root
 @linux_only
@@ -382,6 +382,7 @@ def test_a_file_that_cannot_be_used_is_one_warning_and_pytorchs_ops(site, refere
     assert out["grad"] == pytest.approx(reference_grad, rel=1e-5)
 
 
+@pytest.mark.slow  # a process each, importing torch and timm
 @needs_kernels
 @needs_root
 @linux_only
