@@ -3,7 +3,7 @@
 * ``convmixer_kernels.cpp`` / ``kernels_body.inc``: the compiled CPU kernels (depthwise weight gradient,
   BatchNorm training forward and backward, the inference spatial-mixing step), one copy per instruction set;
 * ``build.py``: compiling them when the package is built (``hatch_build.py``), never at run time;
-* ``loader.py``: loading them only after ownership and integrity checks, picking the copy for this CPU;
+* ``loader.py``: loading them only once they are checked whole and current, picking the copy for this CPU;
 * ``batch_norm.py``, ``depthwise.py``, ``mixing.py``: the kernels as ``torch.library`` operators
   (``torch.ops.convmixer_timm.*``) with fake kernels and autograd formulas;
 * ``allocator.py``: the one process setting (glibc's thresholds), scoped to eager CPU training and undoable;

@@ -1,19 +1,28 @@
-"""Loading the compiled CPU kernels safely, and choosing their instruction set at run time.
+"""Loading the compiled CPU kernels, checked for damage, and choosing their instruction set at run time.
 
-The library is built when the package is built or installed (``build.py``) and lives beside this file. Each file
-the loader trusts is opened once, without following a symbolic link or waiting on a FIFO, and checked through that
-open descriptor, never again by path:
+The library is built when the package is built or installed (``build.py``) and lives beside this file. It is trusted
+as this file is: by where it is installed. Python imports the package's own modules from that folder without asking
+who owns it or who may write it, so whoever can replace the library there can replace ``loader.py`` as well; checks
+of owners and modes would guard nothing Python does not already trust, and would refuse ordinary installs (shared
+group-writable environments, images run under a random user id, read-only installs owned by someone else).
 
-* the manifest, both sources and the library are regular files (not links, folders or FIFOs), belong to this user
-  or root and are not writable by anyone else; so are the folders above them, and the folder holding each
-  symbolic link on the way there (a sticky folder such as ``/tmp`` above them is fine): nothing another user could
-  have planted runs;
-* the library's SHA-256 matches the manifest, and the manifest was made from the sources beside it: a truncated,
-  empty, stale or foreign file is never mapped (a truncated ELF file crashes the process with SIGBUS inside
-  ``dlopen``);
-* the library is then loaded through the descriptor that was checked (``/proc/self/fd/N``), so the file mapped, and
-  whose constructors run, is the file whose bytes were hashed, even if the path is replaced in between;
+What is checked is that the library is whole and is the one built from the sources beside it, because a damaged
+library does not fail cleanly (a truncated ELF file crashes the process with SIGBUS inside ``dlopen``):
+
+* the manifest, both sources and the library are each opened once, without waiting on a FIFO, and must be regular
+  files (checked through the open descriptor);
+* the library's SHA-256, over the bytes read from that descriptor, matches the manifest, and the manifest was made
+  from the sources beside it: a truncated, empty, stale or foreign file is never mapped;
+* the library is then loaded through that same descriptor (``/proc/self/fd/N``), so the file mapped, and whose
+  constructors run, is the file whose bytes were hashed, even if a reinstall or rebuild replaces the path meanwhile;
 * after loading, the ABI version and every entry point are there.
+
+Symbolic links are followed as Python follows them to the modules it imports: a virtual environment or prefix
+reached through a linked folder (Nix profiles, a linked ``site-packages``) and Spack views that link single files
+both work. Each path is resolved once (``os.path.realpath``) and the file it resolves to is opened with
+``O_NOFOLLOW``, so a link put there between the two steps is refused rather than followed; what the descriptor holds
+is vouched for by the hash alone, never by its path. The manifest is looked for beside the library path given, and
+the sources in the package's own (resolved) folder.
 
 Any failure gives one ``RuntimeWarning`` per process naming the cause and the fix, and PyTorch's own ops are used
 instead (same results, slower). ``CONVMIXER_TIMM_KERNELS=0`` turns the kernels off silently;
@@ -49,7 +58,6 @@ _SIGNATURES = {
 # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer; its type is refused before any read.
 _OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
                | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
-_MAX_LINKS = 40  # as the kernel's own path resolution
 _MAX_MANIFEST_BYTES = 1 << 16
 _FD_FOLDER = Path("/proc/self/fd")
 # dlopen returns an already-loaded library whose name matches, without opening anything: a name reused for another
@@ -87,58 +95,6 @@ def enabled() -> bool:
     return os.environ.get("CONVMIXER_TIMM_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def _check_owner(path: Path, info: os.stat_result) -> None:
-    if hasattr(os, "getuid") and info.st_uid not in (os.getuid(), 0):  # Windows has no POSIX owners (nor kernels)
-        raise KernelLoadError(f"{path} belongs to user id {info.st_uid}, not to you ({os.getuid()}) or root")
-
-
-def _check_owner_and_mode(path: Path, info: os.stat_result, sticky_ok: bool) -> None:
-    if not hasattr(os, "getuid"):
-        return
-    _check_owner(path, info)
-    others_write = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-    # In a sticky folder (/tmp) others can add names but not replace or remove ours: fine above the kernel folder.
-    sticky_folder = sticky_ok and stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX
-    if others_write and not sticky_folder:
-        raise KernelLoadError(f"{path} is writable by other users (mode {stat.filemode(info.st_mode)})")
-
-
-def _checked_folder(path: Path) -> Path:
-    """The real folder holding ``path``, after checking every folder on the way and each symbolic link followed.
-
-    Resolves the path one name at a time, as the kernel does, so that the folder holding a link is checked as well as
-    the folders of its target (``realpath`` alone would skip the former). Returns the folder to open the file in.
-    """
-    pending = list(Path(os.getcwd(), path).parts)
-    folder = Path(pending.pop(0))  # the root
-    _check_owner_and_mode(folder, os.stat(folder), sticky_ok=True)
-    pending.pop()  # the file itself: checked through its descriptor, and never followed if it is a link
-    links = 0
-    while pending:
-        name = pending.pop(0)
-        if name == "..":
-            folder = folder.parent  # ``folder`` is real (links already followed), so this is its real parent
-            continue
-        entry = folder / name
-        info = os.lstat(entry)
-        if stat.S_ISLNK(info.st_mode):
-            _check_owner(entry, info)  # a link's own mode means nothing; its folder was checked on the way in
-            links += 1
-            if links > _MAX_LINKS:
-                raise KernelLoadError(f"{path} goes through more than {_MAX_LINKS} symbolic links")
-            target = Path(os.readlink(entry))
-            if target.is_absolute():
-                folder = Path(target.anchor)
-            pending[:0] = target.parts[1:] if target.is_absolute() else target.parts
-            continue
-        if not stat.S_ISDIR(info.st_mode):
-            raise KernelLoadError(f"{entry} is not a folder")
-        _check_owner_and_mode(entry, info, sticky_ok=True)
-        folder = entry
-    _check_owner_and_mode(folder, os.stat(folder), sticky_ok=False)  # the folder holding the file itself
-    return folder
-
-
 def _kind(mode: int) -> str:
     for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
                        (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device")):
@@ -147,31 +103,28 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def _open_checked(path: Path) -> int:
-    """A descriptor of ``path``, opened once and checked: a regular file, owned by you or root, unwritable by others.
+def _open_regular(path: Path) -> int:
+    """A descriptor of the regular file ``path`` names, its links resolved once; the caller closes it.
 
-    Everything after this reads, hashes and maps the descriptor, never the path: a file swapped in after the check is
-    never the one used. Raises :class:`KernelLoadError`; the caller closes the descriptor.
+    Everything after this reads, hashes and maps the descriptor, never the path. Raises :class:`KernelLoadError`.
     """
+    real = Path(os.path.realpath(path))
+    named = str(path) if real == Path(os.path.abspath(path)) else f"{path} (resolved to {real})"
     try:
-        real = _checked_folder(path) / path.name
         fd = os.open(real, _OPEN_FLAGS)
-    except KernelLoadError:
-        raise
     except FileNotFoundError:
-        raise KernelLoadError(f"{path} is missing") from None
+        raise KernelLoadError(f"{named} is missing") from None
     except PermissionError:
-        raise KernelLoadError(f"{path} cannot be read by you (permission denied: {_mode_text(path)})") from None
+        raise KernelLoadError(f"{named} cannot be read by you (permission denied: {_mode_text(real)})") from None
     except OSError as error:
-        if error.errno == errno.ELOOP and os.path.islink(path):
-            raise KernelLoadError(f"{path} is a symbolic link; the kernel files must be real files, so that the "
-                                  "file checked is the file loaded") from None
-        raise KernelLoadError(f"{path} cannot be opened ({error.strerror or error})") from None
+        if error.errno == errno.ELOOP:
+            raise KernelLoadError(f"{named} is still a symbolic link once resolved (a loop of links, or a link put "
+                                  "there meanwhile)") from None
+        raise KernelLoadError(f"{named} cannot be opened ({error.strerror or error})") from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise KernelLoadError(f"{path} is {_kind(info.st_mode)}, not a regular file")
-        _check_owner_and_mode(path, info, sticky_ok=False)
+            raise KernelLoadError(f"{named} is {_kind(info.st_mode)}, not a regular file")
     except BaseException:
         os.close(fd)
         raise
@@ -201,7 +154,7 @@ def _read_checked(fd: int, path: Path, limit: int | None = None) -> bytes:
 
 
 def _read_file(path: Path, limit: int | None = None) -> bytes:
-    fd = _open_checked(path)
+    fd = _open_regular(path)
     try:
         return _read_checked(fd, path, limit)
     finally:
@@ -209,7 +162,7 @@ def _read_file(path: Path, limit: int | None = None) -> bytes:
 
 
 def _check_manifest_and_sources(library: Path, manifest_path: Path, sources: Path) -> str:
-    """The library's SHA-256 recorded by a manifest we trust, made from the sources beside it."""
+    """The library's SHA-256 recorded by the manifest, after checking it was made from the sources beside it."""
     try:
         manifest = json.loads(_read_file(manifest_path, _MAX_MANIFEST_BYTES))
         expected_library, expected_sources = manifest["library_sha256"], manifest["sources_sha256"]
@@ -272,7 +225,7 @@ def load_from(library: Path, manifest: Path | None = None, sources: Path = HERE)
     manifest = Path(manifest) if manifest is not None else library.with_name(MANIFEST_NAME)
     try:
         expected_library = _check_manifest_and_sources(library, manifest, Path(sources))
-        fd = _open_checked(library)
+        fd = _open_regular(library)
         try:
             if hashlib.sha256(_read_checked(fd, library)).hexdigest() != expected_library:
                 raise KernelLoadError(f"{library} is damaged (its SHA-256 differs from the one recorded at build time)")
