@@ -15,42 +15,68 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ._checks import (
+    check_4d,
+    check_cpu,
+    check_same_shape,
+    check_tensors,
+    check_vector,
+    dense,
+    kernel_threads,
+    require_kernels,
+)
 from .loader import load
 
 __all__ = ["batch_norm_train", "batch_norm_train_backward", "batch_norm_training_with_kernels"]
 
-
-def _library():
-    library = load()
-    if library is None:
-        raise RuntimeError("convmixer_timm kernels are not available; see convmixer_timm.speed.kernel_info()")
-    return library
+_DTYPES = (torch.float32, torch.float64)
+_FORWARD, _BACKWARD = "batch_norm_train", "batch_norm_train_backward"
 
 
-def _rows(x: Tensor) -> Tuple[Tensor, int, int]:
-    x = x.contiguous(memory_format=torch.channels_last)
-    channels = x.shape[1]
-    return x, x.numel() // channels, channels
+def _check_forward(x: Tensor, weight: Tensor, bias: Tensor) -> None:
+    check_tensors(_FORWARD, {"x": x, "weight": weight, "bias": bias}, _DTYPES)
+    check_4d(_FORWARD, "x", x)
+    for name, vector in (("weight", weight), ("bias", bias)):
+        check_vector(_FORWARD, name, vector, x.shape[1])
+    if x.shape[0] * x.shape[2] * x.shape[3] < 2:  # F.batch_norm's own check and message
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
+
+
+def _check_backward(grad_y: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor) -> None:
+    check_tensors(_BACKWARD, {"grad_y": grad_y, "x": x, "mean": mean, "invstd": invstd, "weight": weight}, _DTYPES)
+    check_4d(_BACKWARD, "x", x)
+    check_same_shape(_BACKWARD, "grad_y", grad_y, "x", x)
+    for name, vector in (("mean", mean), ("invstd", invstd), ("weight", weight)):
+        check_vector(_BACKWARD, name, vector, x.shape[1])
+
+
+def _channel_sums_scratch(channels: int) -> int:
+    return 2 * 8 * channels  # two double sums per channel and thread (channel_sums in kernels_body.inc)
 
 
 @torch.library.custom_op("convmixer_timm::batch_norm_train", mutates_args=(), device_types="cpu")
 def batch_norm_train(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``F.batch_norm(x, training=True)`` with affine parameters: (y, mean, invstd, biased variance)."""
-    library = _library()
-    x, rows, channels = _rows(x)
-    if rows < 2:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
+    _check_forward(x, weight, bias)
+    check_cpu(_FORWARD, x)
+    library = require_kernels(load())
+    x = dense(x, torch.channels_last)
+    batch, channels, height, width = x.shape
+    rows = batch * height * width
     y = torch.empty_like(x, memory_format=torch.channels_last)
-    mean, invstd, variance = (torch.empty(channels, dtype=x.dtype) for _ in range(3))
-    weight, bias = weight.contiguous(), bias.contiguous()
+    mean, invstd, variance = (x.new_empty(channels) for _ in range(3))
+    if channels == 0:
+        return y, mean, invstd, variance
+    weight, bias = dense(weight), dense(bias)
     fn = library.batch_norm_forward_f32 if x.dtype == torch.float32 else library.batch_norm_forward_f64
     fn(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(), mean.data_ptr(), invstd.data_ptr(),
-       variance.data_ptr(), rows, channels, float(eps), torch.get_num_threads())
+       variance.data_ptr(), rows, channels, float(eps), kernel_threads(rows, _channel_sums_scratch(channels), x))
     return y, mean, invstd, variance
 
 
 @batch_norm_train.register_fake
 def _(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check_forward(x, weight, bias)
     channels = x.shape[1]
     return (torch.empty_like(x, memory_format=torch.channels_last),
             *(x.new_empty(channels) for _ in range(3)))
@@ -60,20 +86,28 @@ def _(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tuple[Tensor, Tens
 def batch_norm_train_backward(grad_y: Tensor, x: Tensor, mean: Tensor, invstd: Tensor,
                               weight: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """(grad_x, grad_weight, grad_bias) of :func:`batch_norm_train`."""
-    library = _library()
-    x, rows, channels = _rows(x)
-    grad_y = grad_y.contiguous(memory_format=torch.channels_last)
+    _check_backward(grad_y, x, mean, invstd, weight)
+    check_cpu(_BACKWARD, x)
+    library = require_kernels(load())
+    x = dense(x, torch.channels_last)
+    batch, channels, height, width = x.shape
+    rows = batch * height * width
     grad_x = torch.empty_like(x, memory_format=torch.channels_last)
-    grad_weight, grad_bias = torch.empty(channels, dtype=x.dtype), torch.empty(channels, dtype=x.dtype)
+    if rows == 0 or channels == 0:  # sums over nothing (PyTorch's own backward divides by zero here)
+        return grad_x, x.new_zeros(channels), x.new_zeros(channels)
+    grad_y = dense(grad_y, torch.channels_last)
+    grad_weight, grad_bias = x.new_empty(channels), x.new_empty(channels)
+    mean, invstd, weight = dense(mean), dense(invstd), dense(weight)
     fn = library.batch_norm_backward_f32 if x.dtype == torch.float32 else library.batch_norm_backward_f64
-    fn(grad_y.data_ptr(), x.data_ptr(), mean.contiguous().data_ptr(), invstd.contiguous().data_ptr(),
-       weight.contiguous().data_ptr(), grad_x.data_ptr(), grad_weight.data_ptr(), grad_bias.data_ptr(),
-       rows, channels, torch.get_num_threads())
+    fn(grad_y.data_ptr(), x.data_ptr(), mean.data_ptr(), invstd.data_ptr(), weight.data_ptr(), grad_x.data_ptr(),
+       grad_weight.data_ptr(), grad_bias.data_ptr(), rows, channels,
+       kernel_threads(rows, _channel_sums_scratch(channels), x, grad_y))
     return grad_x, grad_weight, grad_bias
 
 
 @batch_norm_train_backward.register_fake
 def _(grad_y: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    _check_backward(grad_y, x, mean, invstd, weight)
     channels = x.shape[1]
     return torch.empty_like(x, memory_format=torch.channels_last), x.new_empty(channels), x.new_empty(channels)
 
@@ -105,7 +139,7 @@ def batch_norm_training_with_kernels(x: Tensor, weight: Tensor, bias: Tensor, ru
     """``F.batch_norm(..., training=True)`` on the kernels; running statistics (either may be None) are updated
     in place as PyTorch does: unbiased variance, weighted by ``momentum``."""
     y, mean, _, variance = batch_norm_train(x, weight, bias, eps)
-    rows = x.numel() // x.shape[1]
+    rows = x.shape[0] * x.shape[2] * x.shape[3]
     with torch.no_grad():
         if running_mean is not None:
             running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)

@@ -14,9 +14,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._checks import (
+    check_4d,
+    check_cpu,
+    check_kernel,
+    check_same_shape,
+    check_tensors,
+    check_vector,
+    dense,
+    kernel_threads,
+    require_kernels,
+)
 from .loader import load
 
 __all__ = ["conv_same", "depthwise_conv_same", "depthwise_weight_grad"]
+
+_DTYPES = (torch.float32, torch.float64)
+_WEIGHT_GRAD, _CONV = "depthwise_weight_grad", "depthwise_conv_same"
 
 
 def conv_same(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -31,43 +45,66 @@ def conv_same(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     return out
 
 
+def _check_weight_grad(grad_out: Tensor, x: Tensor, kernel_size: int, pad: int) -> None:
+    check_tensors(_WEIGHT_GRAD, {"grad_out": grad_out, "x": x}, _DTYPES)
+    check_4d(_WEIGHT_GRAD, "x", x)
+    check_same_shape(_WEIGHT_GRAD, "grad_out", grad_out, "x", x)
+    check_kernel(_WEIGHT_GRAD, kernel_size, pad)
+
+
 @torch.library.custom_op("convmixer_timm::depthwise_weight_grad", mutates_args=(), device_types="cpu")
 def depthwise_weight_grad(grad_out: Tensor, x: Tensor, kernel_size: int, pad: int) -> Tensor:
     """Weight gradient (C, 1, k, k) of a stride-1 'same' depthwise convolution.
 
     ``pad`` is the zero padding before the first row and column (k // 2 for odd k, (k - 1) // 2 for even k).
     """
-    library = load()
-    if library is None:
-        raise RuntimeError("convmixer_timm kernels are not available; see convmixer_timm.speed.kernel_info()")
-    if x.dtype not in (torch.float32, torch.float64) or grad_out.dtype != x.dtype:
-        raise TypeError(f"depthwise_weight_grad needs float32 or float64 tensors, got {x.dtype}, {grad_out.dtype}")
-    if x.shape != grad_out.shape or x.dim() != 4:
-        raise ValueError(f"depthwise_weight_grad needs equal 4-d CPU tensors, got {list(x.shape)} and "
-                         f"{list(grad_out.shape)}")
+    _check_weight_grad(grad_out, x, kernel_size, pad)
+    check_cpu(_WEIGHT_GRAD, x)
+    library = require_kernels(load())
     batch, channels, height, width = x.shape
-    x = x.contiguous(memory_format=torch.channels_last)
-    grad_out = grad_out.contiguous(memory_format=torch.channels_last)
-    sums = torch.empty(kernel_size, kernel_size, channels, dtype=x.dtype)
+    if x.numel() == 0:  # a sum over no pixels
+        return x.new_zeros(channels, 1, kernel_size, kernel_size)
+    x = dense(x, torch.channels_last)
+    grad_out = dense(grad_out, torch.channels_last)
+    sums = x.new_empty(kernel_size, kernel_size, channels)
+    # Each thread sums into a k x k x C buffer of its own and pads one input row (weight_grad, band).
+    scratch = (kernel_size * kernel_size + width + kernel_size) * channels * x.element_size() + 64
     fn = library.depthwise_weight_grad_f32 if x.dtype == torch.float32 else library.depthwise_weight_grad_f64
     fn(grad_out.data_ptr(), x.data_ptr(), sums.data_ptr(), batch, height, width, channels, kernel_size, pad,
-       torch.get_num_threads())
+       kernel_threads(batch * height, scratch, x, grad_out))
     return sums.permute(2, 0, 1).unsqueeze(1).contiguous()
 
 
 @depthwise_weight_grad.register_fake
 def _(grad_out: Tensor, x: Tensor, kernel_size: int, pad: int) -> Tensor:
+    _check_weight_grad(grad_out, x, kernel_size, pad)
     return x.new_empty(x.shape[1], 1, kernel_size, kernel_size)
+
+
+def _check_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+    check_tensors(_CONV, {"x": x, "weight": weight, "bias": bias}, _DTYPES)
+    check_4d(_CONV, "x", x)
+    channels = x.shape[1]
+    if weight.dim() != 4 or tuple(weight.shape) != (channels, 1, weight.shape[-1], weight.shape[-1]):
+        raise ValueError(f"{_CONV}: weight must be (C, 1, k, k) = ({channels}, 1, k, k), one square kernel per "
+                         f"channel of x, got shape {list(weight.shape)}")
+    k = weight.shape[-1]
+    check_kernel(_CONV, k, (k - 1) // 2)
+    if bias is not None:
+        check_vector(_CONV, "bias", bias, channels)
 
 
 @torch.library.custom_op("convmixer_timm::depthwise_conv_same", mutates_args=(), device_types="cpu")
 def depthwise_conv_same(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """:func:`conv_same` with the fast CPU backward; the output is channels_last (the training layout)."""
+    _check_conv(x, weight, bias)
+    check_cpu(_CONV, x)
     return conv_same(x, weight, bias).contiguous(memory_format=torch.channels_last)
 
 
 @depthwise_conv_same.register_fake
 def _(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    _check_conv(x, weight, bias)
     return torch.empty_like(x, memory_format=torch.channels_last)
 
 

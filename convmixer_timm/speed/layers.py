@@ -55,12 +55,15 @@ def _in_functorch_transform(tensors: List[torch.Tensor]) -> bool:
 
 def kernels_apply(x: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
     """Whether the kernel-backed operators apply: a CPU autograd step in float32/64 on a channels_last input (the
-    training layout, see :func:`layout_for_cpu_training`), with the kernels loaded."""
+    training layout, see :func:`layout_for_cpu_training`), parameters with one entry per channel of ``x`` along
+    their first dimension, and the kernels loaded. Anything else, a channel mismatch included, goes to PyTorch's
+    own ops, which raise their own errors for it."""
     tensors = [x, *(p for p in params if p is not None)]
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors) and x.device.type == "cpu"
             and x.dtype in (torch.float32, torch.float64) and x.dim() == 4
             and x.is_contiguous(memory_format=torch.channels_last)
-            and all(t.dtype == x.dtype and t.device == x.device for t in tensors)):
+            and all(t.dtype == x.dtype and t.device == x.device for t in tensors)
+            and all(t.dim() >= 1 and t.shape[0] == x.shape[1] for t in tensors[1:])):
         return False
     if torch.is_autocast_enabled("cpu") or _tracing_or_exporting():
         return False

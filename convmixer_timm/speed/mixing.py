@@ -12,42 +12,63 @@ compiled inference graphs keep it as one node. It has no autograd formula: it is
 import torch
 from torch import Tensor
 
+from ._checks import (
+    check_4d,
+    check_cpu,
+    check_kernel,
+    check_tensors,
+    check_vector,
+    dense,
+    kernel_threads,
+    require_kernels,
+)
 from .loader import load
 
 __all__ = ["MIXING_ACTIVATIONS", "spatial_mixing"]
 
 MIXING_ACTIVATIONS = {"identity": 0, "relu": 1, "gelu": 2}
+_OP = "spatial_mixing"
 
 
-def _check(u: Tensor, weight_kkc: Tensor, act: str) -> None:
-    if u.dtype != torch.float32 or u.dim() != 4:
-        raise ValueError(f"spatial_mixing needs a 4-d float32 CPU tensor, got {u.dtype} {list(u.shape)} on {u.device}")
-    k, channels = weight_kkc.shape[0], u.shape[1]
-    if tuple(weight_kkc.shape) != (k, k, channels):
-        raise ValueError(f"weight_kkc must be (k, k, {channels}), got {list(weight_kkc.shape)}")
+def _check(u: Tensor, s_in: Tensor, t_in: Tensor, weight_kkc: Tensor, bias: Tensor, s1: Tensor, act: str) -> None:
+    vectors = {"s_in": s_in, "t_in": t_in, "bias": bias, "s1": s1}
+    check_tensors(_OP, {"u": u, **vectors, "weight_kkc": weight_kkc}, (torch.float32,))
+    check_4d(_OP, "u", u)
+    channels = u.shape[1]
+    for name, vector in vectors.items():
+        check_vector(_OP, name, vector, channels)
+    if weight_kkc.dim() != 3 or tuple(weight_kkc.shape) != (weight_kkc.shape[0], weight_kkc.shape[0], channels):
+        raise ValueError(f"{_OP}: weight_kkc must be (k, k, {channels}), the depthwise weight (C, 1, k, k) as "
+                         f"weight[:, 0].permute(1, 2, 0), got shape {list(weight_kkc.shape)}")
+    k = weight_kkc.shape[0]
+    check_kernel(_OP, k, (k - 1) // 2)
     if act not in MIXING_ACTIVATIONS:
-        raise ValueError(f"act must be one of {sorted(MIXING_ACTIVATIONS)}, got {act!r}")
+        raise ValueError(f"{_OP}: act must be one of {sorted(MIXING_ACTIVATIONS)}, got {act!r}")
 
 
 @torch.library.custom_op("convmixer_timm::spatial_mixing", mutates_args=(), device_types="cpu")
 def spatial_mixing(u: Tensor, s_in: Tensor, t_in: Tensor, weight_kkc: Tensor, bias: Tensor, s1: Tensor,
                    act: str) -> Tensor:
     """z (channels_last float32, like ``u``); ``weight_kkc`` is the depthwise weight as (k, k, C)."""
-    library = load()
-    if library is None:
-        raise RuntimeError("convmixer_timm kernels are not available; see convmixer_timm.speed.kernel_info()")
-    _check(u, weight_kkc, act)
+    _check(u, s_in, t_in, weight_kkc, bias, s1, act)
+    check_cpu(_OP, u)
+    library = require_kernels(load())
     batch, channels, height, width = u.shape
     k = weight_kkc.shape[0]
-    u = u.contiguous(memory_format=torch.channels_last)
+    u = dense(u, torch.channels_last)
     z = torch.empty_like(u, memory_format=torch.channels_last)
-    vectors = [t.detach().float().contiguous() for t in (s_in, t_in, weight_kkc, bias, s1)]
+    if u.numel() == 0:
+        return z
+    vectors = [dense(t) for t in (s_in, t_in, weight_kkc, bias, s1)]
+    # Each thread holds a ring of k + 1 zero-padded rows (spatial_mixing in kernels_body.inc).
+    scratch = (k + 1) * (width + k) * channels * u.element_size() + 64 * k
     library.spatial_mixing_f32(MIXING_ACTIVATIONS[act], u.data_ptr(), *(t.data_ptr() for t in vectors), z.data_ptr(),
-                               batch, height, width, channels, k, (k - 1) // 2, torch.get_num_threads())
+                               batch, height, width, channels, k, (k - 1) // 2,
+                               kernel_threads(batch * height, scratch, u, vectors[2]))
     return z
 
 
 @spatial_mixing.register_fake
 def _(u: Tensor, s_in: Tensor, t_in: Tensor, weight_kkc: Tensor, bias: Tensor, s1: Tensor, act: str) -> Tensor:
-    _check(u, weight_kkc, act)
+    _check(u, s_in, t_in, weight_kkc, bias, s1, act)
     return torch.empty_like(u, memory_format=torch.channels_last)
