@@ -6,7 +6,7 @@
 * ``loader.py``: loading them only after ownership and integrity checks, picking the copy for this CPU;
 * ``batch_norm.py``, ``depthwise.py``, ``mixing.py``: the kernels as ``torch.library`` operators
   (``torch.ops.convmixer_timm.*``) with fake kernels and autograd formulas;
-* ``allocator.py``: the one process setting (glibc's thresholds), scoped to eager CPU training and undoable;
+* ``allocator.py``: the one process setting (glibc's thresholds), only where the user asks, and undoable;
 * ``inference.py``: :func:`optimize_for_inference`, measured per input shape where it runs;
 * ``layers.py``: the seam, the only part ``models/convmixer.py`` uses.
 

@@ -11,8 +11,8 @@ The kernels are ``torch.library`` operators, so ``torch.compile`` and ``torch.ex
 They apply to a CPU autograd step in float32/64; elsewhere (eval, GPU, autocast, TorchScript, ``torch.jit.trace``,
 ``torch.export``, ``torch.func`` transforms, kernels not built) PyTorch's own ops compute the same values. The
 functions that branch on a tensor's device, dtype or rank are ``torch.fx.wrap``-ped, so FX keeps them as single
-calls. The allocator setting (``allocator.py``) is held by the BatchNorm modules of a model training eagerly on
-the CPU, never inside a compiled or traced region.
+calls. Where the user asks for it (``CONVMIXER_TIMM_TUNE_MALLOC=1``), the allocator setting (``allocator.py``) is
+held by the BatchNorm modules of a model training eagerly on the CPU, never inside a compiled or traced region.
 
 This module imports no timm: the models register with timm when timm is imported, and that registration imports
 this module, so it must not be waiting on timm itself.
