@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from waiting import wait_until
 
 from convmixer_timm import VARIANTS, ConvMixer, speed
@@ -408,7 +409,7 @@ def test_a_wheel_built_without_a_compiler_is_pure_python_and_warns(tmp_path):
 ALLOCATOR_SCOPE = """
 import gc, torch
 from convmixer_timm import ConvMixer, restore_cpu_allocator
-from convmixer_timm.speed import allocator_tuned
+from convmixer_timm.speed import allocator_tuned, tune_cpu_allocator
 meta = ConvMixer(8, 2, 3, 2, num_classes=2, device="meta")
 model = ConvMixer(8, 2, 3, 2, num_classes=2)
 model.eval()(torch.randn(2, 3, 8, 8))
@@ -424,14 +425,55 @@ again = ConvMixer(8, 2, 3, 2, num_classes=2).train()
 again(torch.randn(2, 3, 8, 8)).sum().backward()
 restore_cpu_allocator()
 print("restored", allocator_tuned())
+print("asked", tune_cpu_allocator())
+third = ConvMixer(8, 2, 3, 2, num_classes=2).train()
+third(torch.randn(2, 3, 8, 8)).sum().backward()
+del third
+gc.collect()
+print("asked_outlives_models", allocator_tuned())
+restore_cpu_allocator()
+print("asked_restored", allocator_tuned())
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc")
-def test_the_allocator_setting_lives_exactly_as_long_as_cpu_training():
+def test_by_default_training_leaves_the_allocator_alone():
     out = _run_with_package(ROOT, ALLOCATOR_SCOPE)
-    assert out == {"built_eval_nograd": "False", "training": "True", "freed": "False", "restored": "False"}
-    assert _run_with_package(ROOT, ALLOCATOR_SCOPE, CONVMIXER_TIMM_TUNE_MALLOC="0")["training"] == "False"
+    assert out == {"built_eval_nograd": "False", "training": "False", "freed": "False", "restored": "False",
+                   "asked": "True", "asked_outlives_models": "True", "asked_restored": "False"}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc")
+def test_asked_for_the_allocator_setting_lives_exactly_as_long_as_cpu_training():
+    out = _run_with_package(ROOT, ALLOCATOR_SCOPE, CONVMIXER_TIMM_TUNE_MALLOC="1")
+    assert out == {"built_eval_nograd": "False", "training": "True", "freed": "False", "restored": "False",
+                   "asked": "True", "asked_outlives_models": "True", "asked_restored": "False"}
+
+
+class _OurOperators(TorchDispatchMode):
+    """Names of the convmixer_timm operators a region dispatches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.called: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "convmixer_timm":
+            self.called.add(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+@needs_kernels
+@pytest.mark.parametrize("in_chans", [1, 2, 3, 4])
+def test_every_input_channel_count_trains_on_the_kernels(in_chans):
+    # One channel is channels_last and NCHW at once; the stem must still hand the blocks a channels_last tensor.
+    torch.manual_seed(0)
+    model = ConvMixer(8, 1, 3, 2, in_chans=in_chans, num_classes=2).train()
+    x = torch.randn(4, in_chans, 16, 16)
+    with _OurOperators() as ours:
+        model(x).sum().backward()
+    assert ours.called == {"batch_norm_train", "batch_norm_train_backward", "depthwise_conv_same",
+                           "depthwise_weight_grad"}
 
 
 MEMORY_AFTER_TRAINING = """

@@ -6,7 +6,7 @@
 * ``loader.py``: loading them only once they are checked whole and current, picking the copy for this CPU;
 * ``batch_norm.py``, ``depthwise.py``, ``mixing.py``: the kernels as ``torch.library`` operators
   (``torch.ops.convmixer_timm.*``) with fake kernels and autograd formulas;
-* ``allocator.py``: the one process setting (glibc's thresholds), scoped to eager CPU training and undoable;
+* ``allocator.py``: the one process setting (glibc's thresholds), only where the user asks, and undoable;
 * ``fused.py``: the fused eval-only model (:class:`FusedConvMixerInference`);
 * ``runtimes.py``: onnxruntime and OpenVINO on the model's ONNX export, imported with their telemetry off;
 * ``race.py``, ``autotune.py``, ``choice_cache.py``: :func:`optimize_for_inference`, which races the paths per

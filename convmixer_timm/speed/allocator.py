@@ -1,23 +1,27 @@
-"""Keep freed activation memory in the process while a ConvMixer trains on the CPU, and give it back afterwards.
+"""An opt-in glibc setting for eager CPU training: keep freed activation memory in the process.
 
 ConvMixer never downsamples, so every activation of a training step is a large tensor (32 MiB for a CIFAR batch
 of 32 at h=256). glibc serves allocations that large with a fresh ``mmap`` and unmaps them on free, so each new
 tensor page-faults in zeroed pages: ``x * 2`` on such a tensor took 8.3 ms with glibc's defaults and 1.3 ms with
-the thresholds below, GELU 11.2 -> 3.1 ms, BatchNorm 12.8 -> 3.5 ms (2-core x86_64, torch 2.14). The usual
-process-wide alternative is preloading jemalloc or tcmalloc (``LD_PRELOAD=libjemalloc.so.2``, PyTorch's CPU
-performance guide); where one is preloaded, nothing here is applied.
+the thresholds below, GELU 11.2 -> 3.1 ms, BatchNorm 12.8 -> 3.5 ms (2-core x86_64, torch 2.14). The price is
+memory: freed activations stay in the heap, where fragmentation raises the peak resident set of a training step
+(256/8 k9 p1, batch 64: 4829 MiB raised, against 4072 MiB for timm's built-in with glibc's defaults). So nothing
+is changed unless the user asks, in one of two ways:
 
-Scope: the thresholds are raised on the first eager CPU training step of a ConvMixer (never for a model that is
-only built, evaluated, run elsewhere, or inside a compiled or traced region) and put back, with the freed memory
-returned to the system (``malloc_trim``), when the last model that trained on the CPU is garbage collected, or at
-once by :func:`restore_cpu_allocator`.
+* :func:`tune_cpu_allocator` raises the thresholds now, until :func:`restore_cpu_allocator`;
+* ``CONVMIXER_TIMM_TUNE_MALLOC=1`` raises them at the first eager CPU training step of a ConvMixer (never for a
+  model that is only built, evaluated, run elsewhere, or inside a compiled or traced region) and puts them back,
+  with the freed memory returned to the system (``malloc_trim``), when the last model that trained on the CPU is
+  garbage collected, or at once by :func:`restore_cpu_allocator`.
 
-Nothing is changed where the user chose the allocator's behaviour: ``GLIBC_TUNABLES`` with a ``glibc.malloc``
-setting, any ``MALLOC_*_`` variable glibc reads (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ...), or
-another allocator (jemalloc, tcmalloc, mimalloc) loaded into the process. Otherwise glibc runs with its start
-values, which are what "put back" restores (mmap threshold, trim threshold and top pad 128 KiB); glibc's adaptive
-mmap threshold, which any explicit threshold turns off, stays off. ``CONVMIXER_TIMM_TUNE_MALLOC=0`` leaves glibc
-alone entirely.
+The usual process-wide alternative is preloading jemalloc or tcmalloc (``LD_PRELOAD=libjemalloc.so.2``, PyTorch's
+CPU performance guide). Even when asked, nothing is changed where the user already chose the allocator's
+behaviour: ``GLIBC_TUNABLES`` with a ``glibc.malloc`` setting, any ``MALLOC_*_`` variable glibc reads
+(``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ...), or another allocator (jemalloc, tcmalloc, mimalloc)
+loaded into the process. Otherwise glibc runs with its start values, which are what "put back" restores (mmap
+threshold, trim threshold and top pad 128 KiB); glibc's adaptive mmap threshold, which any explicit threshold turns
+off, stays off. ``CONVMIXER_TIMM_TUNE_MALLOC=0`` (the default) with no call of :func:`tune_cpu_allocator` leaves
+glibc alone entirely.
 """
 from __future__ import annotations
 
@@ -31,7 +35,8 @@ import weakref
 from torch import nn
 
 __all__ = [
-    "allocator_tuned", "hold_while_training", "restore_cpu_allocator", "tune_cpu_allocator", "user_chose_allocator",
+    "allocator_tuned", "hold_while_training", "restore_cpu_allocator", "training_tunes_allocator", "tune_cpu_allocator",
+    "user_chose_allocator",
 ]
 
 _M_TRIM_THRESHOLD = -1
@@ -43,6 +48,7 @@ _GLIBC_DEFAULTS = {_M_MMAP_THRESHOLD: 128 << 10, _M_TRIM_THRESHOLD: 128 << 10, _
 # Re-entrant: a model's finalizer (which restores) can run from garbage collection inside a locked section.
 _lock = threading.RLock()
 _tuned = False
+_asked_directly = False  # tune_cpu_allocator() called by the user: only restore_cpu_allocator() undoes it
 _holders: weakref.WeakSet = weakref.WeakSet()
 
 
@@ -86,9 +92,12 @@ def _glibc_functions() -> ctypes.CDLL | None:
     return libc
 
 
+def training_tunes_allocator() -> bool:
+    """Whether ``CONVMIXER_TIMM_TUNE_MALLOC`` asks for the setting while a ConvMixer trains on the CPU."""
+    return os.environ.get("CONVMIXER_TIMM_TUNE_MALLOC", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _glibc() -> ctypes.CDLL | None:
-    if os.environ.get("CONVMIXER_TIMM_TUNE_MALLOC", "1").strip().lower() in ("0", "false", "no", "off"):
-        return None
     if not sys.platform.startswith("linux") or user_chose_allocator() is not None:
         return None  # the user's allocator settings stand (or there is no glibc malloc to tune)
     return _glibc_functions()
@@ -105,7 +114,15 @@ def allocator_tuned() -> bool:
 
 
 def tune_cpu_allocator() -> bool:
-    """Raise glibc's mmap and trim thresholds now; True where they are in effect."""
+    """Raise glibc's mmap and trim thresholds now, until :func:`restore_cpu_allocator`; True where they are in
+    effect (False where the user's allocator settings stand, or there is no glibc malloc)."""
+    global _asked_directly
+    with _lock:
+        _asked_directly = _raise()
+        return _asked_directly
+
+
+def _raise() -> bool:
     global _tuned
     with _lock:
         if not _tuned:
@@ -116,8 +133,9 @@ def tune_cpu_allocator() -> bool:
 
 def restore_cpu_allocator() -> None:
     """Put glibc's start values back and return freed memory to the system; a no-op where nothing was raised."""
-    global _tuned
+    global _tuned, _asked_directly
     with _lock:
+        _asked_directly = False
         if not _tuned:
             return
         libc = _glibc()
@@ -131,15 +149,18 @@ def restore_cpu_allocator() -> None:
 def _release_if_last() -> None:
     # Iterating a WeakSet skips dead entries; len() may still count the one being collected.
     with _lock:
-        if next(iter(_holders), None) is None:
+        if next(iter(_holders), None) is None and not _asked_directly:
             restore_cpu_allocator()
 
 
 def hold_while_training(model: nn.Module) -> None:
-    """Keep the thresholds raised while ``model`` (training on the CPU) is alive."""
+    """With ``CONVMIXER_TIMM_TUNE_MALLOC=1``: keep the thresholds raised while ``model`` (training on the CPU) is
+    alive. Otherwise nothing."""
+    if not training_tunes_allocator():
+        return
     with _lock:
         if model in _holders:
             return
-        if tune_cpu_allocator():
+        if _raise():
             _holders.add(model)
             weakref.finalize(model, _release_if_last).atexit = False

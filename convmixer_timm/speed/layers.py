@@ -11,8 +11,8 @@ The kernels are ``torch.library`` operators, so ``torch.compile`` and ``torch.ex
 They apply to a CPU autograd step in float32/64; elsewhere (eval, GPU, autocast, TorchScript, ``torch.jit.trace``,
 ``torch.export``, ``torch.func`` transforms, kernels not built) PyTorch's own ops compute the same values. The
 functions that branch on a tensor's device, dtype or rank are ``torch.fx.wrap``-ped, so FX keeps them as single
-calls. The allocator setting (``allocator.py``) is held by the BatchNorm modules of a model training eagerly on
-the CPU, never inside a compiled or traced region.
+calls. Where the user asks for it (``CONVMIXER_TIMM_TUNE_MALLOC=1``), the allocator setting (``allocator.py``) is
+held by the BatchNorm modules of a model training eagerly on the CPU, never inside a compiled or traced region.
 
 This module imports no timm: the models register with timm when timm is imported, and that registration imports
 this module, so it must not be waiting on timm itself.
@@ -171,9 +171,14 @@ def layout_for_cpu_training(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(x, torch.fx.Proxy):
         return x
     # oneDNN trains the depthwise and 1x1 convolutions on channels_last input 1.1-1.3x faster, and up to 6x for
-    # even kernels (benchmarks/bench.py); a channels_last input is enough, every later op keeps the format.
+    # even kernels (benchmarks/bench.py), and the kernels take only channels_last (kernels_apply); a channels_last
+    # input is enough, every later op keeps the format.
     if module.training and x.dim() == 4 and x.device.type == "cpu" and not _in_functorch_transform([x]):
-        return x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+        if x.shape[1] == 1 and x.stride(1) != 1:
+            # One channel (grey images) is channels_last and NCHW at once, and convolutions then pick NCHW: the
+            # same memory viewed with channels_last strides (no copy) makes the stem's output channels_last.
+            x = x.squeeze(1).unsqueeze(3).permute(0, 3, 1, 2)
     return x
 
 
