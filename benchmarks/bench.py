@@ -561,11 +561,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     import timm
 
-    # convmixer-timm's default: glibc's thresholds are raised only while one of its models trains on the CPU
-    # (speed/allocator.py). The setting is process-wide, so timm's training candidates share it in those rounds:
-    # the training ratios count the kernels only. Inference runs with glibc's values on both sides.
-    allocator = ("convmixer-timm default (raised while its models train on the CPU, shared by timm's training "
-                 "candidates)" if os.environ.get("CONVMIXER_TIMM_TUNE_MALLOC", "1") != "0" else "glibc defaults")
+    # glibc's allocator thresholds are raised only where the user asks (speed/allocator.py); the setting is
+    # process-wide, so when asked, timm's training candidates share it in those rounds.
+    from convmixer_timm.speed.allocator import training_tunes_allocator
+
+    allocator = ("raised while convmixer-timm models train on the CPU (CONVMIXER_TIMM_TUNE_MALLOC=1), shared by "
+                 "timm's training candidates" if training_tunes_allocator() else "glibc defaults")
     hints = ["LATENCY", "THROUGHPUT"] if args.openvino_hint == "both" else [args.openvino_hint.upper()]
     runtimes: dict[str, dict] = {}
     if not args.no_onnx:
