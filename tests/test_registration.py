@@ -230,11 +230,13 @@ def races_and_retry() -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_concurrent_imports_of_timm_and_the_models_register(races_and_retry):
     for round_ in races_and_retry["rounds"]:
         assert round_ == dict(errors=[], owner="convmixer_timm.models.convmixer"), round_
 
 
+@pytest.mark.slow
 def test_a_retried_import_of_timm_registers(races_and_retry):
     assert races_and_retry["first"] == "ModuleNotFoundError"  # timm.layers could not be imported
     assert races_and_retry["retry_owner"] == "convmixer_timm.models.convmixer"
