@@ -83,6 +83,8 @@ class _RegisteringLoader:
         self._finder = finder
 
     def __getattr__(self, name: str) -> Any:
+        if name in ("_loader", "_finder"):  # not set yet (copy, pickle): never recurse
+            raise AttributeError(name)
         return getattr(self._loader, name)
 
     def exec_module(self, module: Any) -> None:
