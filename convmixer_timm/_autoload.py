@@ -38,9 +38,11 @@ def timm_imported() -> bool:
     return sys.modules.get("timm") is not None and not _initializing("timm")
 
 
-def _is_deadlock(error: BaseException) -> bool:
-    # importlib's own error when two threads wait on each other's module locks; it has no public name.
-    return type(error).__name__ == "_DeadlockError" and "importlib" in type(error).__module__
+def _waits_on_the_models_import(error: BaseException) -> bool:
+    # importlib's own error (it has no public name) when this thread would wait on the lock of the models' module,
+    # held by a thread that waits on this one; a deadlock deeper inside the models' import is a real failure.
+    return (type(error).__name__ == "_DeadlockError" and "importlib" in type(error).__module__
+            and f"_ModuleLock({_MODELS!r})" in str(error))
 
 
 def register_now() -> None:
@@ -55,7 +57,7 @@ def register_now() -> None:
     try:
         importlib.import_module(_MODELS)
     except RuntimeError as error:
-        if not _is_deadlock(error):
+        if not _waits_on_the_models_import(error):
             raise
 
 

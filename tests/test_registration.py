@@ -173,8 +173,7 @@ def test_a_registration_failing_part_way_gives_timm_its_models_back(monkeypatch)
 
 _RACES_AND_RETRY = textwrap.dedent("""
     import json, sys, threading
-    import torch
-    from convmixer_timm import _autoload
+    from convmixer_timm import _autoload  # standard library only: the first round starts with nothing imported
 
     def owner():
         try:
