@@ -1,13 +1,15 @@
 """A true drop-in: wherever timm's built-in ConvMixer works, ours works the same.
 
 Every test runs the same PyTorch tool on our model and on timm's built-in ``timm.models.convmixer.ConvMixer``
-holding the same weights, and asserts the same result or the same failure (exception type), for an odd and an
-even kernel, with the compiled kernels on and off where they could take part. Tolerances: float64 runs agree to
-1e-9 relative to the largest reference magnitude (different but exact summation orders); float32 runs, compiled
-graphs included, to 1e-4 (the project's exactness bar, see tests/test_training.py).
+holding the same weights: wherever timm's built-in works, ours must work and give the same result; only where
+timm's raises may ours raise, with exactly the same exception type. For an odd and an even kernel, with the compiled
+kernels on and off where they could take part. Tolerances: float64 runs agree to 1e-9 of each tensor's largest
+magnitude (different but exact summation orders); float32 runs, compiled graphs included, to 1e-4 (the project's
+exactness bar, see tests/test_training.py); on top of that, rounding noise of 512 ulps of the result's largest
+magnitude (entries that are zero in exact arithmetic).
 
-Also here: every import order registers every model (subprocesses), and the process keeps the user's allocator
-settings.
+Also here: the process keeps the user's allocator settings. Registration in every import order is in
+tests/test_registration.py.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from timm.models.convmixer import ConvMixer as TimmConvMixer
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from convmixer_timm import VARIANTS, ConvMixer, speed
+from convmixer_timm import CheckpointError, ConvMixer, speed
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = ["kernels", "no-kernels"]
@@ -59,36 +61,48 @@ def _layout(t: torch.Tensor) -> tuple[bool, bool]:
     return t.is_contiguous(), t.is_contiguous(memory_format=torch.channels_last)
 
 
+# An entry that is zero in exact arithmetic (the gradient of a weight just before a training BatchNorm) is rounding
+# noise in both runs: it is judged against what the dtype resolves, a few hundred ulps of the largest magnitude in
+# the whole result (the size of the terms its sums add up), never relative to itself.
+NOISE_ULPS = 512
+
+
 def same_result_or_same_failure(run: Callable[[nn.Module], object], ref: nn.Module, ours: nn.Module,
-                                tolerance: float = 1e-9, layouts: bool = False) -> object:
-    """``run`` on both models: both raise the same exception type, or both give the same tensors (and layouts)."""
-    outcomes = []
-    for model in (ref, ours):
+                                rtol: float = 1e-9, layouts: bool = False) -> object:
+    """``run`` on both models. Where timm's built-in works, ours must work and give the same tensors (and memory
+    formats), within ``rtol`` of each tensor's largest magnitude plus rounding noise; only where timm's raises may
+    ours raise, and then exactly the same exception type."""
+    try:
+        expected = run(ref)
+    except Exception as ref_error:
         try:
-            outcomes.append(("ok", run(model)))
-        except Exception as error:
-            outcomes.append(("error", error))
-    (kind_ref, ref_out), (kind_ours, our_out) = outcomes
-    assert kind_ref == kind_ours, f"timm's built-in: {kind_ref} {ref_out!r}; ours: {kind_ours} {our_out!r}"
-    if kind_ref == "error":
-        assert isinstance(our_out, type(ref_out)), (ref_out, our_out)
-        return None
-    ref_leaves, _ = tree_flatten(ref_out)
-    our_leaves, _ = tree_flatten(our_out)
+            run(ours)
+        except Exception as our_error:
+            assert type(our_error) is type(ref_error), (ref_error, our_error)
+            return None
+        pytest.fail(f"timm's built-in raised {type(ref_error).__name__}: {ref_error}; ours did not")
+    result = run(ours)  # timm's built-in works here: an error of ours fails the test with its own traceback
+    ref_leaves, _ = tree_flatten(expected)
+    our_leaves, _ = tree_flatten(result)
     assert len(ref_leaves) == len(our_leaves)
-    # A tensor that is zero in exact arithmetic (the gradient of a weight just before a training BatchNorm) is
-    # rounding noise in both runs: it is judged against the largest magnitude of the whole result.
-    overall = max((a.detach().abs().max().item() for a in ref_leaves if isinstance(a, torch.Tensor)), default=1.0)
+    overall = max((a.detach().abs().max().item() for a in ref_leaves
+                   if isinstance(a, torch.Tensor) and a.is_floating_point() and a.numel()), default=0.0)
     for a, b in zip(ref_leaves, our_leaves, strict=True):
-        if isinstance(a, torch.Tensor):
-            assert a.shape == b.shape and a.dtype == b.dtype
-            scale = max(a.detach().abs().max().item(), 1e-6 * overall, 1e-30)
-            assert (b.detach() - a.detach()).abs().max().item() / scale <= tolerance
-            if layouts:
-                assert _layout(a) == _layout(b), "memory format differs from timm's"
-        else:
+        if not isinstance(a, torch.Tensor):
             assert a == b
-    return our_out
+            continue
+        assert a.shape == b.shape and a.dtype == b.dtype
+        if layouts:
+            assert _layout(a) == _layout(b), "memory format differs from timm's"
+        if not a.is_floating_point():
+            assert torch.equal(a, b)
+            continue
+        if not a.numel():
+            continue
+        bound = rtol * a.detach().abs().max().item() + NOISE_ULPS * torch.finfo(a.dtype).eps * overall
+        error = (b.detach() - a.detach()).abs().max().item()
+        assert error <= bound, f"differs from timm's by {error:.3g}, more than {bound:.3g}"
+    return result
 
 
 # -- forward, memory formats, errors -----------------------------------------------------------------------------
@@ -122,9 +136,14 @@ def test_bad_input_raises_the_same_error_type(bad, mode):
 def test_a_checkpoint_of_another_shape_is_a_runtime_error():
     ref, ours = _pair(5)
     other = TimmConvMixer(8, 2, 7, 2, num_classes=5).state_dict()
-    same_result_or_same_failure(lambda model: model.load_state_dict(other), ref, ours)
-    with pytest.raises(RuntimeError, match="checkpoint shapes do not fit this model"):  # our message stays
+    with pytest.raises(RuntimeError) as timm_error:
+        ref.load_state_dict(other)
+    assert type(timm_error.value) is RuntimeError
+    # Ours raises CheckpointError, a RuntimeError (and a ValueError) naming the fix: every `except RuntimeError`
+    # written for timm's built-in catches it. The one deliberate subclass, so it is asserted here by name.
+    with pytest.raises(CheckpointError, match="checkpoint shapes do not fit this model") as our_error:
         ours.load_state_dict(other)
+    assert isinstance(our_error.value, RuntimeError)
 
 
 # -- autograd: double backward, torch.func, gradgradcheck ---------------------------------------------------------
@@ -245,7 +264,7 @@ def test_torch_compile_fullgraph_training_step(k):
         buffers = [b.float() for b in model.buffers()]
         return loss, [p.grad for p in model.parameters()], buffers
 
-    same_result_or_same_failure(run, ref, ours, tolerance=1e-4)
+    same_result_or_same_failure(run, ref, ours, rtol=1e-4)
     assert _graphs_and_breaks(ours.train(), x) == _graphs_and_breaks(ref.train(), x) == (1, 0)
 
 
@@ -273,7 +292,7 @@ def test_torch_compile_fullgraph_eval(k, channels_last):
         torch._dynamo.reset()
         return torch.compile(model.eval(), fullgraph=True)(x)
 
-    same_result_or_same_failure(run, ref, ours, tolerance=1e-4)
+    same_result_or_same_failure(run, ref, ours, rtol=1e-4)
     assert _graphs_and_breaks(ours.eval(), x) == _graphs_and_breaks(ref.eval(), x)
 
 
@@ -304,79 +323,10 @@ def test_torchscript_and_jit_trace(mode):
     same_result_or_same_failure(run, ref, ours)
 
 
-# -- registration: every import order, one mechanism -------------------------------------------------------------
-
-_CHECK_REGISTERED = """
-import timm
-from timm.models._registry import model_entrypoint
-names = sorted(timm.list_models("convmixer*"))
-assert names == sorted({expected}), names
-assert all(model_entrypoint(n).__module__ == "convmixer_timm.models.convmixer" for n in names)
-model = timm.create_model("convmixer_768_32", dim=8, depth=1, pretrained=False)
-assert type(model).__module__ == "convmixer_timm.models.convmixer", type(model)
-print("REGISTERED", len(names))
-"""
-
-_SUBMODULES = sorted(
-    ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
-    for path in (ROOT / "convmixer_timm").rglob("*.py")
-    if path.name != "__main__.py"  # runs the command line; covered by test_running_a_module_registers_every_model
-)
-
-_FIRST_IMPORTS = {
-    "timm": "import timm",
-    "package": "import convmixer_timm",
-    "speed-kernel-info": "from convmixer_timm.speed import kernel_info",
-    "optimize-for-inference": "from convmixer_timm import optimize_for_inference",
-    "find-spec-probe": "import convmixer_timm, importlib.util; importlib.util.find_spec('timm')",
-    "probe-before-package": "import importlib.util; importlib.util.find_spec('timm'); import convmixer_timm",
-    "transformers": "import transformers; transformers.utils.is_timm_available()",
-    **{f"module-{name}": f"import {name}" for name in _SUBMODULES},
-}
-
-
 def _python(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([sys.executable, "-W", "error::UserWarning:convmixer_timm", "-c", code],
                           capture_output=True, text=True, env=full_env, timeout=300, cwd=ROOT)
-
-
-@pytest.mark.parametrize("first", list(_FIRST_IMPORTS))
-def test_any_import_order_registers_every_model(first):
-    check = _CHECK_REGISTERED.format(expected=[v.name for v in VARIANTS])
-    result = _python(_FIRST_IMPORTS[first] + "\n" + check)
-    assert result.returncode == 0 and "REGISTERED 9" in result.stdout, result.stderr[-2000:]
-    assert "could not register" not in result.stderr
-
-
-def test_autoload_off_then_import_package_registers():
-    check = _CHECK_REGISTERED.format(expected=[v.name for v in VARIANTS])
-    result = _python("import convmixer_timm\n" + check, env={"CONVMIXER_TIMM_AUTOLOAD": "0"})
-    assert result.returncode == 0 and "REGISTERED 9" in result.stdout, result.stderr[-2000:]
-
-
-@pytest.mark.parametrize("module", ["convmixer_timm", "convmixer_timm.cli", "convmixer_timm.speed.build"])
-def test_running_a_module_registers_every_model(module, tmp_path):
-    # What `python -m MODULE --help` runs (runpy), then the same check in the same process.
-    check = _CHECK_REGISTERED.format(expected=[v.name for v in VARIANTS])
-    argv = [module, str(tmp_path / "out")] if module.endswith("build") else [module, "--help"]
-    code = textwrap.dedent(f"""
-        import runpy, sys
-        sys.argv = {argv!r}
-        try:
-            runpy.run_module({module!r}, run_name="__main__", alter_sys=True)
-        except SystemExit:
-            pass
-    """) + check
-    result = _python(code, env={"CXX": "false"})  # the build fails at once: only the import matters here
-    assert "REGISTERED 9" in result.stdout, result.stderr[-2000:]
-    assert "could not register" not in result.stderr
-
-
-def test_the_speed_layer_imports_no_timm():
-    result = _python("import sys, convmixer_timm.speed; print('timm' in sys.modules)",
-                     env={"CONVMIXER_TIMM_AUTOLOAD": "0"})
-    assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr[-2000:]
 
 
 # -- the process as the user set it --------------------------------------------------------------------------------

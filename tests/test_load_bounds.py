@@ -1,14 +1,15 @@
-"""Every path that loads a checkpoint into a ConvMixer has ``convert``'s bounds (issue 13, item 2), and a mismatch is
-catchable as PyTorch's ``RuntimeError`` (issue 12, item 5).
+"""Which path carries which check when a checkpoint is loaded into a ConvMixer, and that timm stays timm.
 
-timm reads ``checkpoint_path=``, ``pretrained_cfg_overlay=dict(file=...)``, ``local-dir:``, ``hf-hub:`` (through the
-Hub cache), ``load_checkpoint`` and ``resume_checkpoint`` with ``torch.load`` before any code of the model runs; a
-zip whose entries would inflate far beyond its size is refused before that, and only for our models. Tensors that
-cannot stand for the model's float weights (int, bool, complex) are refused by every path, naming them, with the
-model untouched. The Hub is a real ``LocalHub`` on 127.0.0.1.
+timm's loaders (``checkpoint_path=``, ``pretrained_cfg_overlay=dict(file=...)``, ``local-dir:``, ``hf-hub:``,
+``load_checkpoint``, ``resume_checkpoint``) are never replaced: they read a file for a ConvMixer as for any timm
+model. What the model itself adds on every path is its ``load_state_dict`` pre-hook: tensors that cannot stand for
+the model's float weights (int, bool, complex) are refused, naming them, with the model untouched, and a checkpoint
+of another shape is a ``RuntimeError`` naming the architecture. ``load_checkpoint_file`` and ``convert`` also bound
+a zip's inflation before reading it (tests/test_convert_safety.py proves that, memory included).
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -20,12 +21,10 @@ import pytest
 import safetensors.torch
 import timm
 import torch
-from hub_env import hub_environment
-from hub_server import LocalHub
-from reference import randomize_batchnorm, zip_bomb
+from reference import randomize_batchnorm
 from torch import nn
 
-from convmixer_timm.hub import save_hub_folder
+from convmixer_timm import load_checkpoint_file
 from convmixer_timm.models.checkpoint import CheckpointError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -46,98 +45,86 @@ def deflated_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def hub_folder_with(weights: Path, name: str, tmp_path: Path) -> dict[str, bytes]:
-    """A Hub folder's config.json (from a real ``save_hub_folder``) with ``weights`` as its only weights file,
-    named as timm's fallback reads it: ``pytorch_model.bin``, through ``torch.load``."""
-    folder = save_hub_folder(small_model(), tmp_path / f"{name}-source", CIFAR)
-    return {"config.json": (folder / "config.json").read_bytes(), "pytorch_model.bin": weights.read_bytes()}
+# ---------------------------------------------------------------------------------------------------- timm's loaders
 
 
-BOMB_MESSAGE = "would inflate to"
-
-
-# ---------------------------------------------------------------------------------------------------- zip bombs
-
-
-def test_zip_bomb_is_refused_on_every_local_path(tmp_path):
-    bomb = zip_bomb(tmp_path / "bomb.pth", 16 << 20)
-    local_dir = tmp_path / "local"
-    local_dir.mkdir()
-    for name, content in hub_folder_with(bomb, "local", tmp_path).items():
-        (local_dir / name).write_bytes(content)
-
-    loads = {
-        "checkpoint_path": lambda: timm.create_model(CIFAR, checkpoint_path=str(bomb), **SMALL),
-        "pretrained_cfg_overlay": lambda: timm.create_model(CIFAR, pretrained=True, **SMALL,
-                                                            pretrained_cfg_overlay=dict(file=str(bomb))),
-        "load_checkpoint": lambda: timm.models.load_checkpoint(small_model(), str(bomb)),
-        "resume_checkpoint": lambda: timm.models.resume_checkpoint(small_model(), str(bomb)),
-        "load_checkpoint into torch.compile's wrapper": lambda: timm.models.load_checkpoint(
-            torch.compile(small_model()), str(bomb)),
-        "local-dir": lambda: timm.create_model(f"local-dir:{local_dir}", pretrained=True),
-    }
-    for name, load in loads.items():
-        with pytest.raises(CheckpointError, match=BOMB_MESSAGE) as info:
-            load()
-        message = str(info.value)
-        assert "\n" not in message and "'archive/data.pkl'" in message, (name, message)
-
-
-def test_zip_bomb_from_the_hub_is_refused_when_downloaded_and_when_cached(tmp_path):
-    bomb = zip_bomb(tmp_path / "bomb.pth", 16 << 20)
-    with LocalHub(tmp_path / "hub") as hub, hub_environment(hub.endpoint, tmp_path / "home") as env:
-        hub.add_files("me/bomb", hub_folder_with(bomb, "hub", tmp_path))
-        for attempt in ("download", "cache"):
-            with pytest.raises(CheckpointError, match=BOMB_MESSAGE):
-                timm.create_model("hf-hub:me/bomb", pretrained=True)
-            cached = list(env.repo_cache("me/bomb").rglob("pytorch_model.bin"))
-            assert cached, attempt  # the second attempt reads the copy in the Hub cache
-
-
-def test_zip_bomb_memory_stays_bounded_through_timm(tmp_path):
-    """Peak memory in a fresh process, as the issue measured it: a 256 MiB inflation must not happen."""
-    bomb = zip_bomb(tmp_path / "bomb.pth", 256 << 20)
-    code = textwrap.dedent(f"""
-        import resource, timm
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        for kwargs in (dict(checkpoint_path={str(bomb)!r}),
-                       dict(pretrained=True, pretrained_cfg_overlay=dict(file={str(bomb)!r}))):
-            try:
-                timm.create_model({CIFAR!r}, dim=32, depth=2, **kwargs)
-            except RuntimeError as exc:
-                print("refused:", type(exc).__name__, exc)
-        print("grown_kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
-    """)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.count("refused: CheckpointError") == 2 and BOMB_MESSAGE in result.stdout, result.stdout
-    grown_kib = int(result.stdout.split("grown_kib")[1])
-    assert grown_kib < 64 * 1024, f"peak memory grew by {grown_kib} KiB"
-
-
-def test_the_bound_applies_only_to_convmixer_loads(tmp_path):
-    """A deflated (so highly compressed) but valid checkpoint: another model loads it through timm as before."""
-    linear = nn.Linear(1000, 1000)
-    nn.init.zeros_(linear.weight)
-    torch.save(linear.state_dict(), tmp_path / "linear.pth")
-    deflated = deflated_copy(tmp_path / "linear.pth", tmp_path / "linear-deflated.pth")
-    assert deflated.stat().st_size * 100 < (tmp_path / "linear.pth").stat().st_size
-    other = nn.Linear(1000, 1000)
-    timm.models.load_checkpoint(other, str(deflated))
-    assert torch.equal(other.weight, linear.weight)
-
-    # The same kind of file for a ConvMixer is refused: the bound does not depend on where the file came from.
-    model = timm.create_model(CIFAR, dim=512, depth=2)
+def test_timm_loaders_read_a_convmixer_checkpoint_as_for_any_model(tmp_path):
+    """A valid but highly compressed checkpoint: timm's loaders read it into a ConvMixer as into any model; our
+    own reader keeps its inflation bound."""
+    source = timm.create_model(CIFAR, dim=512, depth=2)
     with torch.no_grad():
-        for tensor in model.state_dict().values():
+        for tensor in source.state_dict().values():
             tensor.zero_()
-    torch.save(model.state_dict(), tmp_path / "convmixer.pth")
+    torch.save(source.state_dict(), tmp_path / "convmixer.pth")
     packed = deflated_copy(tmp_path / "convmixer.pth", tmp_path / "convmixer-deflated.pth")
-    with pytest.raises(CheckpointError, match=BOMB_MESSAGE):
-        timm.models.load_checkpoint(timm.create_model(CIFAR, dim=512, depth=2), str(packed))
-    # The file torch.save wrote, stored as it stores it, loads: real checkpoints sit near 1x.
-    timm.models.load_checkpoint(timm.create_model(CIFAR, dim=512, depth=2), str(tmp_path / "convmixer.pth"))
+    assert packed.stat().st_size * 100 < (tmp_path / "convmixer.pth").stat().st_size
+
+    model = timm.create_model(CIFAR, dim=512, depth=2)
+    timm.models.load_checkpoint(model, str(packed))
+    expected = source.state_dict()
+    assert all(torch.equal(expected[k], v) for k, v in model.state_dict().items())
+    loaded = timm.create_model(CIFAR, dim=512, depth=2, checkpoint_path=str(packed))
+    assert torch.equal(loaded.stem[0].weight, source.stem[0].weight)
+    with pytest.raises(CheckpointError, match="would inflate to"):
+        load_checkpoint_file(packed)
+
+
+_SNAPSHOT = textwrap.dedent("""
+    import importlib, json, sys, types
+
+    MODULES = ("timm", "timm.layers", "timm.models", "timm.models._helpers", "timm.models._builder",
+               "timm.models._hub", "timm.models._factory", "timm.models._registry")
+
+    def identity(value):
+        if isinstance(value, types.ModuleType):
+            return ["module", value.__name__]
+        code = getattr(value, "__code__", None)
+        if code is not None:  # functools.wraps copies the name, not the code or the absence of __wrapped__
+            return ["function", getattr(value, "__module__", None), getattr(value, "__qualname__", None),
+                    code.co_filename, code.co_firstlineno, hasattr(value, "__wrapped__")]
+        if isinstance(value, type):
+            return ["class", value.__module__, value.__qualname__]
+        return ["object", type(value).__module__, type(value).__qualname__]
+
+    def snapshot():
+        return {name: {attr: identity(value) for attr, value in vars(importlib.import_module(name)).items()}
+                for name in MODULES}
+
+    import timm
+    snapshots = [snapshot()]
+    if sys.argv[1] == "explicit":
+        import convmixer_timm
+        snapshots.append(snapshot())
+    assert timm.models.model_entrypoint("convmixer_768_32").__module__ == "convmixer_timm.models.convmixer"
+    print(json.dumps(snapshots))
+""")
+
+
+@pytest.mark.slow
+def test_no_attribute_of_timm_is_replaced_by_registration():
+    """Every attribute of timm's modules after registration (by the start-up hook, or explicitly after timm) is
+    what a plain ``import timm`` has; new attributes may only be timm's own submodules."""
+    runs = {
+        "hook": {},  # registered inside timm's import
+        "explicit": {"CONVMIXER_TIMM_AUTOLOAD": "0"},  # a plain import timm, then import convmixer_timm
+    }
+    processes = {
+        how: subprocess.Popen([sys.executable, "-c", _SNAPSHOT, how], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **env})
+        for how, env in runs.items()
+    }
+    outputs = {how: process.communicate(timeout=300) for how, process in processes.items()}
+    for how, process in processes.items():
+        assert process.returncode == 0, outputs[how][1][-3000:]
+    plain, explicit = json.loads(outputs["explicit"][0])
+    (hook,) = json.loads(outputs["hook"][0])
+    for registered in (explicit, hook):
+        for module, attributes in plain.items():
+            now = registered[module]
+            changed = {a: (v, now.get(a)) for a, v in attributes.items() if now.get(a) != v}
+            assert not changed, (module, changed)
+            added = {a: v for a, v in now.items() if a not in attributes}
+            assert all(v[0] == "module" and v[1].startswith("timm.") for v in added.values()), (module, added)
 
 
 # ---------------------------------------------------------------------------------------------------- dtypes

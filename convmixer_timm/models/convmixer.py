@@ -408,20 +408,35 @@ def _make_entrypoint(variant: Variant) -> Callable[..., ConvMixer]:
 
 
 def _register_all() -> None:
-    # timm ships three of these names; superseding them is the point of the plugin, so clear timm's entries
-    # first instead of letting register_model warn about the overwrite on every import.
-    from timm.models import _registry
+    """Register every variant through timm's public ``register_model``, superseding timm's three built-in names.
 
-    for variant in VARIANTS:
-        if variant.name in _registry._model_entrypoints:
-            clear = getattr(_registry, "_clear_model_entries", None)
-            if clear is not None:
-                clear(variant.name)
-        entrypoint = _make_entrypoint(variant)
-        globals()[variant.name] = entrypoint
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Overwriting .* in registry")
-            register_model(entrypoint)
+    timm's ``register_model`` replaces an existing name together with its pretrained configs, with a warning that
+    is expected here and so silenced. If a registration fails part-way, timm's own entry points are registered
+    again before the error propagates, so timm keeps working models under its names.
+    """
+    import sys
+
+    from timm.models import is_model
+
+    entrypoints = [_make_entrypoint(variant) for variant in VARIANTS]
+    superseded = [entrypoint.__name__ for entrypoint in entrypoints if is_model(entrypoint.__name__)]
+    try:
+        for entrypoint in entrypoints:
+            globals()[entrypoint.__name__] = entrypoint
+            _register_quietly(entrypoint)
+    except BaseException:
+        timm_convmixer = sys.modules.get("timm.models.convmixer")
+        for name in superseded:
+            builtin = getattr(timm_convmixer, name, None)
+            if builtin is not None:
+                _register_quietly(builtin)
+        raise
+
+
+def _register_quietly(entrypoint: Callable[..., Any]) -> None:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=f"Overwriting {entrypoint.__name__} in registry")
+        register_model(entrypoint)
 
 
 _register_all()

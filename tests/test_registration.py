@@ -1,0 +1,241 @@
+"""Registration with timm: every distinct way a program can get there registers every model, and nothing about it
+can break timm.
+
+One subprocess per mechanism (``sys.modules`` persists, so orders cannot share a process): the start-up hook on
+``import timm``; the ``.pth`` hook file alone; the package's models imported first (timm is then imported from
+inside them); a ``find_spec("timm")`` probe first, as transformers' ``is_timm_available`` makes; autoload off, timm
+first, then the package; ``python -m convmixer_timm``; the speed layer first. A failing registration leaves
+``import timm`` working with timm's built-in models and one warning; concurrent imports and a retried import of
+timm register; timm's loader object is never changed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+import textwrap
+from pathlib import Path
+
+import pytest
+import timm
+from timm.models import model_entrypoint
+
+import convmixer_timm.models.convmixer as ours
+from convmixer_timm import VARIANTS
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMM_BUILTINS = ("convmixer_1024_20_ks9_p14", "convmixer_1536_20", "convmixer_768_32")
+
+_CHECK_REGISTERED = textwrap.dedent("""
+    import importlib.resources, importlib.util, sys, timm
+    from timm.models import model_entrypoint
+    names = sorted(timm.list_models("convmixer*"))
+    assert names == sorted({expected}), names
+    assert all(model_entrypoint(n).__module__ == "convmixer_timm.models.convmixer" for n in names)
+    model = timm.create_model("convmixer_768_32", dim=8, depth=1, pretrained=False)
+    assert type(model).__module__ == "convmixer_timm.models.convmixer", type(model)
+    # timm's module holds the loader Python found for it, unchanged, and its package data is readable.
+    loader = timm.__spec__.loader
+    assert timm.__loader__ is loader and type(loader).__module__.startswith("_frozen_importlib"), loader
+    assert "exec_module" not in vars(loader), "timm's loader object was patched"
+    assert importlib.resources.files("timm").joinpath("__init__.py").is_file()
+    print("REGISTERED", len(names))
+""").format(expected=sorted(v.name for v in VARIANTS))
+
+
+def _python(code: str, env: dict[str, str] | None = None, flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, *flags, "-W", "error::UserWarning:convmixer_timm", "-c", code],
+                          capture_output=True, text=True, env=full_env, timeout=300, cwd=ROOT)
+
+
+# What each mechanism runs before the check; the check itself imports timm (a no-op where it already is).
+_MECHANISMS = {
+    # The installed start-up hook put the finder in place; timm's import registers.
+    "hook-then-timm": ("", {}),
+    # This checkout's hook file run by itself, without site-packages' .pth files (python -S).
+    "pth-hook-alone": (textwrap.dedent(f"""
+        import sys
+        sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "startup")!r}, {sysconfig.get_paths()["purelib"]!r}]
+        assert "convmixer_timm" not in sys.modules
+        import _convmixer_timm_hook
+        assert "timm" not in sys.modules and "torch" not in sys.modules  # the hook imports nothing heavy
+    """), {"__flags__": "-S"}),
+    # Explicit import of the models with timm not imported: timm is imported from inside their own import.
+    "models-first": ("import convmixer_timm.models.checkpoint", {"CONVMIXER_TIMM_AUTOLOAD": "0"}),
+    # transformers' is_timm_available probes with find_spec long before importing timm.
+    "find-spec-probe-first": (textwrap.dedent("""
+        import importlib.util, sys
+        assert importlib.util.find_spec("timm") is not None and "timm" not in sys.modules
+        import convmixer_timm
+        assert importlib.util.find_spec("timm") is not None and "timm" not in sys.modules
+    """), {}),
+    # Autoload off: timm first, then the package registers at once.
+    "autoload-off-timm-then-package": ("import timm, convmixer_timm", {"CONVMIXER_TIMM_AUTOLOAD": "0"}),
+    # What `python -m convmixer_timm --help` runs.
+    "module-run": (textwrap.dedent("""
+        import runpy, sys
+        sys.argv = ["convmixer_timm", "--help"]
+        try:
+            runpy.run_module("convmixer_timm", run_name="__main__", alter_sys=True)
+        except SystemExit:
+            pass
+    """), {}),
+    # The speed layer imports no timm; importing timm afterwards registers.
+    "speed-layer-first": (textwrap.dedent("""
+        import sys
+        from convmixer_timm.speed import kernel_info, optimize_for_inference
+        assert "timm" not in sys.modules, "the speed layer imported timm"
+    """), {}),
+}
+
+
+@pytest.mark.parametrize("mechanism", list(_MECHANISMS))
+def test_every_mechanism_registers_every_model(mechanism):
+    first, env = _MECHANISMS[mechanism]
+    env = dict(env)
+    flags = (env.pop("__flags__"),) if "__flags__" in env else ()
+    result = _python(first + "\n" + _CHECK_REGISTERED, env=env, flags=flags)
+    assert result.returncode == 0 and "REGISTERED 9" in result.stdout, result.stderr[-3000:]
+    assert "could not register" not in result.stderr, result.stderr[-3000:]
+
+
+# -- a failing registration never breaks timm ----------------------------------------------------------------------
+
+_BREAK = {
+    "models-unimportable": ("sys.modules['convmixer_timm.models'] = None", "ModuleNotFoundError"),
+    # Raised from inside the models' own import, as a timm that moved a name the module reads would.
+    "error-inside-the-models": (textwrap.dedent("""
+        import types
+        broken = types.ModuleType("convmixer_timm.models.pretrained")
+        def __getattr__(name):
+            if name == "check_pretrained_available":
+                raise RuntimeError("simulated failure inside registration")
+            raise AttributeError(name)
+        broken.__getattr__ = __getattr__
+        sys.modules["convmixer_timm.models.pretrained"] = broken
+    """), "RuntimeError"),
+}
+
+_AFTER_BREAK = textwrap.dedent("""
+    import timm
+    from timm.models import model_entrypoint
+    assert sorted(timm.list_models("convmixer*")) == {builtins}, timm.list_models("convmixer*")
+    assert all(model_entrypoint(n).__module__ == "timm.models.convmixer" for n in {builtins})
+    assert type(timm.create_model("convmixer_768_32")).__module__ == "timm.models.convmixer"
+    timm.create_model("resnet18")
+    print("TIMM WORKS", flush=True)
+    try:
+        import convmixer_timm.models
+    except Exception as error:
+        print("EXPLICIT IMPORT RAISES", type(error).__name__, error)
+""").format(builtins=sorted(TIMM_BUILTINS))
+
+
+@pytest.mark.parametrize("failure", list(_BREAK))
+def test_a_failing_registration_leaves_timm_working_with_one_warning(failure):
+    breaker, error_type = _BREAK[failure]
+    result = _python("import sys\n" + breaker + "\n" + _AFTER_BREAK)
+    assert result.returncode == 0 and "TIMM WORKS" in result.stdout, result.stderr[-3000:]
+    assert f"EXPLICIT IMPORT RAISES {error_type}" in result.stdout, result.stdout
+    warnings = [line for line in result.stderr.splitlines() if "RegistrationWarning" in line]
+    assert len(warnings) == 1, result.stderr
+    (warning,) = warnings
+    assert warning.startswith("<string>:"), warning  # points at the program's `import timm`
+    assert f"({error_type}: " in warning and "could not register" in warning
+    assert "pip install --force-reinstall convmixer-timm" in warning and "CONVMIXER_TIMM_AUTOLOAD=0" in warning
+
+
+def test_a_registration_failing_part_way_gives_timm_its_models_back(monkeypatch):
+    real_register = ours.register_model
+    last = VARIANTS[-1].name
+
+    def fail_on_the_last(entrypoint):
+        if entrypoint.__name__ == last:
+            raise RuntimeError("simulated")
+        return real_register(entrypoint)
+
+    monkeypatch.setattr(ours, "register_model", fail_on_the_last)
+    try:
+        with pytest.raises(RuntimeError, match="simulated"):
+            ours._register_all()
+        assert all(model_entrypoint(n).__module__ == "timm.models.convmixer" for n in TIMM_BUILTINS)
+    finally:
+        monkeypatch.undo()
+        ours._register_all()
+    assert all(model_entrypoint(v.name).__module__ == ours.__name__ for v in VARIANTS)
+    assert type(timm.create_model("convmixer_768_32", dim=8, depth=1)) is ours.ConvMixer
+
+
+# -- concurrent imports, a retried import of timm -----------------------------------------------------------------
+
+_RACES_AND_RETRY = textwrap.dedent("""
+    import json, sys, threading
+    from convmixer_timm import _autoload  # standard library only: the first round starts with nothing imported
+
+    def owner():
+        try:
+            import timm.models
+            return timm.models.model_entrypoint("convmixer_768_32").__module__
+        except BaseException as error:
+            return repr(error)
+
+    def forget_timm():
+        # A fresh start for the next round: timm and our models imported again, the finder back in place.
+        for name in list(sys.modules):
+            if name == "timm" or name.startswith(("timm.", "convmixer_timm.models")):
+                del sys.modules[name]
+        _autoload.install()
+
+    def race(first, second):
+        barrier, errors = threading.Barrier(2), []
+        def run(name):
+            barrier.wait()
+            try:
+                __import__(name)
+            except BaseException as error:
+                errors.append(f"{name}: {type(error).__name__}: {error}")
+        threads = [threading.Thread(target=run, args=(name,)) for name in (first, second)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return dict(errors=errors, owner=owner())
+
+    rounds = []
+    for i in range(4):
+        pair = ["timm.models", "convmixer_timm.models.convmixer"]
+        rounds.append(race(*(pair if i % 2 == 0 else pair[::-1])))
+        forget_timm()
+
+    sys.modules["timm.layers"] = None  # timm's first import fails...
+    try:
+        import timm
+        first = "imported"
+    except ImportError as error:
+        first = type(error).__name__
+    del sys.modules["timm.layers"]  # ...and the program retries
+    import timm
+    print(json.dumps(dict(rounds=rounds, first=first, retry_owner=owner())))
+""")
+
+
+@pytest.fixture(scope="module")
+def races_and_retry() -> dict:
+    result = _python(_RACES_AND_RETRY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_concurrent_imports_of_timm_and_the_models_register(races_and_retry):
+    for round_ in races_and_retry["rounds"]:
+        assert round_ == dict(errors=[], owner="convmixer_timm.models.convmixer"), round_
+
+
+@pytest.mark.slow
+def test_a_retried_import_of_timm_registers(races_and_retry):
+    assert races_and_retry["first"] == "ModuleNotFoundError"  # timm.layers could not be imported
+    assert races_and_retry["retry_owner"] == "convmixer_timm.models.convmixer"
