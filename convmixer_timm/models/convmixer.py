@@ -23,9 +23,8 @@ from timm.layers import (
     get_device_dtype,
     register_notrace_module,
 )
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint, checkpoint_seq
 from torch import nn
 
 # The one seam to the speed layer (convmixer_timm/speed): names imported as globals, which FX wraps as leaves.
