@@ -10,7 +10,9 @@ Each call is labelled by what it is given:
   among CPU ones, a bad activation...): the operator must raise;
 * ``edge`` (a zero-size batch, grid or channel count): it may raise, and whatever it returns must be right;
 * ``valid``: it must return PyTorch's result, computed here in float64 from the definition with plain tensor
-  arithmetic, within 1e-3 (float32) or 1e-8 (float64) of the reference's largest magnitude (at least 1).
+  arithmetic, within 1e-3 (float32) or 1e-8 (float64) of the reference's largest magnitude (at least 1);
+* ``module`` (the public ``BatchNorm2d``): ``nn.BatchNorm2d``'s result within the same tolerances (1e-2 and 5e-2
+  for float16 and bfloat16, which both run through ``F.batch_norm``), or its exception, same type and message.
 
 Outcomes: ``ok``, ``raised`` (an exception where one is allowed), or a failure: ``wrong`` (a result off the
 reference), ``accepted`` (a result for an invalid call), ``refused`` (an exception for a valid call).

@@ -5,7 +5,8 @@
 * ``build.py``: compiling them when the package is built (``hatch_build.py``), never at run time;
 * ``loader.py``: loading them only after ownership and integrity checks, picking the copy for this CPU;
 * ``batch_norm.py``, ``depthwise.py``, ``mixing.py``: the kernels as ``torch.library`` operators
-  (``torch.ops.convmixer_timm.*``) with fake kernels and autograd formulas;
+  (``torch.ops.convmixer_timm.*``) with fake kernels and autograd formulas, each checking its arguments
+  (``_checks.py``) before any pointer reaches the C++;
 * ``allocator.py``: the one process setting (glibc's thresholds), scoped to eager CPU training and undoable;
 * ``inference.py``: :func:`optimize_for_inference`, measured per input shape where it runs;
 * ``layers.py``: the seam, the only part ``models/convmixer.py`` uses.
