@@ -5,7 +5,8 @@
 * ``build.py``: compiling them when the package is built (``hatch_build.py``), never at run time;
 * ``loader.py``: loading them only once they are checked whole and current, picking the copy for this CPU;
 * ``batch_norm.py``, ``depthwise.py``, ``mixing.py``: the kernels as ``torch.library`` operators
-  (``torch.ops.convmixer_timm.*``) with fake kernels and autograd formulas;
+  (``torch.ops.convmixer_timm.*``) with fake kernels and autograd formulas, each checking its arguments
+  (``_checks.py``) before any pointer reaches the C++;
 * ``allocator.py``: the one process setting (glibc's thresholds), only where the user asks, and undoable;
 * ``fused.py``: the fused eval-only model (:class:`FusedConvMixerInference`);
 * ``runtimes.py``: onnxruntime and OpenVINO on the model's ONNX export, imported with their telemetry off;
