@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..activations import activation_name
 from ..model_card import Architecture
 from ..models.checkpoint import read_dimensions
 from ..models.variants import Variant
@@ -28,8 +29,6 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 CARD_NAME = "README.md"
 
-# Activation modules recognised when a model (e.g. the authors' nn.Sequential) does not name its activation.
-_ACT_NAMES = {nn.GELU: "gelu", nn.ReLU: "relu", nn.SiLU: "silu", nn.Hardswish: "hard_swish", nn.Mish: "mish"}
 
 
 class HubFolderError(RuntimeError):
@@ -46,11 +45,8 @@ def activation_of(model: nn.Module, default: str) -> str:
     name = getattr(model, "act_name", None)
     if isinstance(name, str) and name:
         return name.lower()
-    for module in model.modules():
-        for cls, act in _ACT_NAMES.items():
-            if type(module) is cls:
-                return act
-    return default
+    # A model that does not name its activation (e.g. the authors' nn.Sequential): its first activation module.
+    return next((name for module in model.modules() if (name := activation_name(module))), default)
 
 
 def _global_pool_of(model: nn.Module) -> str | None:

@@ -28,7 +28,14 @@ from timm.models._features import feature_take_indices
 from torch import nn
 
 # The one seam to the speed layer (convmixer_timm/speed): names imported as globals, which FX wraps as leaves.
-from ..speed.layers import BatchNorm2d, depthwise_conv_for_training, layout_for_cpu_training, match_memory_format
+from ..activations import activation_name
+from ..speed.layers import (
+    BatchNorm2d,
+    conv_same,
+    depthwise_conv_for_training,
+    layout_for_cpu_training,
+    match_memory_format,
+)
 from .checkpoint import check_shapes_before_load, checkpoint_filter_fn
 from .pretrained import check_pretrained_available
 from .variants import DATASET_CONFIGS, VARIANTS, Variant
@@ -49,7 +56,7 @@ def _create_act(act_layer: ActLayer) -> nn.Module:
 
 
 def _act_name(act_layer: ActLayer) -> str:
-    return act_layer.lower() if isinstance(act_layer, str) else getattr(act_layer, "__name__", str(act_layer))
+    return activation_name(act_layer) or getattr(act_layer, "__name__", str(act_layer)).lower()
 
 
 # PyTorch's BatchNorm defaults, which timm's train.py keeps unless --bn-momentum / --bn-eps are given.
@@ -127,10 +134,7 @@ class SamePaddingDepthwiseConv(nn.Conv2d):
         return same_padding_depthwise_conv(self, x)
 
     def conv_same(self, x: torch.Tensor) -> torch.Tensor:
-        k = self.kernel_size[0]
-        out = F.conv2d(x, self.weight, self.bias, 1, k // 2, 1, self.groups)
-        # For even k, symmetric padding gives one extra first row and column: dropping them is "same" padding.
-        return out[:, :, 1:, 1:] if self.needs_explicit_pad else out
+        return conv_same(x, self.weight, self.bias)
 
 
 @torch.jit.unused

@@ -27,22 +27,26 @@ from ._checks import (
 )
 from .loader import load
 
-__all__ = ["conv_same", "depthwise_conv_same", "depthwise_weight_grad"]
+__all__ = ["conv_same", "crop_to_same", "depthwise_conv_same", "depthwise_weight_grad"]
 
 _DTYPES = (torch.float32, torch.float64)
 _WEIGHT_GRAD, _CONV = "depthwise_weight_grad", "depthwise_conv_same"
 
 
+def crop_to_same(out: Tensor, kernel_size: int) -> Tensor:
+    """The output of a stride-1 convolution padded k//2 on every side, cut to "same" padding.
+
+    For even k the symmetric padding makes one extra row and column; dropping the first ones leaves (k-1)//2
+    before and k//2 after, as timm's built-in pads. PyTorch's padding="same" computes the same but warns on every
+    call that it copies the input, and an F.pad copy is slower than this view.
+    """
+    return out[:, :, 1:, 1:] if kernel_size % 2 == 0 else out
+
+
 def conv_same(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """Stride-1 depthwise convolution that keeps the grid, with PyTorch's own autograd."""
     k = weight.shape[-1]
-    out = F.conv2d(x, weight, bias, 1, k // 2, 1, x.shape[1])
-    if k % 2 == 0:
-        # Symmetric k//2 padding makes one extra row and column; dropping the first ones leaves (k-1)//2 before
-        # and k//2 after, as timm's built-in pads. PyTorch's padding="same" computes the same but warns on every
-        # call that it copies the input; an F.pad copy measured slower than this view.
-        out = out[:, :, 1:, 1:]
-    return out
+    return crop_to_same(F.conv2d(x, weight, bias, 1, k // 2, 1, x.shape[1]), k)
 
 
 def _check_weight_grad(grad_out: Tensor, x: Tensor, kernel_size: int, pad: int) -> None:

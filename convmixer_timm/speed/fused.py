@@ -25,24 +25,17 @@ from collections.abc import Collection, Sequence
 import torch
 from torch import nn
 
+from ..activations import KERNEL_ACTIVATIONS, activation_name
+from .depthwise import crop_to_same
 from .loader import load
 from .mixing import spatial_mixing
 
 __all__ = ["FusedConvMixerInference", "act_kind", "supported"]
 
-_ACTS = ("gelu", "relu")
-
-
 def act_kind(module: nn.Module) -> str | None:
-    if isinstance(module, nn.ReLU):
-        return "relu"
-    if isinstance(module, nn.GELU):
-        return "gelu" if module.approximate == "none" else None
-    # timm's own GELU (``timm.layers.GELU``) calls F.gelu with the exact erf form.
-    if type(module).__name__ == "GELU" and type(module).__module__.startswith("timm.") and \
-            getattr(module, "approximate", "none") == "none":
-        return "gelu"
-    return None
+    """The activation's name where the spatial-mixing kernel computes it exactly, else None."""
+    name = activation_name(module)
+    return name if name in KERNEL_ACTIVATIONS else None
 
 
 def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +66,7 @@ def supported(model: nn.Module) -> bool:
     return (
         param is not None and param.device.type == "cpu" and param.dtype == torch.float32
         and torch.backends.mkldnn.is_available()
-        and len(set(acts)) == 1 and acts[0] in _ACTS
+        and len(set(acts)) == 1 and acts[0] in KERNEL_ACTIVATIONS
         and all(isinstance(b, nn.BatchNorm2d) and b.track_running_stats and b.running_var is not None for b in bns)
         and pool_ok and isinstance(model.head, (nn.Linear, nn.Identity))
     )
@@ -211,10 +204,7 @@ class FusedConvMixerInference(nn.Module):
             if k % 2:
                 z = torch.addcmul(y, g, blk.s1, out=g)
             else:
-                # Symmetric padding k//2 gives one extra row and column; dropping the first ones is
-                # "same" padding with (k-1)//2 before and k//2 after.
-                z = torch.addcmul(y, g[:, :, 1:, 1:], blk.s1)
-                z = z.contiguous(memory_format=torch.channels_last)
+                z = torch.addcmul(y, crop_to_same(g, k), blk.s1).contiguous(memory_format=torch.channels_last)
             u = self._pointwise(z, y, blk, packed[2 * i + 2], pointwise)
             y = u if i == last else torch.addcmul(blk.t2, u, blk.s2, out=u)
         return y

@@ -30,7 +30,7 @@ from .batch_norm import batch_norm_training_with_kernels
 from .depthwise import conv_same, depthwise_conv_same
 from .loader import load
 
-__all__ = ["BatchNorm2d", "depthwise_conv_for_training", "kernels_apply", "layout_for_cpu_training",
+__all__ = ["BatchNorm2d", "conv_same", "depthwise_conv_for_training", "kernels_apply", "layout_for_cpu_training",
            "match_memory_format"]
 
 
