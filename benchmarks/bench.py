@@ -78,10 +78,24 @@ def sgemm(n: int = 2048) -> Callable[[], None]:
     return run
 
 
+# The input every candidate gets: --in-chans / --img-size (None: the variant's own size).
+INPUT: dict[str, int | None] = {"in_chans": 3, "img_size": None}
+
+
+def input_shape(variant: Variant, batch: int) -> tuple[int, int, int, int]:
+    size = INPUT["img_size"] or variant.img_size
+    return batch, INPUT["in_chans"], size, size
+
+
+def input_macs(variant: Variant) -> int:
+    return variant.macs(INPUT["img_size"] or variant.img_size, in_chans=INPUT["in_chans"])
+
+
 def build_models(variant: Variant, seed: int = 0) -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(seed)
     act = nn.GELU if variant.act == "gelu" else nn.ReLU
-    ref = TimmConvMixer(variant.h, variant.d, variant.k, variant.p, num_classes=variant.num_classes, act_layer=act)
+    ref = TimmConvMixer(variant.h, variant.d, variant.k, variant.p, in_chans=INPUT["in_chans"],
+                        num_classes=variant.num_classes, act_layer=act)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in ref.modules():
@@ -90,8 +104,8 @@ def build_models(variant: Variant, seed: int = 0) -> tuple[nn.Module, nn.Module]
                 m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
                 m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
                 m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-    ours = ConvMixer(variant.h, variant.d, variant.k, variant.p, num_classes=variant.num_classes,
-                     act_layer=variant.act)
+    ours = ConvMixer(variant.h, variant.d, variant.k, variant.p, in_chans=INPUT["in_chans"],
+                     num_classes=variant.num_classes, act_layer=variant.act)
     ours.load_state_dict(ref.state_dict())
     return ref, ours
 
@@ -261,8 +275,7 @@ def bench_inference(variant: Variant, batch: int, repeats: int, warmup: int, run
     ref, ours = build_models(variant)
     ref.eval()
     ours.eval()
-    s = variant.img_size
-    x = torch.randn(batch, 3, s, s)
+    x = torch.randn(input_shape(variant, batch))
     x_cl = x.contiguous(memory_format=torch.channels_last)
     ref_cl = copy.deepcopy(ref).to(memory_format=torch.channels_last)
     info: dict = {"notes": [], "foreign": [], "foreign_scale": {}, "picked": {}, "seconds": {}}
@@ -311,14 +324,13 @@ def bench_inference(variant: Variant, batch: int, repeats: int, warmup: int, run
                     for runtime, options in runtimes.items():
                         time_foreign(runtime, FOREIGN[runtime], path, x, options, cands["timm channels_last"],
                                      expected, repeats, warmup, times, errors, info)
-    flops = 2 * variant.macs() * batch
+    flops = 2 * input_macs(variant) * batch
     return summarise(variant, "inference", batch, flops, times, errors, memory, info)
 
 
 def bench_training(variant: Variant, batch: int, repeats: int, warmup: int, compiled: bool = True) -> dict:
     ref, ours = build_models(variant)
-    s = variant.img_size
-    x = torch.randn(batch, 3, s, s)
+    x = torch.randn(input_shape(variant, batch))
     target = torch.randint(0, variant.num_classes, (batch,))
     models = {
         "timm NCHW": (copy.deepcopy(ref), x),
@@ -358,7 +370,7 @@ def bench_training(variant: Variant, batch: int, repeats: int, warmup: int, comp
     cands = {name: step_fn(model, inp) for name, (model, inp) in models.items()}
     times = interleave({**cands, "sgemm 2048^3": sgemm()}, repeats, warmup)
     memory = {k: peak_memory(fn) for k, fn in cands.items()}
-    flops = 3 * 2 * variant.macs() * batch
+    flops = 3 * 2 * input_macs(variant) * batch
     return summarise(variant, "training", batch, flops, times, errors, memory, {})
 
 
@@ -381,7 +393,8 @@ def summarise(variant: Variant, mode: str, batch: int, flops: int, times: dict[s
             gflops=rate / 1e9, fraction_of_sgemm=rate / sgemm_rate, max_rel_err=errors.get(name),
             peak_mib=memory[name] / 2 ** 20 if name in memory else None, times_ms=[1e3 * v for v in times[name]],
         ))
-    return dict(variant=variant.name, mode=mode, batch=batch, img_size=variant.img_size,
+    return dict(variant=variant.name, mode=mode, batch=batch, img_size=input_shape(variant, 1)[2],
+                in_chans=INPUT["in_chans"],
                 gflop_per_call=flops / 1e9, sgemm_gflops=sgemm_rate / 1e9, fastest_foreign=fastest_foreign,
                 rows=rows, **extra)
 
@@ -423,7 +436,7 @@ def markdown_header(header: dict) -> list[str]:
 
 
 def markdown_result(r: dict) -> list[str]:
-    out = [f"## {r['variant']} {r['mode']}, batch {r['batch']} ({r['img_size']} px)",
+    out = [f"## {r['variant']} {r['mode']}, batch {r['batch']} ({r.get('in_chans', 3)}x{r['img_size']}x{r['img_size']})",
            f"sgemm 2048^3 in the same rounds: {r['sgemm_gflops']:.1f} GFLOP/s; "
            f"{r['gflop_per_call']:.2f} GFLOP per call"]
     for name, info in r.get("picked", {}).items():
@@ -547,6 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--in-chans", type=int, default=3, help="input channels (1: grey images)")
+    parser.add_argument("--img-size", type=int, default=None, help="image size (default: each variant's own)")
     parser.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime candidate")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile training candidates")
     parser.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO candidates")
@@ -557,6 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.batch is not None and args.batch < 1:
         parser.error("--batch must be >= 1")
+    INPUT.update(in_chans=args.in_chans, img_size=args.img_size)
     if args.threads:
         torch.set_num_threads(args.threads)
     import timm
