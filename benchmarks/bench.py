@@ -436,7 +436,8 @@ def markdown_header(header: dict) -> list[str]:
 
 
 def markdown_result(r: dict) -> list[str]:
-    out = [f"## {r['variant']} {r['mode']}, batch {r['batch']} ({r.get('in_chans', 3)}x{r['img_size']}x{r['img_size']})",
+    shape = f"{r.get('in_chans', 3)}x{r['img_size']}x{r['img_size']}"
+    out = [f"## {r['variant']} {r['mode']}, batch {r['batch']} ({shape})",
            f"sgemm 2048^3 in the same rounds: {r['sgemm_gflops']:.1f} GFLOP/s; "
            f"{r['gflop_per_call']:.2f} GFLOP per call"]
     for name, info in r.get("picked", {}).items():
