@@ -51,6 +51,7 @@ def test_pretrained_cfg_and_architecture_follow_the_table(variant):
 
 
 @pytest.mark.parametrize("name", TIMM_BUILTIN_NAMES)
+@pytest.mark.slow
 def test_full_size_parity_with_timm_builtin(name):
     """The published timm weights load unchanged: same keys and shapes, same outputs at 224 px."""
     torch.manual_seed(0)

@@ -112,12 +112,14 @@ def test_torchscript(model, x):
     torch.testing.assert_close(scripted.forward_features(x), model.forward_features(x))
 
 
+@pytest.mark.slow
 def test_torch_compile_full_graph(model, x):
     # aot_eager traces through dynamo and AOTAutograd (graph breaks fail with fullgraph) without a C++ build.
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), model(x))
 
 
+@pytest.mark.slow
 def test_import_timm_alone_registers_everything_without_importing_torch_at_startup():
     """Stock timm programs (validate.py, inference.py, benchmark.py) only `import timm`."""
     code = textwrap.dedent("""
@@ -139,6 +141,7 @@ def test_import_timm_alone_registers_everything_without_importing_torch_at_start
     assert "convmixer_timm.models.convmixer" in out.stdout
 
 
+@pytest.mark.slow
 def test_device_modules_import_registers_like_train_py():
     code = ("import importlib, timm, timm.models._registry as r; importlib.import_module('convmixer_timm');"
             "print(r._model_entrypoints['convmixer_768_32'].__module__,"

@@ -127,6 +127,7 @@ def test_zip_bomb_is_refused_before_it_is_inflated(tmp_path, monkeypatch):
     assert "torch.save or as safetensors" in message
 
 
+@pytest.mark.slow
 def test_zip_bomb_memory_stays_bounded_in_a_fresh_process(tmp_path):
     """Peak memory, measured in a process of its own: a 256 MiB inflation must not happen."""
     bomb = zip_bomb(tmp_path / "bomb.pth", 256 << 20)
@@ -185,6 +186,7 @@ KILL_CASES = [
 
 @pytest.mark.parametrize(("point", "sig", "exchange", "holds"), KILL_CASES,
                          ids=[f"{c[0]}-{c[1].name}{'' if c[2] else '-no-renameat2'}" for c in KILL_CASES])
+@pytest.mark.slow
 def test_kill_during_overwrite_keeps_a_whole_output(tmp_path, capsys, point, sig, exchange, holds):
     parent = tmp_path / "hub"
     out = parent / "out"

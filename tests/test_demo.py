@@ -44,6 +44,7 @@ def default_run(tmp_path_factory):
     return code, args, json.loads((base / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_default_run_reaches_the_claim_on_held_out_digits(default_run):
     code, args, results = default_run
     assert code == 0

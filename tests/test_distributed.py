@@ -37,6 +37,7 @@ def ddp_run(tmp_path_factory):
     return proc, out, json.loads(results.read_text())
 
 
+@pytest.mark.slow
 def test_two_processes_were_used(ddp_run):
     proc, _, results = ddp_run
     assert results["world_size"] == 2

@@ -251,6 +251,7 @@ def _graphs_and_breaks(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("k", [5, 8])
+@pytest.mark.slow
 def test_torch_compile_fullgraph_training_step(k):
     ref, ours = _pair(k, torch.float32)
     x, target = _images(torch.float32), torch.arange(4) % 5
@@ -284,6 +285,7 @@ def test_compiled_training_graph_keeps_the_kernels_as_operators():
 
 @pytest.mark.parametrize("k", [5, 8])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.slow
 def test_torch_compile_fullgraph_eval(k, channels_last):
     ref, ours = _pair(k, torch.float32)
     x = _images(torch.float32, channels_last)
@@ -344,6 +346,7 @@ print("eager", allocator_tuned())
     {}, {"MALLOC_MMAP_THRESHOLD_": "65536"}, {"MALLOC_TOP_PAD_": "0"},
     {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"},
 ], ids=["none", "mmap-threshold", "top-pad", "glibc-tunables"])
+@pytest.mark.slow
 def test_allocator_settings_the_user_chose_are_left_alone(setting):
     result = _python(_TRAIN_AND_REPORT, env={"CONVMIXER_TIMM_TUNE_MALLOC": "1", **setting})  # asked for
     assert result.returncode == 0, result.stderr[-2000:]
@@ -351,6 +354,7 @@ def test_allocator_settings_the_user_chose_are_left_alone(setting):
     assert expected in result.stdout
 
 
+@pytest.mark.slow
 def test_compiled_training_never_enters_the_allocator_setting():
     code = _TRAIN_AND_REPORT.replace('print("eager", allocator_tuned())', textwrap.dedent("""
         print("eager", allocator_tuned())

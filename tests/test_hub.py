@@ -233,6 +233,7 @@ _TRANSFORMERS_FROM_HUB = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_pushed_folder_loads_in_transformers_from_the_hub(hub, env, tmp_path):
     """A user's script: transformers alone, the repo id, the Hub (here the local one) named by HF_ENDPOINT."""
     model = small_model(11)
@@ -267,6 +268,7 @@ def test_push_refuses_a_folder_transformers_cannot_load(hub, env, tmp_path, caps
         HfApi().model_info("me/old-style")  # nothing was created
 
 
+@pytest.mark.slow
 def test_push_subprocess_takes_endpoint_and_token_from_environment(hub, env, tmp_path):
     model = small_model(6)
     folder = save_hub_folder(model, tmp_path / "folder", CIFAR)

@@ -206,3 +206,9 @@ def test_hub_environment_restores_everything(tmp_path: Path) -> None:
         assert os.environ["HF_TOKEN"] == "t"
     after = (constants.ENDPOINT, constants.HF_HUB_CACHE, os.environ.get("HF_ENDPOINT"), os.environ.get("HF_TOKEN"))
     assert after == before
+
+
+def test_the_test_server_is_not_part_of_the_package() -> None:
+    import importlib.util
+
+    assert importlib.util.find_spec("convmixer_timm.testing") is None

@@ -35,6 +35,7 @@ def _plain_grads(x, weight, bias, grad_out):
 # kernel 15 is the largest compiled width, 17 the generic one.
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 8, 9, 17])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.slow
 def test_gradcheck_float64(k, channels_last):
     torch.manual_seed(k)
     fmt = torch.channels_last if channels_last else torch.contiguous_format

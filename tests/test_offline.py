@@ -55,6 +55,7 @@ def assert_clear(message: str, repo_id: str, model_name: str) -> None:
     assert "pretrained_cfg_overlay=dict(file=" in message and "checkpoint_path=" in message
 
 
+@pytest.mark.slow
 def test_hf_hub_offline_fails_at_once_naming_repo_and_local_files(tmp_path):
     """The issue's own call, in a fresh process (huggingface_hub reads HF_HUB_OFFLINE when imported)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "TRANSFORMERS_"))}

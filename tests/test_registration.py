@@ -93,6 +93,7 @@ _MECHANISMS = {
 
 
 @pytest.mark.parametrize("mechanism", list(_MECHANISMS))
+@pytest.mark.slow
 def test_every_mechanism_registers_every_model(mechanism):
     first, env = _MECHANISMS[mechanism]
     env = dict(env)
@@ -135,6 +136,7 @@ _AFTER_BREAK = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("failure", list(_BREAK))
+@pytest.mark.slow
 def test_a_failing_registration_leaves_timm_working_with_one_warning(failure):
     breaker, error_type = _BREAK[failure]
     result = _python("import sys\n" + breaker + "\n" + _AFTER_BREAK)
@@ -239,3 +241,16 @@ def test_concurrent_imports_of_timm_and_the_models_register(races_and_retry):
 def test_a_retried_import_of_timm_registers(races_and_retry):
     assert races_and_retry["first"] == "ModuleNotFoundError"  # timm.layers could not be imported
     assert races_and_retry["retry_owner"] == "convmixer_timm.models.convmixer"
+
+
+@pytest.mark.slow
+def test_importing_the_package_registers_with_timm_when_timm_loads():
+    """Lazy package import: nothing heavy at `import convmixer_timm`, models registered as timm loads."""
+    code = ("import sys, convmixer_timm; assert 'torch' not in sys.modules, 'torch imported';"
+            "import timm; print('convmixer_256_8_ks5_p2' in timm.list_models(),"
+            " convmixer_timm.ConvMixer.__module__, convmixer_timm.__version__)")
+    env = {**os.environ, "CONVMIXER_TIMM_AUTOLOAD": "0", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd="/",
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "convmixer_timm.models.convmixer", "0.1.0"]

@@ -135,6 +135,7 @@ def _package_copy(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated", "empty"])
+@pytest.mark.slow
 def test_without_a_usable_library_training_warns_once_and_uses_pytorch(tmp_path, damage):
     root = _package_copy(tmp_path)
     library = root / "convmixer_timm" / "speed" / build.LIBRARY_NAME
@@ -154,6 +155,7 @@ def test_without_a_usable_library_training_warns_once_and_uses_pytorch(tmp_path,
 
 
 @needs_kernels
+@pytest.mark.slow
 def test_kernels_give_the_same_training_step_as_pytorch(tmp_path):
     with_kernels = _run_with_package(ROOT, TRAIN_ONE_STEP)
     without = _run_with_package(ROOT, TRAIN_ONE_STEP, CONVMIXER_TIMM_KERNELS="0")
@@ -347,6 +349,7 @@ def test_whatever_ends_a_build_its_compilers_helpers_end_with_it(tmp_path, signa
 
 
 @needs_kernels
+@pytest.mark.slow
 def test_processes_starting_together_load_without_writing_anything(tmp_path):
     # torchrun with N ranks: nothing is compiled, cached or written at run time, so there is nothing to race for.
     home = tmp_path / "home"
@@ -381,6 +384,7 @@ def _build_wheel(tmp_path: Path, **env: str) -> Path:
 
 
 @needs_compiler
+@pytest.mark.slow
 def test_the_wheel_ships_the_compiled_kernels_for_its_platform(tmp_path):
     pytest.importorskip("hatchling")
     wheel = _build_wheel(tmp_path)
@@ -437,6 +441,7 @@ print("asked_restored", allocator_tuned())
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc")
+@pytest.mark.slow
 def test_by_default_training_leaves_the_allocator_alone():
     out = _run_with_package(ROOT, ALLOCATOR_SCOPE)
     assert out == {"built_eval_nograd": "False", "training": "False", "freed": "False", "restored": "False",
@@ -444,6 +449,7 @@ def test_by_default_training_leaves_the_allocator_alone():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc")
+@pytest.mark.slow
 def test_asked_for_the_allocator_setting_lives_exactly_as_long_as_cpu_training():
     out = _run_with_package(ROOT, ALLOCATOR_SCOPE, CONVMIXER_TIMM_TUNE_MALLOC="1")
     assert out == {"built_eval_nograd": "False", "training": "True", "freed": "False", "restored": "False",
@@ -500,6 +506,7 @@ print("rss", rss)
 
 
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads /proc")
+@pytest.mark.slow
 def test_after_training_is_freed_the_process_holds_no_more_than_timm_would():
     def rss(which: str) -> int:
         result = subprocess.run([sys.executable, "-c", MEMORY_AFTER_TRAINING, which], capture_output=True,

@@ -16,6 +16,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+import pytest
 import safetensors.torch
 import timm
 from hub_env import hub_env_vars
@@ -100,6 +101,7 @@ def seed_pretrained_weights(hub: LocalHub, root: Path) -> list[str]:
     return repos
 
 
+@pytest.mark.slow
 def test_timm_test_models_pass_on_every_plugin_model(tmp_path, tmp_path_factory, user_env):
     tests = timm_tests_dir(sdist_cache(tmp_path_factory.mktemp("timm-sdist")), user_env)
     names = [v.name for v in VARIANTS]

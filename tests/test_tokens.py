@@ -62,6 +62,7 @@ def descendants(pid: int) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs /proc")
+@pytest.mark.slow
 def test_token_from_stdin_never_reaches_argv_output_or_files(hub, folder, tmp_path):
     marker = tmp_path / "paused"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
@@ -148,6 +149,7 @@ MALFORMED = {"carriage-return": (SECRET[:10] + "\r" + SECRET[10:], "a control ch
 
 
 @pytest.mark.parametrize("case", list(MALFORMED))
+@pytest.mark.slow
 def test_malformed_token_from_stdin_is_one_line_that_never_quotes_it(hub, folder, tmp_path, case):
     token, what, position = MALFORMED[case]
     result = _push_subprocess(folder, hub, tmp_path, "--token-stdin", stdin=token + "\r\n")
@@ -162,6 +164,7 @@ def test_malformed_token_from_stdin_is_one_line_that_never_quotes_it(hub, folder
     assert not hub.requests, "the malformed token was sent"
 
 
+@pytest.mark.slow
 def test_malformed_token_in_hf_token_is_refused_before_anything_is_sent(hub, folder, tmp_path):
     token = SECRET[:10] + "\x1b" + SECRET[10:]  # huggingface_hub strips \r and \n from HF_TOKEN, not the rest
     result = _push_subprocess(folder, hub, tmp_path, env_token=token)

@@ -14,6 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import timm
 import torch
 from hf_checks import assert_transformers_matches_timm, random_images
@@ -112,6 +113,7 @@ _FRESH_PROCESS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_fresh_process_that_imports_only_transformers_loads_a_folder(tmp_path):
     """transformers calls timm.create_model(architecture): the start-up hook registers the models on import."""
     model = small(CIFAR, 5)
@@ -131,6 +133,7 @@ def test_a_fresh_process_that_imports_only_transformers_loads_a_folder(tmp_path)
     assert [r["label"] for r in result["top"]] == [CIFAR10_LABELS[i] for i in expected[0].topk(2).indices]
 
 
+@pytest.mark.slow
 def test_probing_for_timm_before_importing_it_still_registers_the_models():
     """transformers asks importlib.util.find_spec("timm") whether timm is there long before importing it."""
     code = textwrap.dedent("""
