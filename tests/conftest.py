@@ -56,3 +56,15 @@ def user_env() -> dict[str, str]:
     """The user's own HOME and XDG_CONFIG_HOME (those that were set) from before the session: where to find
     their configuration (pip's, for the one download from the package registry)."""
     return {key: value for key in ("HOME", "XDG_CONFIG_HOME") if (value := _saved.get(key)) is not None}
+
+
+@pytest.fixture(params=["kernels", "no-kernels"])
+def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with the compiled kernels and with PyTorch's ops in their place (CONVMIXER_TIMM_KERNELS=0)."""
+    from convmixer_timm import speed
+
+    if request.param == "kernels" and speed.load() is None:
+        pytest.skip("kernels not built")
+    if request.param == "no-kernels":
+        monkeypatch.setenv("CONVMIXER_TIMM_KERNELS", "0")
+    return request.param

@@ -31,7 +31,6 @@ from torch.utils._pytree import tree_flatten
 from convmixer_timm import CheckpointError, ConvMixer, speed
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNELS = ["kernels", "no-kernels"]
 needs_kernels = pytest.mark.skipif(speed.load() is None, reason="kernels not built: only the fallback can run")
 
 
@@ -46,15 +45,6 @@ def _pair(k: int, dtype: torch.dtype = torch.float64, dim: int = 8, depth: int =
 def _images(dtype: torch.dtype = torch.float64, channels_last: bool = False, batch: int = 4) -> torch.Tensor:
     x = torch.randn(batch, 3, 16, 16, generator=torch.Generator().manual_seed(1), dtype=dtype)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
-@pytest.fixture(params=KERNELS)
-def kernels(request, monkeypatch):
-    if request.param == "kernels" and speed.load() is None:
-        pytest.skip("kernels not built")
-    if request.param == "no-kernels":
-        monkeypatch.setenv("CONVMIXER_TIMM_KERNELS", "0")
-    return request.param
 
 
 def _layout(t: torch.Tensor) -> tuple[bool, bool]:

@@ -35,15 +35,6 @@ SMALL = dict(dim=8, depth=2, kernel_size=3, patch_size=2, num_classes=5)
 F64 = dict(rtol=1e-9, atol=1e-12)
 
 
-@pytest.fixture(params=["kernels", "no-kernels"])
-def kernels(request, monkeypatch):
-    if request.param == "kernels" and speed.load() is None:
-        pytest.skip("kernels not built")
-    if request.param == "no-kernels":
-        monkeypatch.setenv("CONVMIXER_TIMM_KERNELS", "0")
-    return request.param
-
-
 @pytest.fixture(params=[False, True], ids=["non-reentrant", "reentrant"])
 def reentrant(request):
     saved = use_reentrant_ckpt()
