@@ -61,7 +61,7 @@ from convmixer_timm import VARIANTS_BY_NAME, ConvMixer, Variant
 from convmixer_timm.export import export_onnx
 from convmixer_timm.speed import kernel_info, optimize_for_inference
 
-# The batch sizes: CIFAR 64 (k5, k7) / 32 (k9), 512/16 batch 8, 768/32 batch 4, 1536/20 batch 2.
+# Default batch sizes: CIFAR 64 (k5, k7) / 32 (k9), 512/16 batch 8, 768/32 batch 4, 1536/20 batch 2.
 DEFAULT_BATCH = {
     "convmixer_256_8_ks5_p2": 64, "convmixer_256_8_ks7_p2": 64, "convmixer_256_8_ks9_p1": 32,
     "convmixer_256_16_ks9_p1": 32, "convmixer_512_16_ks8_p7": 8, "convmixer_1024_12_ks8_p7": 4,
@@ -557,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_BATCH), choices=list(VARIANTS_BY_NAME))
     parser.add_argument("--modes", nargs="+", default=["inference", "training"], choices=["inference", "training"])
     parser.add_argument("--batch", type=int, default=None, help="one batch size for all variants, 1 included "
-                        "(default: the issue's per-variant sizes)")
+                        "(default: each variant's size in DEFAULT_BATCH)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)

@@ -1,4 +1,4 @@
-"""Session set-up: the suite writes nothing into the developer's home folder (issue 13, item 7).
+"""Session set-up: the suite writes nothing into the developer's home folder.
 
 For the whole session, this process and every process it starts get a fresh ``HOME``, removed at the end, with
 the ``XDG_*`` folders and ``CONVMIXER_TIMM_CACHE`` unset so that they default to folders inside it: what

@@ -1,5 +1,5 @@
-"""Every ``convert`` / ``push`` failure is one line naming the cause and the fix, with the documented exit status
-(issue 13, item 5 and the first hour): a full disk, a file size limit, a read-only file system, a folder the user
+"""Every ``convert`` / ``push`` failure is one line naming the cause and the fix, with the documented exit status:
+a full disk, a file size limit, a read-only file system, a folder the user
 may not write to, a dangling symlink, ``/``, long names, SIGTERM while starting, other users' leftovers in a shared
 folder, weights that are not float, NaN weights on ``push``, and a checkpoint of another architecture.
 

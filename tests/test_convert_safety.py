@@ -1,4 +1,4 @@
-"""``convert`` refuses what it should and survives kills (issue 9, item 4).
+"""``convert`` refuses what it should and survives kills.
 
 Non-finite weights, extra and missing keys, zip checkpoints that would inflate far beyond their size, and real
 SIGKILL/SIGTERM at named points of a write (real subprocesses, real signals): the output folder is always whole,

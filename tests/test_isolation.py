@@ -1,4 +1,4 @@
-"""The test session leaves the developer's home folder alone (issue 13, item 7; ``conftest.py``)."""
+"""The test session leaves the developer's home folder alone (``conftest.py``)."""
 from __future__ import annotations
 
 import os

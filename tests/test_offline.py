@@ -1,4 +1,4 @@
-"""Offline is clear and quick (issue 9, item 8): ``pretrained=True`` with no network fails at once, naming the
+"""Offline is clear and quick: ``pretrained=True`` with no network fails at once, naming the
 Hub repo, ``HF_HUB_OFFLINE`` and how to load a local file; cached weights and local files still load.
 
 "No network" is real here: a closed port on 127.0.0.1 (connection refused), ``HF_HUB_OFFLINE=1``, and a listener

@@ -1,4 +1,4 @@
-"""Tokens stay secret (issue 9, item 6): ``push`` takes them from HF_TOKEN, the stored login or standard input;
+"""Tokens stay secret: ``push`` takes them from HF_TOKEN, the stored login or standard input;
 ``--token`` warns; no token reaches a process's argv, our output or the files we write.
 
 Pushes go to a real ``LocalHub`` on 127.0.0.1 that accepts only the test's token.
