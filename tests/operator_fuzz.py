@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import random
 import sys
-import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -441,12 +440,10 @@ def main(seed: int, count: int) -> None:
     cases = known_cases() + [random_case(rng) for _ in range(count)]
     for index, case in enumerate(cases):
         print(json.dumps({"start": index, "case": case.describe()}), flush=True)
-        started = time.perf_counter()
         try:
             result = run(case)
         except Exception:  # the harness's own failure: reported, never hidden
             result = {"outcome": "harness", "detail": traceback.format_exc(limit=3)[-600:]}
-        result["seconds"] = round(time.perf_counter() - started, 4)
         print(json.dumps({"done": index, "label": case.label, **result}), flush=True)
 
 
