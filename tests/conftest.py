@@ -15,6 +15,11 @@ to an empty folder:
   builds run (rustup's settings), huggingface_hub's cache and stored token where a test does not set its own.
 
 The checkout gets nothing either: timm's sdist (``test_timm_suite.py``) is kept in the virtual environment.
+
+Tests run PyTorch on one thread (and the processes they start, through ``OMP_NUM_THREADS``): their tensors are
+small, and where another program keeps a core busy every parallel region of two threads waits a scheduler slice
+for the preempted one (a 4x4 float64 convolution took 60 ms instead of 0.2). The tests that prove the kernels'
+split among threads set their thread counts themselves (``test_kernels.py``).
 """
 from __future__ import annotations
 
@@ -28,11 +33,17 @@ from isolation import TELEMETRY_OFF, USER_DIRS, prepare_home
 
 _saved: dict[str, str | None] = {}
 _home: Path | None = None
+_threads: int | None = None
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    global _home
-    _saved.update({key: os.environ.get(key) for key in (*USER_DIRS, *TELEMETRY_OFF)})
+    global _home, _threads
+    import torch
+
+    _saved.update({key: os.environ.get(key) for key in (*USER_DIRS, *TELEMETRY_OFF, "OMP_NUM_THREADS")})
+    _threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
     _home = Path(tempfile.mkdtemp(prefix="convmixer-timm-tests-home-"))
     for key in USER_DIRS:
         os.environ.pop(key, None)
@@ -42,6 +53,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    if _threads is not None:
+        import torch
+
+        torch.set_num_threads(_threads)
     for key, value in _saved.items():
         if value is None:
             os.environ.pop(key, None)

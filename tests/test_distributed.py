@@ -45,6 +45,7 @@ def test_two_processes_were_used(ddp_run):
     assert "batch 32 x 2" in proc.stdout  # the global batch of 64 split over the two ranks
 
 
+@pytest.mark.slow
 def test_only_rank_zero_prints_and_saves(ddp_run):
     proc, out, _ = ddp_run
     assert proc.stdout.count("held-out accuracy (trained model)") == 1
@@ -52,6 +53,7 @@ def test_only_rank_zero_prints_and_saves(ddp_run):
     assert (out / "config.json").is_file()
 
 
+@pytest.mark.slow
 def test_checkpoint_scores_the_same_in_a_single_process(ddp_run, tmp_path):
     _, out, results = ddp_run
     assert results["accuracy"] >= demo.ACCURACY_CLAIM

@@ -124,8 +124,11 @@ def server_down_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _start_server_down_early(server_down_run):
-    """Starts the slow server-down process before the first test of this module."""
+def _start_server_down_early(request):
+    """Starts the server-down process (it waits out retries) before the first test of this module, where the
+    session runs the test that reads it."""
+    if any(item.name == "test_server_down_gives_clear_errors_and_a_retry_succeeds" for item in request.session.items):
+        request.getfixturevalue("server_down_run")
 
 
 # ---------------------------------------------------------------------------------------------------- downloads
@@ -312,6 +315,7 @@ def test_push_without_token_names_the_fix(hub, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------- server down
 
 
+@pytest.mark.slow  # waits out huggingface_hub's retries
 def test_server_down_gives_clear_errors_and_a_retry_succeeds(server_down_run, tmp_path, capsys):
     run = server_down_run
     # push fails at once, naming the endpoint.

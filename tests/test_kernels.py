@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from convmixer_timm import ConvMixer, speed
+from convmixer_timm.speed import FusedConvMixerInference
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_kernels = pytest.mark.skipif(speed.load() is None, reason="no C++ compiler: kernels fall back (tested below)")
@@ -35,17 +36,21 @@ def _plain_grads(x, weight, bias, grad_out):
 # kernel 15 is the largest compiled width, 17 the generic one.
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 8, 9, 17])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-@pytest.mark.slow
 def test_gradcheck_float64(k, channels_last):
     torch.manual_seed(k)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(2, 5, 7, 6, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
     weight = torch.randn(5, 1, k, k, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(speed.depthwise_conv_same, (x, weight, bias))
-    assert torch.autograd.gradcheck(speed.depthwise_conv_same, (x, weight, None))
+    # Fast mode compares v'Ju for random u, v with the numerical directional derivative: a wrong entry anywhere in
+    # the Jacobian fails it, at a hundredth of the full check's cost (which still runs once, at k=3).
+    if k == 3 and not channels_last:
+        small = x[:1, :, :4, :4].detach().clone().requires_grad_()
+        assert torch.autograd.gradcheck(speed.depthwise_conv_same, (small, weight, bias))
+    assert torch.autograd.gradcheck(speed.depthwise_conv_same, (x, weight, bias), fast_mode=True)
+    assert torch.autograd.gradcheck(speed.depthwise_conv_same, (x, weight, None), fast_mode=True)
     # create_graph=True takes PyTorch's differentiable formula: second derivatives exist and are exact.
-    assert torch.autograd.gradgradcheck(speed.depthwise_conv_same, (x, weight, bias))
+    assert torch.autograd.gradgradcheck(speed.depthwise_conv_same, (x, weight, bias), fast_mode=True)
 
 
 @needs_kernels
@@ -121,8 +126,8 @@ def test_batch_norm_gradcheck_float64(channels_last):
     def fn(x, weight, bias):
         return speed.batch_norm_training_with_kernels(x, weight, bias, None, None, 0.1, 1e-5)
 
-    assert torch.autograd.gradcheck(fn, (x, weight, bias))
-    assert torch.autograd.gradgradcheck(fn, (x, weight, bias))
+    assert torch.autograd.gradcheck(fn, (x, weight, bias), fast_mode=channels_last)
+    assert torch.autograd.gradgradcheck(fn, (x, weight, bias), fast_mode=True)
 
 
 @needs_kernels
@@ -198,3 +203,37 @@ def test_spatial_mixing_matches_float64_ops(act):
         speed.spatial_mixing(u.double(), s_in, t_in, weight[:, 0].permute(1, 2, 0), bias, s1, act)
     with pytest.raises(ValueError, match=r"\(k, k, 21\)"):
         speed.spatial_mixing(u, s_in, t_in, weight[:, 0], bias, s1, act)
+
+
+@needs_kernels
+@pytest.mark.parametrize("threads", [2, 3])
+def test_kernels_split_among_threads_give_the_one_thread_result(threads):
+    # The session runs on one thread (conftest.py); here the kernels' row split runs with two and three (more
+    # threads than cores splits unevenly) and must agree with one thread to the rounding of a reordered sum.
+    torch.manual_seed(threads)
+    x = torch.randn(3, 37, 9, 11, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.rand(37, dtype=torch.float64) + 0.5, torch.randn(37, dtype=torch.float64)
+    dw_weight = torch.randn(37, 1, 8, 8, dtype=torch.float64)
+    grad_out = torch.randn_like(x)
+    fused = FusedConvMixerInference(ConvMixer(16, 2, 5, 2, num_classes=3).eval())
+    images = torch.randn(2, 3, 16, 16)
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias, dw_weight)]
+        out = speed.batch_norm_training_with_kernels(*leaves[:3], None, None, 0.1, 1e-5)
+        out = speed.depthwise_conv_same(out, leaves[3], None)
+        with torch.no_grad():
+            mixed = fused(images)
+        return [out, *torch.autograd.grad(out, leaves, grad_out), mixed]
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        reference = run()
+        torch.set_num_threads(threads)
+        results = run()
+    finally:
+        torch.set_num_threads(before)
+    for got, ref in zip(results, reference, strict=True):
+        unit = (1e-6 if got.dtype == torch.float32 else 1e-12) * ref.abs().max().item()
+        torch.testing.assert_close(got, ref, rtol=0, atol=unit)

@@ -102,7 +102,7 @@ def test_a_foreign_library_without_the_entry_points_is_refused(tmp_path):
     assert "lacks the entry point" in _load_error(library)
 
 
-# ------------------------------------------------------------------------------------------------ fallbacks
+# ------------------------------------------------------------------------------------------------ processes
 
 TRAIN_ONE_STEP = """
 import warnings, torch
@@ -127,40 +127,6 @@ def _run_with_package(package_root: Path, code: str, **env: str) -> dict[str, st
     assert result.returncode == 0, result.stderr
     return dict(line.split(" ", 1) for line in result.stdout.splitlines())
 
-
-def _package_copy(tmp_path: Path) -> Path:
-    root = tmp_path / "site"
-    shutil.copytree(PACKAGE, root / "convmixer_timm", ignore=shutil.ignore_patterns("__pycache__"))
-    return root
-
-
-@pytest.mark.parametrize("damage", ["missing", "truncated", "empty"])
-@pytest.mark.slow
-def test_without_a_usable_library_training_warns_once_and_uses_pytorch(tmp_path, damage):
-    root = _package_copy(tmp_path)
-    library = root / "convmixer_timm" / "speed" / build.LIBRARY_NAME
-    if damage == "missing":
-        library.unlink(missing_ok=True)
-    elif library.exists():
-        library.write_bytes(library.read_bytes()[:4096] if damage == "truncated" else b"")
-    else:
-        pytest.skip("no library was built here to damage")
-    out = _run_with_package(root, TRAIN_ONE_STEP)
-    assert out["library"] == "False" and out["warnings"] == "1", out["messages"]
-    assert ("missing" if damage == "missing" else "damaged") in out["messages"]
-    assert "pip install --force-reinstall" in out["messages"]
-    reference = _run_with_package(root, TRAIN_ONE_STEP, CONVMIXER_TIMM_KERNELS="0")
-    assert reference["warnings"] == "0"  # turned off on purpose: silent
-    assert float(out["grad"]) == pytest.approx(float(reference["grad"]), rel=1e-5)
-
-
-@needs_kernels
-@pytest.mark.slow
-def test_kernels_give_the_same_training_step_as_pytorch(tmp_path):
-    with_kernels = _run_with_package(ROOT, TRAIN_ONE_STEP)
-    without = _run_with_package(ROOT, TRAIN_ONE_STEP, CONVMIXER_TIMM_KERNELS="0")
-    assert with_kernels["library"] == "True" and with_kernels["warnings"] == "0", with_kernels["messages"]
-    assert float(with_kernels["grad"]) == pytest.approx(float(without["grad"]), rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ dispatch
@@ -357,7 +323,7 @@ def test_processes_starting_together_load_without_writing_anything(tmp_path):
     before = {p: p.stat().st_mtime_ns for p in (PACKAGE / "speed").iterdir()}
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HOME": str(home), "TMPDIR": str(home)}
     processes = [subprocess.Popen([sys.executable, "-c", TRAIN_ONE_STEP], cwd=ROOT, env=env, text=True,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(4)]
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]
     outputs = [p.communicate(timeout=300) for p in processes]
     for process, (stdout, stderr) in zip(processes, outputs, strict=True):
         assert process.returncode == 0, stderr
@@ -411,49 +377,53 @@ def test_a_wheel_built_without_a_compiler_is_pure_python_and_warns(tmp_path):
 # ------------------------------------------------------------------------------------------------ allocator
 
 ALLOCATOR_SCOPE = """
-import gc, torch
+import gc, os, torch
 from convmixer_timm import ConvMixer, restore_cpu_allocator
 from convmixer_timm.speed import allocator_tuned, tune_cpu_allocator
-meta = ConvMixer(8, 2, 3, 2, num_classes=2, device="meta")
-model = ConvMixer(8, 2, 3, 2, num_classes=2)
-model.eval()(torch.randn(2, 3, 8, 8))
-with torch.no_grad():
-    model.train()(torch.randn(2, 3, 8, 8))
-print("built_eval_nograd", allocator_tuned())
-model.train()(torch.randn(2, 3, 8, 8)).sum().backward()
-print("training", allocator_tuned())
-del model
-gc.collect()
-print("freed", allocator_tuned())
-again = ConvMixer(8, 2, 3, 2, num_classes=2).train()
-again(torch.randn(2, 3, 8, 8)).sum().backward()
-restore_cpu_allocator()
-print("restored", allocator_tuned())
-print("asked", tune_cpu_allocator())
-third = ConvMixer(8, 2, 3, 2, num_classes=2).train()
-third(torch.randn(2, 3, 8, 8)).sum().backward()
-del third
-gc.collect()
-print("asked_outlives_models", allocator_tuned())
-restore_cpu_allocator()
-print("asked_restored", allocator_tuned())
+
+def scope(case):
+    meta = ConvMixer(8, 2, 3, 2, num_classes=2, device="meta")
+    model = ConvMixer(8, 2, 3, 2, num_classes=2)
+    model.eval()(torch.randn(2, 3, 8, 8))
+    with torch.no_grad():
+        model.train()(torch.randn(2, 3, 8, 8))
+    print(case + ".built_eval_nograd", allocator_tuned())
+    model.train()(torch.randn(2, 3, 8, 8)).sum().backward()
+    print(case + ".training", allocator_tuned())
+    del model
+    gc.collect()
+    print(case + ".freed", allocator_tuned())
+    again = ConvMixer(8, 2, 3, 2, num_classes=2).train()
+    again(torch.randn(2, 3, 8, 8)).sum().backward()
+    restore_cpu_allocator()
+    print(case + ".restored", allocator_tuned())
+    print(case + ".asked", tune_cpu_allocator())
+    third = ConvMixer(8, 2, 3, 2, num_classes=2).train()
+    third(torch.randn(2, 3, 8, 8)).sum().backward()
+    del third
+    gc.collect()
+    print(case + ".asked_outlives_models", allocator_tuned())
+    restore_cpu_allocator()
+    print(case + ".asked_restored", allocator_tuned())
+
+scope("default")  # the variable is read at each training step: one process runs both cases in turn
+os.environ["CONVMIXER_TIMM_TUNE_MALLOC"] = "1"
+scope("env")
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc")
 @pytest.mark.slow
-def test_by_default_training_leaves_the_allocator_alone():
+def test_the_allocator_setting_is_changed_only_when_asked_and_only_while_asked():
     out = _run_with_package(ROOT, ALLOCATOR_SCOPE)
-    assert out == {"built_eval_nograd": "False", "training": "False", "freed": "False", "restored": "False",
-                   "asked": "True", "asked_outlives_models": "True", "asked_restored": "False"}
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc")
-@pytest.mark.slow
-def test_asked_for_the_allocator_setting_lives_exactly_as_long_as_cpu_training():
-    out = _run_with_package(ROOT, ALLOCATOR_SCOPE, CONVMIXER_TIMM_TUNE_MALLOC="1")
-    assert out == {"built_eval_nograd": "False", "training": "True", "freed": "False", "restored": "False",
-                   "asked": "True", "asked_outlives_models": "True", "asked_restored": "False"}
+    # By default training leaves glibc alone; asked directly, the setting outlives models until restored.
+    assert {k.split(".")[1]: v for k, v in out.items() if k.startswith("default.")} == {
+        "built_eval_nograd": "False", "training": "False", "freed": "False", "restored": "False",
+        "asked": "True", "asked_outlives_models": "True", "asked_restored": "False"}
+    # CONVMIXER_TIMM_TUNE_MALLOC=1: raised exactly while a model trains on the CPU, undone when it is freed.
+    assert {k.split(".")[1]: v for k, v in out.items() if k.startswith("env.")} == {
+        "built_eval_nograd": "False", "training": "True", "freed": "False", "restored": "False",
+        "asked": "True", "asked_outlives_models": "True", "asked_restored": "False"}
 
 
 class _OurOperators(TorchDispatchMode):
