@@ -260,6 +260,7 @@ def test_torch_compile_fullgraph_training_step(k):
 
 
 @needs_kernels
+@pytest.mark.slow  # an inductor compile
 def test_compiled_training_graph_keeps_the_kernels_as_operators():
     _, ours = _pair(5, torch.float32)
     x = _images(torch.float32)

@@ -3,10 +3,10 @@ can break timm.
 
 One subprocess per mechanism (``sys.modules`` persists, so orders cannot share a process): the start-up hook on
 ``import timm``; the ``.pth`` hook file alone; the package's models imported first (timm is then imported from
-inside them); a ``find_spec("timm")`` probe first, as transformers' ``is_timm_available`` makes; autoload off, timm
-first, then the package; ``python -m convmixer_timm``; the speed layer first. A failing registration leaves
-``import timm`` working with timm's built-in models and one warning; concurrent imports and a retried import of
-timm register; timm's loader object is never changed.
+inside them); autoload off, the package first (around ``find_spec("timm")`` probes, as transformers'
+``is_timm_available`` makes), then timm; autoload off, timm first, then the package; ``python -m convmixer_timm``;
+the speed layer first. A failing registration leaves ``import timm`` working with timm's built-in models and one
+warning; concurrent imports and a retried import of timm register; timm's loader object is never changed.
 """
 from __future__ import annotations
 
@@ -54,7 +54,15 @@ def _python(code: str, env: dict[str, str] | None = None, flags: tuple[str, ...]
 # What each mechanism runs before the check; the check itself imports timm (a no-op where it already is).
 _MECHANISMS = {
     # The installed start-up hook put the finder in place; timm's import registers.
-    "hook-then-timm": ("", {}),
+    # Stock timm programs (validate.py, inference.py, benchmark.py) only `import timm`; the hook imports no torch.
+    "hook-then-timm": (textwrap.dedent("""
+        import sys, warnings
+        assert "torch" not in sys.modules, "the start-up hook imported torch"
+        assert "_convmixer_timm_hook" in sys.modules, "convmixer_timm.pth is not installed"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            import timm
+    """), {}),
     # This checkout's hook file run by itself, without site-packages' .pth files (python -S).
     "pth-hook-alone": (textwrap.dedent(f"""
         import sys
@@ -65,13 +73,6 @@ _MECHANISMS = {
     """), {"__flags__": "-S"}),
     # Explicit import of the models with timm not imported: timm is imported from inside their own import.
     "models-first": ("import convmixer_timm.models.checkpoint", {"CONVMIXER_TIMM_AUTOLOAD": "0"}),
-    # transformers' is_timm_available probes with find_spec long before importing timm.
-    "find-spec-probe-first": (textwrap.dedent("""
-        import importlib.util, sys
-        assert importlib.util.find_spec("timm") is not None and "timm" not in sys.modules
-        import convmixer_timm
-        assert importlib.util.find_spec("timm") is not None and "timm" not in sys.modules
-    """), {}),
     # Autoload off: timm first, then the package registers at once.
     "autoload-off-timm-then-package": ("import timm, convmixer_timm", {"CONVMIXER_TIMM_AUTOLOAD": "0"}),
     # What `python -m convmixer_timm --help` runs.
@@ -245,10 +246,18 @@ def test_a_retried_import_of_timm_registers(races_and_retry):
 
 @pytest.mark.slow
 def test_importing_the_package_registers_with_timm_when_timm_loads():
-    """Lazy package import: nothing heavy at `import convmixer_timm`, models registered as timm loads."""
-    code = ("import sys, convmixer_timm; assert 'torch' not in sys.modules, 'torch imported';"
-            "import timm; print('convmixer_256_8_ks5_p2' in timm.list_models(),"
-            " convmixer_timm.ConvMixer.__module__, convmixer_timm.__version__)")
+    """Lazy package import: nothing heavy at `import convmixer_timm`, models registered as timm loads. With
+    transformers' ``is_timm_available`` probe (``find_spec``) before and after, which must not import timm."""
+    code = textwrap.dedent("""
+        import importlib.util, sys
+        assert importlib.util.find_spec("timm") is not None and "timm" not in sys.modules
+        import convmixer_timm
+        assert "torch" not in sys.modules, "torch imported"
+        assert importlib.util.find_spec("timm") is not None and "timm" not in sys.modules
+        import timm
+        print("convmixer_256_8_ks5_p2" in timm.list_models(), convmixer_timm.ConvMixer.__module__,
+              convmixer_timm.__version__)
+    """)
     env = {**os.environ, "CONVMIXER_TIMM_AUTOLOAD": "0", "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd="/",
                          timeout=300)
