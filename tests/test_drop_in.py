@@ -17,7 +17,6 @@ import copy
 import os
 import subprocess
 import sys
-import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,7 +27,8 @@ from timm.models.convmixer import ConvMixer as TimmConvMixer
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from convmixer_timm import CheckpointError, ConvMixer, speed
+from convmixer_timm import CheckpointError, ConvMixer, restore_cpu_allocator, speed
+from convmixer_timm.speed import allocator_tuned
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_kernels = pytest.mark.skipif(speed.load() is None, reason="kernels not built: only the fallback can run")
@@ -240,7 +240,7 @@ def _graphs_and_breaks(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
     return explanation.graph_count, explanation.graph_break_count
 
 
-@pytest.mark.parametrize("k", [5, 8])
+@pytest.mark.parametrize("k", [8])  # the even kernel: its crop is the one step odd kernels skip
 @pytest.mark.slow
 def test_torch_compile_fullgraph_training_step(k):
     ref, ours = _pair(k, torch.float32)
@@ -261,21 +261,27 @@ def test_torch_compile_fullgraph_training_step(k):
 
 @needs_kernels
 @pytest.mark.slow  # an inductor compile
-def test_compiled_training_graph_keeps_the_kernels_as_operators():
+def test_compiled_training_graph_keeps_the_kernels_as_operators_and_the_allocator_alone(monkeypatch):
     _, ours = _pair(5, torch.float32)
     x = _images(torch.float32)
+    # Asked for, the allocator setting still belongs to eager training only: never inside a compiled region.
+    monkeypatch.setenv("CONVMIXER_TIMM_TUNE_MALLOC", "1")
+    restore_cpu_allocator()
     torch._dynamo.reset()
-    compiled = torch.compile(ours.train(), fullgraph=True)
-    compiled(x).sum().backward()
-    with torch.profiler.profile() as profile:
+    try:
+        compiled = torch.compile(ours.train(), fullgraph=True)
         compiled(x).sum().backward()
+        with torch.profiler.profile() as profile:
+            compiled(x).sum().backward()
+        assert not allocator_tuned()
+    finally:
+        restore_cpu_allocator()
     ran = {event.name for event in profile.events()}
     assert {"convmixer_timm::batch_norm_train", "convmixer_timm::depthwise_conv_same",
             "convmixer_timm::depthwise_weight_grad"} <= ran
 
 
-@pytest.mark.parametrize("k", [5, 8])
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize(("k", "channels_last"), [(8, False), (5, True)], ids=["nchw-8", "channels_last-5"])
 @pytest.mark.slow
 def test_torch_compile_fullgraph_eval(k, channels_last):
     ref, ours = _pair(k, torch.float32)
@@ -333,28 +339,26 @@ print("eager", allocator_tuned())
 """
 
 
-@pytest.mark.parametrize("setting", [
-    {}, {"MALLOC_MMAP_THRESHOLD_": "65536"}, {"MALLOC_TOP_PAD_": "0"},
-    {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"},
-], ids=["none", "mmap-threshold", "top-pad", "glibc-tunables"])
 @pytest.mark.slow
-def test_allocator_settings_the_user_chose_are_left_alone(setting):
-    result = _python(_TRAIN_AND_REPORT, env={"CONVMIXER_TIMM_TUNE_MALLOC": "1", **setting})  # asked for
+def test_an_allocator_setting_glibc_read_at_start_is_left_alone():
+    # A real glibc variable, read when the process starts: asked for (CONVMIXER_TIMM_TUNE_MALLOC=1), training
+    # still leaves the user's setting (test_speed_layer.py proves that without one it is applied).
+    result = _python(_TRAIN_AND_REPORT, env={"CONVMIXER_TIMM_TUNE_MALLOC": "1", "MALLOC_MMAP_THRESHOLD_": "65536"})
     assert result.returncode == 0, result.stderr[-2000:]
-    expected = "eager True" if not setting else "eager False"
-    assert expected in result.stdout
+    assert "eager False" in result.stdout
 
 
-@pytest.mark.slow
-def test_compiled_training_never_enters_the_allocator_setting():
-    code = _TRAIN_AND_REPORT.replace('print("eager", allocator_tuned())', textwrap.dedent("""
-        print("eager", allocator_tuned())
-        from convmixer_timm import restore_cpu_allocator
+@pytest.mark.parametrize("setting", [{"MALLOC_TOP_PAD_": "0"}, {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"},
+                                     {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}],
+                         ids=["top-pad", "glibc-tunables", "jemalloc-preloaded"])
+def test_every_allocator_setting_of_the_user_keeps_training_from_tuning(setting, monkeypatch):
+    monkeypatch.setenv("CONVMIXER_TIMM_TUNE_MALLOC", "1")
+    for name, value in setting.items():
+        monkeypatch.setenv(name, value)
+    restore_cpu_allocator()
+    try:
+        model = ConvMixer(8, 1, 5, 2, num_classes=3)
+        model.train()(torch.randn(4, 3, 16, 16)).sum().backward()
+        assert not allocator_tuned()
+    finally:
         restore_cpu_allocator()
-        fresh = timm.create_model("convmixer_256_8_ks5_p2", dim=8, depth=1)
-        torch.compile(fresh, fullgraph=True)(torch.randn(4, 3, 16, 16)).sum().backward()
-        print("compiled", allocator_tuned())
-    """))
-    result = _python(code, env={"CONVMIXER_TIMM_TUNE_MALLOC": "1"})
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "compiled False" in result.stdout
