@@ -232,13 +232,17 @@ _TRANSFORMERS_FROM_HUB = textwrap.dedent("""
     pixels = AutoImageProcessor.from_pretrained(repo_id)(image, return_tensors="pt")["pixel_values"]
     top = pipeline("image-classification", model=repo_id)(image, top_k=3)
     print(json.dumps({"logits": model(pixel_values=pixels).logits.tolist(), "pixels": pixels.tolist(),
-                      "id2label": model.config.id2label, "top": top}))
+                      "id2label": model.config.id2label, "top": top,
+                      "registered_by_hook": "convmixer_timm.models" in sys.modules}))
 """)
 
 
 @pytest.mark.slow
 def test_pushed_folder_loads_in_transformers_from_the_hub(hub, env, tmp_path):
-    """A user's script: transformers alone, the repo id, the Hub (here the local one) named by HF_ENDPOINT."""
+    """A user's script: transformers alone, the repo id, the Hub (here the local one) named by HF_ENDPOINT.
+
+    transformers calls timm.create_model(architecture): the start-up hook registered the models on timm's import.
+    """
     model = small_model(11)
     folder = save_hub_folder(model, tmp_path / "folder", CIFAR, dataset="cifar-10")
     assert cli.main(["push", str(folder), "--repo-id", "me/for-transformers"]) == 0
@@ -247,6 +251,7 @@ def test_pushed_folder_loads_in_transformers_from_the_hub(hub, env, tmp_path):
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["registered_by_hook"], "transformers got the model without convmixer_timm being imported?"
     names = json.loads((folder / "config.json").read_text())["label_names"]
     assert [result["id2label"][str(i)] for i in range(10)] == names
     with torch.no_grad():

@@ -54,11 +54,13 @@ def _python(code: str, env: dict[str, str] | None = None, flags: tuple[str, ...]
 # What each mechanism runs before the check; the check itself imports timm (a no-op where it already is).
 _MECHANISMS = {
     # The installed start-up hook put the finder in place; timm's import registers.
-    # Stock timm programs (validate.py, inference.py, benchmark.py) only `import timm`; the hook imports no torch.
+    # Stock timm programs (validate.py, inference.py, benchmark.py) only `import timm`.
     "hook-then-timm": (textwrap.dedent("""
-        import sys, warnings
-        assert "torch" not in sys.modules, "the start-up hook imported torch"
+        import importlib.util, sys, warnings
         assert "_convmixer_timm_hook" in sys.modules, "convmixer_timm.pth is not installed"
+        # transformers' is_timm_available probe, long before it imports timm.
+        assert importlib.util.find_spec("timm") is not None and importlib.util.find_spec("timm") is not None
+        assert not {"timm", "torch", "convmixer_timm.models"} & set(sys.modules), "the hook imported too much"
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             import timm
