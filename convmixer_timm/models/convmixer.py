@@ -31,6 +31,7 @@ from torch import nn
 from ..activations import activation_name
 from ..speed.layers import (
     BatchNorm2d,
+    add_in_place_pays,
     conv_same,
     depthwise_conv_for_training,
     has_hooks,
@@ -192,13 +193,14 @@ class Residual(nn.Module):
 @torch.jit.unused
 def _residual(residual: Residual, x: torch.Tensor) -> torch.Tensor:
     """``x + drop_path(fn(x))``. In eager training where ``fn`` ended in the fused activation-BatchNorm operator,
-    whose output no backward saves, ``x`` is added into that output instead of a fresh full-size tensor (the same
-    sum, bit for bit). Anywhere something could see ``fn``'s output (hooks, FX, compiled graphs), as written."""
+    whose output no backward saves, ``x`` is added into that output instead of a fresh tensor where that saves a
+    mapping of its own (the same sum, bit for bit). Anywhere something could see ``fn``'s output (hooks, FX,
+    compiled graphs), as written."""
     fn, drop_path = residual.fn, residual.drop_path
     if (type(fn) is DepthwiseMixing and type(drop_path) is nn.Identity and not isinstance(x, torch.fx.Proxy)
             and not torch.compiler.is_compiling() and not has_hooks(fn, drop_path)):
         out, fused = run_layers(fn, x)
-        if fused and out.shape == x.shape and out.dtype == x.dtype:
+        if fused and out.shape == x.shape and out.dtype == x.dtype and add_in_place_pays(out):
             return out.add_(x)
         return x + out
     return x + drop_path(fn(x))

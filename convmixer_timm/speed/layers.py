@@ -35,8 +35,9 @@ from .batch_norm import batch_norm_training_with_kernels
 from .depthwise import conv_same, depthwise_conv_same
 from .loader import load
 
-__all__ = ["BatchNorm2d", "act_batch_norm_2d", "conv_same", "depthwise_conv_for_training", "fused_activation",
-           "has_hooks", "kernels_apply", "layout_for_cpu_training", "match_memory_format", "run_layers"]
+__all__ = ["BatchNorm2d", "act_batch_norm_2d", "add_in_place_pays", "conv_same", "depthwise_conv_for_training",
+           "fused_activation", "has_hooks", "kernels_apply", "layout_for_cpu_training", "match_memory_format",
+           "run_layers"]
 
 
 @torch.compiler.assume_constant_result  # checked once, outside any traced graph (the loader takes a lock)
@@ -207,6 +208,18 @@ def has_hooks(*modules: nn.Module) -> bool:
         return True
     return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
                for m in modules)
+
+
+# glibc's malloc gives every request of 32 MiB or more (its largest dynamic mmap threshold on 64-bit) a mapping
+# of its own, so each fresh tensor that large faults in all its pages, and one allocation fewer is that much less
+# work. Smaller tensors come from the heap, where a freed temporary leaves a hole that later ones reuse: adding in
+# place there let glibc trim and fault in the heap's top more often (benchmarks/page_faults.py, 8 and 16 MiB).
+_OWN_MAPPING_BYTES = 32 << 20
+
+
+def add_in_place_pays(out: torch.Tensor) -> bool:
+    """Whether adding into ``out`` (the fused operator's own output) saves a fresh tensor worth saving."""
+    return out.numel() * out.element_size() >= _OWN_MAPPING_BYTES
 
 
 def _fx_tracing(x: object) -> bool:
