@@ -198,7 +198,7 @@ def _residual(residual: Residual, x: torch.Tensor) -> torch.Tensor:
     compiled graphs), as written."""
     fn, drop_path = residual.fn, residual.drop_path
     if (type(fn) is DepthwiseMixing and type(drop_path) is nn.Identity and not isinstance(x, torch.fx.Proxy)
-            and not torch.compiler.is_compiling() and not has_hooks(fn, drop_path)):
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and not has_hooks(fn, drop_path)):
         out, fused = run_layers(fn, x)
         if fused and out.shape == x.shape and out.dtype == x.dtype and add_in_place_pays(out):
             return out.add_(x)
