@@ -7,7 +7,7 @@ kills the process by a signal is the last one started and never done.
 Each call is labelled by what it is given:
 
 * ``invalid`` (a dtype the kernels lack, a vector of the wrong length, a bad kernel size or padding, a meta tensor
-  among CPU ones, a bad activation...): the operator must raise;
+  among CPU ones, an activation the operator does not compute...): the operator must raise;
 * ``edge`` (a zero-size batch, grid or channel count): it may raise, and whatever it returns must be right;
 * ``valid``: it must return PyTorch's result, computed here in float64 from the definition with plain tensor
   arithmetic, within 1e-3 (float32) or 1e-8 (float64) of the reference's largest magnitude (at least 1);
@@ -134,6 +134,26 @@ def ref_batch_norm_train_backward(grad_y, x, mean, invstd, weight):
     return grad_x, sum_dy_xmu * invstd.double(), sum_dy
 
 
+def _act(a, act):
+    return F.gelu(a) if act == "gelu" else F.relu(a)
+
+
+def _act_derivative(a, act):
+    if act == "gelu":
+        return 0.5 * (1 + torch.erf(a * 0.5 ** 0.5)) + a * torch.exp(-0.5 * a * a) / (2 * torch.pi) ** 0.5
+    return (a > 0).to(a.dtype)
+
+
+def ref_act_batch_norm_train(a, weight, bias, eps, act):
+    return ref_batch_norm_train(_act(a.double(), act), weight, bias, eps)
+
+
+def ref_act_batch_norm_train_backward(grad_y, a, mean, invstd, weight, act):
+    a = a.double()
+    grad_h, grad_weight, grad_bias = ref_batch_norm_train_backward(grad_y, _act(a, act), mean, invstd, weight)
+    return grad_h * _act_derivative(a, act), grad_weight, grad_bias
+
+
 def ref_depthwise_weight_grad(grad_out, x, k, pad):
     g, x = grad_out.double(), x.double()
     n, c, h, w = x.shape
@@ -183,6 +203,9 @@ def ref_batch_norm_module(channels, affine, track, x):
 OPERATORS: dict[str, tuple[Callable, Callable]] = {
     "batch_norm_train": (lambda *a: OPS.batch_norm_train(*a), ref_batch_norm_train),
     "batch_norm_train_backward": (lambda *a: OPS.batch_norm_train_backward(*a), ref_batch_norm_train_backward),
+    "act_batch_norm_train": (lambda *a: OPS.act_batch_norm_train(*a), ref_act_batch_norm_train),
+    "act_batch_norm_train_backward": (lambda *a: OPS.act_batch_norm_train_backward(*a),
+                                      ref_act_batch_norm_train_backward),
     "depthwise_weight_grad": (lambda *a: OPS.depthwise_weight_grad(*a), ref_depthwise_weight_grad),
     "depthwise_conv_same": (ours_depthwise_conv_same, ref_depthwise_conv_same),
     "spatial_mixing": (lambda *a: OPS.spatial_mixing(*a), ref_spatial_mixing),
@@ -258,6 +281,12 @@ class Draw:
             pad = self.bad(rng.choice([-1, k, k + 5, 2**31, -2**31 - 1]), "pad")
         return k, pad
 
+    def act(self) -> str:
+        """An activation the fused act-BatchNorm operator computes, or now and then one it does not."""
+        if self.rng.random() < 0.05:
+            return self.bad(self.rng.choice(["silu", "GELU", "identity", ""]), "act")
+        return self.rng.choice(["relu", "gelu"])
+
     def label(self, zero_size: bool) -> str:
         if self.why:
             return "invalid"
@@ -277,6 +306,13 @@ def random_case(rng: random.Random) -> Case:
     elif op == "batch_norm_train_backward":
         grad_shape = d.shape if rng.random() > 0.08 else d.bad((n, c, h, w + 1), "grad_y shape")
         args = (d.x(grad_shape), d.x(), d.vector(), d.vector(0.5), d.vector())
+    elif op == "act_batch_norm_train":
+        args = (d.x(), d.vector(0.5), d.vector(), rng.choice([1e-5, 1e-3]), d.act())
+        if n * h * w < 2:
+            d.why.append("fewer than 2 values per channel")
+    elif op == "act_batch_norm_train_backward":
+        grad_shape = d.shape if rng.random() > 0.08 else d.bad((n, c + 1, h, w), "grad_y shape")
+        args = (d.x(grad_shape), d.x(), d.vector(), d.vector(0.5), d.vector(), d.act())
     elif op == "depthwise_weight_grad":
         k, pad = d.kernel()
         grad_shape = d.shape if rng.random() > 0.08 else d.bad((n, c + 1, h, w), "grad_out shape")
@@ -329,6 +365,18 @@ def known_cases() -> list[Case]:
         Case("batch_norm_train_backward", (huge, huge, *[torch.ones(1)] * 3), "invalid", ["short stats"]),
         Case("batch_norm_train_backward", (x, x, zeros, ones, meta8), "invalid", ["meta weight"]),
         Case("batch_norm_train_backward", (x[:0], x[:0], zeros, ones, ones), "edge", ["zero batch"]),
+        Case("act_batch_norm_train", (huge, torch.ones(1), torch.zeros(1), 1e-5, "gelu"), "invalid",
+             ["1-element weight"]),
+        Case("act_batch_norm_train", (x, ones, zeros, 1e-5, "silu"), "invalid", ["act silu"]),
+        Case("act_batch_norm_train", (x.half(), ones.half(), zeros.half(), 1e-5, "relu"), "invalid", ["float16"]),
+        Case("act_batch_norm_train", (x, ones, zeros.double(), 1e-5, "gelu"), "invalid", ["mixed dtype"]),
+        Case("act_batch_norm_train", (x, meta8, zeros, 1e-5, "relu"), "invalid", ["meta weight"]),
+        Case("act_batch_norm_train", (x[:1, :, :1, :1], ones, zeros, 1e-5, "gelu"), "invalid", ["1 value"]),
+        Case("act_batch_norm_train_backward", (huge, huge, *[torch.ones(1)] * 3, "gelu"), "invalid",
+             ["short stats"]),
+        Case("act_batch_norm_train_backward", (x, x, zeros, ones, ones, "tanh"), "invalid", ["act tanh"]),
+        Case("act_batch_norm_train_backward", (x, x.to("meta"), zeros, ones, ones, "relu"), "invalid", ["meta x"]),
+        Case("act_batch_norm_train_backward", (x[:0], x[:0], zeros, ones, ones, "gelu"), "edge", ["zero batch"]),
         Case("spatial_mixing", (x, torch.ones(1), zeros, kkc, zeros, ones, "gelu"), "invalid", ["short s_in"]),
         Case("spatial_mixing", (x, ones, zeros, kkc, torch.ones(1), torch.ones(1), "relu"), "invalid", ["short"]),
         Case("spatial_mixing", (x, ones, zeros, torch.randn(0, 0, 8), zeros, ones, "gelu"), "invalid", ["k=0"]),
@@ -353,6 +401,8 @@ def known_cases() -> list[Case]:
     # Outputs follow the input, not torch.set_default_device.
     for case in (Case("batch_norm_train", (x, ones, zeros, 1e-5), "valid"),
                  Case("batch_norm_train_backward", (x, x, zeros, ones, ones), "valid"),
+                 Case("act_batch_norm_train", (x, ones, zeros, 1e-5, "gelu"), "valid"),
+                 Case("act_batch_norm_train_backward", (x, x, zeros, ones, ones, "relu"), "valid"),
                  Case("depthwise_weight_grad", (x, x, 3, 1), "valid"),
                  Case("spatial_mixing", (x, ones, zeros, kkc, zeros, ones, "gelu"), "valid")):
         case.default_device = "meta"
@@ -372,15 +422,15 @@ def _tensors(result) -> tuple:
     return result if isinstance(result, (tuple, list)) else (result,)
 
 
-def _compare(ours, reference, dtype) -> str | None:
+def _compare(ours, reference, dtype, device: str = "cpu") -> str | None:
     ours, reference = _tensors(ours), _tensors(reference)
     if len(ours) < len(reference):
         return f"{len(ours)} outputs, expected {len(reference)}"
     for index, (got, want) in enumerate(zip(ours, reference, strict=False)):
-        if got.device.type != "cpu" or got.dtype != dtype or got.shape != want.shape:
-            return (f"output {index}: {got.device} {got.dtype} {list(got.shape)}, expected cpu {dtype} "
+        if got.device.type != device or got.dtype != dtype or got.shape != want.shape:
+            return (f"output {index}: {got.device} {got.dtype} {list(got.shape)}, expected {device} {dtype} "
                     f"{list(want.shape)}")
-        if not got.numel():
+        if not got.numel() or device == "meta":  # meta tensors have no values to compare
             continue
         scale = max(1.0, want.abs().max().item())
         error = (got.double() - want).abs().max().item()
@@ -430,7 +480,8 @@ def _run_module(case: Case, ref_fn: Callable, ours, ours_error) -> dict:
             return {"outcome": "raised", "detail": _error(ours_error)}
         return {"outcome": "wrong", "detail": f"ours: {_error(ours_error) if ours_error else 'a result'}; "
                                               f"nn.BatchNorm2d: {_error(ref_error) if ref_error else 'a result'}"}
-    mismatch = _compare(ours, reference.double(), reference.dtype)
+    # nn.BatchNorm2d's output device is the reference's (a meta input gives a meta result there too).
+    mismatch = _compare(ours, reference.double(), reference.dtype, reference.device.type)
     return {"outcome": "wrong", "detail": mismatch} if mismatch else {"outcome": "ok"}
 
 

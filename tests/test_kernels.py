@@ -6,6 +6,7 @@ different order).
 """
 from __future__ import annotations
 
+import copy
 import shutil
 from pathlib import Path
 
@@ -237,3 +238,167 @@ def test_kernels_split_among_threads_give_the_one_thread_result(threads):
     for got, ref in zip(results, reference, strict=True):
         unit = (1e-6 if got.dtype == torch.float32 else 1e-12) * ref.abs().max().item()
         torch.testing.assert_close(got, ref, rtol=0, atol=unit)
+
+
+# -- activation then BatchNorm as one operator ---------------------------------------------------------------------
+
+def _act_batch_norm_reference(a, weight, bias, act, grad_y):
+    """F.gelu / F.relu then F.batch_norm in float64: output and gradients for ``grad_y``."""
+    leaves = [t.detach().double().requires_grad_() for t in (a, weight, bias)]
+    h = F.gelu(leaves[0]) if act == "gelu" else F.relu(leaves[0])
+    y = F.batch_norm(h, None, None, leaves[1], leaves[2], True, 0.1, 1e-5)
+    return [y.detach(), *torch.autograd.grad(y, leaves, grad_y.double())]
+
+
+@needs_kernels
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+# 5, 21 and 37 channels leave a tail after full vectors of 4, 8 and 16 floats; 16 leaves none.
+@pytest.mark.parametrize("channels", [5, 16, 21, 37])
+def test_act_batch_norm_matches_the_two_pytorch_ops(act, dtype, channels):
+    torch.manual_seed(channels)
+    a = (torch.randn(3, channels, 7, 6, dtype=dtype) * 2 + 0.3).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.rand(channels, dtype=dtype) + 0.5, torch.randn(channels, dtype=dtype)
+    grad_y = torch.randn(3, channels, 7, 6, dtype=dtype)
+    leaves = [t.clone().requires_grad_() for t in (a, weight, bias)]
+    y, mean, invstd, variance = torch.ops.convmixer_timm.act_batch_norm_train(*leaves, 1e-5, act)
+    ours = [y, *torch.autograd.grad(y, leaves, grad_y)]
+    reference = _act_batch_norm_reference(a, weight, bias, act, grad_y)
+    # float64: sums of 126 terms and an erf, a few ulps each; float32: the vectorised erf (|error| < 1.5e-7) and
+    # float32 rounding of every element, against a float64 reference.
+    tolerance = 1e-13 if dtype == torch.float64 else 1e-6
+    for name, got, want in zip(["y", "grad_a", "grad_weight", "grad_bias"], ours, reference, strict=True):
+        assert got.dtype == dtype and got.shape == want.shape, name
+        error = (got.double() - want).abs().max().item()
+        assert error <= tolerance * want.abs().max().item(), (name, error)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    h = F.gelu(a.double()) if act == "gelu" else F.relu(a.double())
+    torch.testing.assert_close(mean.double(), h.mean((0, 2, 3)), rtol=0, atol=tolerance * 10)
+    torch.testing.assert_close(variance.double(), h.var((0, 2, 3), unbiased=False), rtol=tolerance * 10, atol=0)
+    torch.testing.assert_close(invstd.double(), (variance.double() + 1e-5).rsqrt(), rtol=tolerance * 10, atol=0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+def test_act_batch_norm_gradcheck_float64(act):
+    torch.manual_seed(5)
+    # ReLU's kink at 0 is where finite differences fail: no input within the step of it.
+    a = torch.randn(2, 2, 3, 2, dtype=torch.float64)
+    a = (a + a.sign() * 0.1).contiguous(memory_format=torch.channels_last).requires_grad_()
+    weight = (torch.rand(2, dtype=torch.float64) + 0.5).requires_grad_()
+    bias = torch.randn(2, dtype=torch.float64, requires_grad=True)
+
+    def fn(a, weight, bias):
+        return torch.ops.convmixer_timm.act_batch_norm_train(a, weight, bias, 1e-5, act)[0]
+
+    assert torch.autograd.gradcheck(fn, (a, weight, bias))
+    # create_graph=True composes PyTorch's differentiable ops: second derivatives exist and are exact.
+    assert torch.autograd.gradgradcheck(fn, (a, weight, bias))
+
+
+@needs_kernels
+def test_act_batch_norm_rejects_bad_input_with_the_fix():
+    a, ones = torch.randn(2, 4, 3, 3), torch.ones(4)
+    with pytest.raises(ValueError, match="act must be one of 'relu', 'gelu'"):
+        torch.ops.convmixer_timm.act_batch_norm_train(a, ones, ones, 1e-5, "silu")
+    with pytest.raises(TypeError, match="float32 or float64"):
+        torch.ops.convmixer_timm.act_batch_norm_train(a.half(), ones.half(), ones.half(), 1e-5, "gelu")
+    with pytest.raises(ValueError, match="should contain 4 elements"):
+        torch.ops.convmixer_timm.act_batch_norm_train_backward(a, a, ones[:3], ones, ones, "relu")
+
+
+class _Calls(torch.utils._python_dispatch.TorchDispatchMode):
+    """How often each convmixer_timm operator ran while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "convmixer_timm":
+            name = func.__name__.split(".")[0]
+            self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def _training_step(model, x, kernels_on: bool, monkeypatch) -> tuple[list[torch.Tensor], dict[str, int]]:
+    """One SGD step: loss, output, every gradient and every buffer afterwards; and the operators that ran."""
+    if kernels_on:
+        monkeypatch.delenv("CONVMIXER_TIMM_KERNELS", raising=False)
+    else:
+        monkeypatch.setenv("CONVMIXER_TIMM_KERNELS", "0")
+    with _Calls() as calls:
+        out = model(x)
+        loss = F.cross_entropy(out, torch.arange(x.shape[0]) % 5)
+        loss.backward()
+    return [loss, out, *(p.grad for p in model.parameters()), *model.buffers()], calls.counts
+
+
+@needs_kernels
+@pytest.mark.parametrize(("act", "options"), [("gelu", {}), ("relu", {}), ("gelu", {"bn_momentum": 0.3})],
+                         ids=["gelu", "relu", "momentum"])
+def test_a_fused_training_step_equals_the_step_on_pytorchs_ops(act, options, monkeypatch):
+    torch.manual_seed(6)
+    model = ConvMixer(8, 2, 3, 2, num_classes=5, act_layer=act, **options).double().train()
+    reference = copy.deepcopy(model)
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    fused, calls = _training_step(model, x, True, monkeypatch)
+    plain, plain_calls = _training_step(reference, x, False, monkeypatch)
+    # Every act -> BatchNorm pair (stem, and two per block) ran fused, forward and backward; nothing else did.
+    assert calls["act_batch_norm_train"] == calls["act_batch_norm_train_backward"] == 5 and not plain_calls
+    assert "batch_norm_train" not in calls
+    for got, want in zip(fused, plain, strict=True):
+        if want.dtype == torch.long:  # num_batches_tracked
+            assert torch.equal(got, want)
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+@needs_kernels
+def test_hooks_see_the_activation_and_the_fused_path_steps_aside(monkeypatch):
+    torch.manual_seed(7)
+    model = ConvMixer(8, 1, 3, 2, num_classes=5).double().train()
+    reference = copy.deepcopy(model)
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    seen = []
+    model.stem[1].register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+    with_hook, calls = _training_step(model, x, True, monkeypatch)
+    assert seen == [torch.Size([4, 8, 8, 8])]  # the activation's own output, as a module's hook sees it
+    assert calls["act_batch_norm_train"] == 2 and calls["batch_norm_train"] == 1  # the stem's pair unfused
+    plain, _ = _training_step(reference, x, False, monkeypatch)
+    for got, want in zip(with_hook, plain, strict=True):
+        torch.testing.assert_close(got.double(), want.double(), rtol=1e-9, atol=1e-12)
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, inputs, output: None)
+    try:
+        _, calls = _training_step(copy.deepcopy(reference), x, True, monkeypatch)
+    finally:
+        handle.remove()
+    assert "act_batch_norm_train" not in calls and calls["batch_norm_train"] == 3  # a global hook: no pair fused
+
+
+def _residual_versions(model) -> list[int]:
+    """After each forward, the version of every block's residual sum: 1 where it was added in place."""
+    versions = []
+    for block in model.blocks:
+        block[0].register_forward_hook(lambda module, inputs, output: versions.append(output._version))
+    return versions
+
+
+@needs_kernels
+@pytest.mark.slow
+def test_the_residual_is_added_in_place_where_that_saves_a_mapping_bitwise_as_the_fresh_sum(monkeypatch):
+    # 8 x 512 x 1024 float64 is 32 MiB: a fresh tensor that large is a mapping of its own under glibc.
+    torch.manual_seed(8)
+    model = ConvMixer(8, 1, 3, 1, num_classes=5).double().train()
+    reference, small = copy.deepcopy(model), copy.deepcopy(model)
+    x = torch.randn(1, 3, 512, 1024, dtype=torch.float64)
+    in_place_versions, fresh_versions, small_versions = map(_residual_versions, (model, reference, small))
+    in_place, _ = _training_step(model, x, True, monkeypatch)
+    for block in reference.blocks:  # a hook on drop_path: fn's output is visible, so the sum is a fresh tensor
+        block[0].drop_path.register_forward_hook(lambda module, inputs, output: None)
+    fresh, calls = _training_step(reference, x, True, monkeypatch)
+    assert in_place_versions == [1] and fresh_versions == [0] and calls["act_batch_norm_train"] == 3
+    for got, want in zip(in_place, fresh, strict=True):
+        assert torch.equal(got, want)
+    _training_step(small, x[:, :, :32, :32], True, monkeypatch)
+    assert small_versions == [0]  # from the heap: a fresh sum, whose hole the allocator reuses

@@ -105,18 +105,22 @@ def test_a_foreign_library_without_the_entry_points_is_refused(tmp_path):
 # ------------------------------------------------------------------------------------------------ processes
 
 TRAIN_ONE_STEP = """
-import warnings, torch
+import json, warnings, torch
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     from convmixer_timm import ConvMixer, speed
     torch.manual_seed(0)
     model = ConvMixer(8, 1, 3, 2, num_classes=2).train()
     for _ in range(2):
-        torch.nn.functional.cross_entropy(model(torch.randn(4, 3, 8, 8)), torch.tensor([0, 1, 1, 0])).backward()
+        loss = torch.nn.functional.cross_entropy(model(torch.randn(4, 3, 8, 8)), torch.tensor([0, 1, 1, 0]))
+        loss.backward()
 print("library", speed.load() is not None)
 print("warnings", len([w for w in caught if "kernels" in str(w.message)]))
 print("messages", [str(w.message) for w in caught])
 print("grad", float(model.blocks[0][0].fn[0].weight.grad.abs().sum()))
+print("loss", float(loss))
+state = {f"{name}.grad": p.grad for name, p in model.named_parameters()} | dict(model.named_buffers())
+print("state", json.dumps({name: t.double().flatten().tolist() for name, t in state.items()}))
 """
 
 
@@ -448,7 +452,7 @@ def test_every_input_channel_count_trains_on_the_kernels(in_chans):
     x = torch.randn(4, in_chans, 16, 16)
     with _OurOperators() as ours:
         model(x).sum().backward()
-    assert ours.called == {"batch_norm_train", "batch_norm_train_backward", "depthwise_conv_same",
+    assert ours.called == {"act_batch_norm_train", "act_batch_norm_train_backward", "depthwise_conv_same",
                            "depthwise_weight_grad"}
 
 

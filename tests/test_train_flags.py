@@ -104,7 +104,7 @@ def test_training_step_uses_the_momentum_and_eps(kernels):
         out.square().sum().backward()
     expected = ref(x)
     expected.square().sum().backward()
-    assert ("convmixer_timm.batch_norm_train" in seen.names) == (kernels == "kernels")
+    assert ("convmixer_timm.act_batch_norm_train" in seen.names) == (kernels == "kernels")
     torch.testing.assert_close(out, expected, **F64)
     for (name, a), b in zip(ours.named_parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, **F64, msg=name)
@@ -183,7 +183,7 @@ def test_grad_checkpointing_updates_running_stats_once_per_step(kernels, reentra
     with _OpsSeen() as seen:
         checkpointed = _train(copy.deepcopy(model), loss_of, checkpointing=True, steps=2)
     # The kernels really ran in the checkpointed run (its recomputation), and really did not without them.
-    assert ("convmixer_timm.batch_norm_train" in seen.names) == (kernels == "kernels")
+    assert ("convmixer_timm.act_batch_norm_train" in seen.names) == (kernels == "kernels")
     for step, (expected, actual) in enumerate(zip(plain, checkpointed, strict=True), 1):
         assert expected.keys() == actual.keys()
         for name, value in expected.items():

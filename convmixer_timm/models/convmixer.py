@@ -31,10 +31,13 @@ from torch import nn
 from ..activations import activation_name
 from ..speed.layers import (
     BatchNorm2d,
+    add_in_place_pays,
     conv_same,
     depthwise_conv_for_training,
+    has_hooks,
     layout_for_cpu_training,
     match_memory_format,
+    run_layers,
 )
 from .checkpoint import check_shapes_before_load, checkpoint_filter_fn
 from .pretrained import check_pretrained_available
@@ -108,7 +111,7 @@ class ConvMixerStem(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input_channels(x, self.in_chans)
         if not torch.jit.is_scripting():
-            x = layout_for_cpu_training(self, x)
+            return _run_layers(self, layout_for_cpu_training(self, x))
         for module in self:
             x = module(x)
         return x
@@ -147,6 +150,13 @@ def same_padding_depthwise_conv(conv: SamePaddingDepthwiseConv, x: torch.Tensor)
     return conv.conv_same(x)
 
 
+@torch.jit.unused
+def _run_layers(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``layers(x)``, an activation and the BatchNorm after it as one operator where the speed layer's
+    ``run_layers`` finds that exact (a CPU training step, no hooks, no FX tracing); else module by module."""
+    return run_layers(layers, x)[0]
+
+
 class DepthwiseMixing(nn.Sequential):
     """Spatial mixing inside a block: depthwise conv -> act -> BN."""
 
@@ -158,6 +168,13 @@ class DepthwiseMixing(nn.Sequential):
             BatchNorm2d(dim, eps=bn_eps, momentum=bn_momentum, device=device, dtype=dtype),
         )
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            return _run_layers(self, x)
+        for module in self:
+            x = module(x)
+        return x
+
 
 class Residual(nn.Module):
     """``x + drop_path(fn(x))``; the attribute name ``fn`` keeps timm's and the authors' weight keys."""
@@ -168,7 +185,25 @@ class Residual(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            return _residual(self, x)
         return x + self.drop_path(self.fn(x))
+
+
+@torch.jit.unused
+def _residual(residual: Residual, x: torch.Tensor) -> torch.Tensor:
+    """``x + drop_path(fn(x))``. In eager training where ``fn`` ended in the fused activation-BatchNorm operator,
+    whose output no backward saves, ``x`` is added into that output instead of a fresh tensor where that saves a
+    mapping of its own (the same sum, bit for bit). Anywhere something could see ``fn``'s output (hooks, FX,
+    compiled graphs), as written."""
+    fn, drop_path = residual.fn, residual.drop_path
+    if (type(fn) is DepthwiseMixing and type(drop_path) is nn.Identity and not isinstance(x, torch.fx.Proxy)
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and not has_hooks(fn, drop_path)):
+        out, fused = run_layers(fn, x)
+        if fused and out.shape == x.shape and out.dtype == x.dtype and add_in_place_pays(out):
+            return out.add_(x)
+        return x + out
+    return x + drop_path(fn(x))
 
 
 class ConvMixerBlock(nn.Sequential):
@@ -183,6 +218,13 @@ class ConvMixerBlock(nn.Sequential):
             _create_act(act_layer),
             BatchNorm2d(dim, eps=bn_eps, momentum=bn_momentum, device=device, dtype=dtype),
         )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            return _run_layers(self, x)
+        for module in self:
+            x = module(x)
+        return x
 
 
 class ConvMixer(nn.Module):

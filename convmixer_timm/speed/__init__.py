@@ -1,10 +1,11 @@
 """The speed layer: everything convmixer-timm does to run ConvMixer faster than PyTorch's plain ops, in one place.
 
 * ``convmixer_kernels.cpp`` / ``kernels_body.inc``: the compiled CPU kernels (depthwise weight gradient,
-  BatchNorm training forward and backward, the inference spatial-mixing step), one copy per instruction set;
+  BatchNorm training forward and backward, alone and after ReLU/GELU, the inference spatial-mixing step), one copy
+  per instruction set;
 * ``build.py``: compiling them when the package is built (``hatch_build.py``), never at run time;
 * ``loader.py``: loading them only once they are checked whole and current, picking the copy for this CPU;
-* ``batch_norm.py``, ``depthwise.py``, ``mixing.py``: the kernels as ``torch.library`` operators
+* ``batch_norm.py``, ``act_batch_norm.py``, ``depthwise.py``, ``mixing.py``: the kernels as ``torch.library`` operators
   (``torch.ops.convmixer_timm.*``) with fake kernels and autograd formulas, each checking its arguments
   (``_checks.py``) before any pointer reaches the C++;
 * ``allocator.py``: the one process setting (glibc's thresholds), only where the user asks, and undoable;
@@ -16,6 +17,7 @@
 
 Nothing here imports timm.
 """
+from .act_batch_norm import act_batch_norm_train, act_batch_norm_train_backward, act_batch_norm_training_with_kernels
 from .allocator import allocator_tuned, restore_cpu_allocator, tune_cpu_allocator
 from .autotune import AutotunedConvMixer, optimize_for_inference
 from .batch_norm import batch_norm_train, batch_norm_train_backward, batch_norm_training_with_kernels
@@ -34,7 +36,8 @@ from .runtimes import RUNTIMES, OnnxRuntimeConvMixer, OpenVinoConvMixer, install
 
 __all__ = [
     "MIXING_ACTIVATIONS", "RUNTIMES", "AutotunedConvMixer", "BatchNorm2d", "FusedConvMixerInference",
-    "KernelLoadError", "OnnxRuntimeConvMixer", "OpenVinoConvMixer", "allocator_tuned", "batch_norm_train",
+    "KernelLoadError", "OnnxRuntimeConvMixer", "OpenVinoConvMixer", "act_batch_norm_train",
+    "act_batch_norm_train_backward", "act_batch_norm_training_with_kernels", "allocator_tuned", "batch_norm_train",
     "batch_norm_train_backward", "batch_norm_training_with_kernels", "conv_same", "depthwise_conv_for_training",
     "depthwise_conv_same", "depthwise_weight_grad", "enabled", "installed_runtimes", "kernel_info", "kernels_apply",
     "layout_for_cpu_training", "load", "load_from", "match_memory_format", "optimize_for_inference",

@@ -27,7 +27,8 @@ from ._checks import (
 )
 from .loader import load
 
-__all__ = ["batch_norm_train", "batch_norm_train_backward", "batch_norm_training_with_kernels"]
+__all__ = ["batch_norm_train", "batch_norm_train_backward", "batch_norm_training_with_kernels",
+           "update_running_stats"]
 
 _DTYPES = (torch.float32, torch.float64)
 _FORWARD, _BACKWARD = "batch_norm_train", "batch_norm_train_backward"
@@ -139,11 +140,16 @@ def batch_norm_training_with_kernels(x: Tensor, weight: Tensor, bias: Tensor, ru
     """``F.batch_norm(..., training=True)`` on the kernels; running statistics (either may be None) are updated
     in place as PyTorch does: unbiased variance, weighted by ``momentum``."""
     y, mean, _, variance = batch_norm_train(x, weight, bias, eps)
-    rows = x.shape[0] * x.shape[2] * x.shape[3]
+    update_running_stats(mean, variance, x.shape[0] * x.shape[2] * x.shape[3], running_mean, running_var, momentum)
+    return y
+
+
+def update_running_stats(mean: Tensor, variance: Tensor, rows: int, running_mean: Optional[Tensor],
+                         running_var: Optional[Tensor], momentum: float) -> None:
+    """PyTorch's running-average update from a training batch's mean and biased variance over ``rows`` values."""
     with torch.no_grad():
         if running_mean is not None:
             running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
         if running_var is not None:
             unbiased = variance * (rows / (rows - 1))
             running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
-    return y

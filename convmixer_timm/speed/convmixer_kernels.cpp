@@ -35,6 +35,8 @@
     }                                                                                                              \
     CMX_BATCH_NORM_EXPORTS(ISA, float, f32)                                                                        \
     CMX_BATCH_NORM_EXPORTS(ISA, double, f64)                                                                       \
+    CMX_ACT_BATCH_NORM_EXPORTS(ISA, float, f32)                                                                    \
+    CMX_ACT_BATCH_NORM_EXPORTS(ISA, double, f64)                                                                   \
     extern "C" CMX_EXPORT void spatial_mixing_f32__##ISA(int act, const float* u, const float* s_in, const float* t_in,      \
                                               const float* weight, const float* bias, const float* s1, float* z,  \
                                               int64_t n, int64_t h, int64_t w, int64_t c, int k, int pad, int t) { \
@@ -51,6 +53,20 @@
                                                      const T* gamma, T* gy, T* gg, T* gb, int64_t rows,           \
                                                      int64_t c, int t) {                                          \
         cmx_##ISA::batch_norm_backward_##S(g, y, mean, invstd, gamma, gy, gg, gb, rows, c, t);                    \
+    }
+
+#define CMX_ACT_BATCH_NORM_EXPORTS(ISA, T, S)                                                                      \
+    extern "C" CMX_EXPORT void act_batch_norm_forward_##S##__##ISA(int act, const T* a, const T* gamma,            \
+                                                                   const T* beta, T* out, T* mean, T* invstd,      \
+                                                                   T* var, int64_t rows, int64_t c, double eps,    \
+                                                                   int t) {                                        \
+        cmx_##ISA::act_batch_norm_forward_##S(act, a, gamma, beta, out, mean, invstd, var, rows, c, eps, t);       \
+    }                                                                                                              \
+    extern "C" CMX_EXPORT void act_batch_norm_backward_##S##__##ISA(int act, const T* g, const T* a,               \
+                                                                    const T* mean, const T* invstd,                \
+                                                                    const T* gamma, T* ga, T* gg, T* gb,           \
+                                                                    int64_t rows, int64_t c, int t) {              \
+        cmx_##ISA::act_batch_norm_backward_##S(act, g, a, mean, invstd, gamma, ga, gg, gb, rows, c, t);           \
     }
 
 #if CMX_X86_64
@@ -95,7 +111,7 @@ CMX_ENTRY_POINTS(baseline)
 extern "C" {
 
 // Bumped whenever an exported signature changes; the loader refuses a library with another number.
-CMX_EXPORT int cmx_abi_version() { return 2; }
+CMX_EXPORT int cmx_abi_version() { return 3; }
 
 // Comma-separated ISA copies in this binary, best first.
 CMX_EXPORT const char* cmx_compiled_isas() {

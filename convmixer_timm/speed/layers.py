@@ -2,6 +2,9 @@
 
 * :class:`BatchNorm2d`: ``nn.BatchNorm2d`` (same keys, same numbers) whose CPU training pass runs as two fused
   passes each way (``batch_norm.py``);
+* :func:`run_layers`: a stack of layers called in turn, where each ReLU/GELU module followed by a
+  :class:`BatchNorm2d` runs as one operator in a CPU training step (``act_batch_norm.py``): the activation's output
+  is never stored, so a step allocates, faults in and holds fewer full-size tensors;
 * :func:`depthwise_conv_for_training`: the block's depthwise convolution in training, with a fast CPU backward
   (``depthwise.py``);
 * :func:`layout_for_cpu_training`: channels_last for CPU training, and :func:`match_memory_format` to hand the
@@ -18,20 +21,23 @@ This module imports no timm: the models register with timm when timm is imported
 this module, so it must not be waiting on timm itself.
 """
 
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..activations import activation_name
+from .act_batch_norm import ACT_BATCH_NORM_ACTIVATIONS, act_batch_norm_training_with_kernels
 from .allocator import hold_while_training
 from .batch_norm import batch_norm_training_with_kernels
 from .depthwise import conv_same, depthwise_conv_same
 from .loader import load
 
-__all__ = ["BatchNorm2d", "conv_same", "depthwise_conv_for_training", "kernels_apply", "layout_for_cpu_training",
-           "match_memory_format"]
+__all__ = ["BatchNorm2d", "act_batch_norm_2d", "add_in_place_pays", "conv_same", "depthwise_conv_for_training",
+           "fused_activation", "has_hooks", "kernels_apply", "layout_for_cpu_training", "match_memory_format",
+           "run_layers"]
 
 
 @torch.compiler.assume_constant_result  # checked once, outside any traced graph (the loader takes a lock)
@@ -194,6 +200,85 @@ def match_memory_format(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return out.contiguous()
 
 
+def has_hooks(*modules: nn.Module) -> bool:
+    """Whether calling any of ``modules`` would run a hook: its own, or one registered for every module."""
+    hooks = torch.nn.modules.module
+    if (hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
+            or hooks._global_backward_pre_hooks):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+               for m in modules)
+
+
+# glibc's malloc gives every request of 32 MiB or more (its largest dynamic mmap threshold on 64-bit) a mapping
+# of its own, so each fresh tensor that large faults in all its pages, and one allocation fewer is that much less
+# work. Smaller tensors come from the heap, where a freed temporary leaves a hole that later ones reuse: adding in
+# place there let glibc trim and fault in the heap's top more often (benchmarks/page_faults.py, 8 and 16 MiB).
+_OWN_MAPPING_BYTES = 32 << 20
+
+
+def add_in_place_pays(out: torch.Tensor) -> bool:
+    """Whether adding into ``out`` (the fused operator's own output) saves a fresh tensor worth saving."""
+    return out.numel() * out.element_size() >= _OWN_MAPPING_BYTES
+
+
+def _fx_tracing(x: object) -> bool:
+    symbolic_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", None)
+    return isinstance(x, torch.fx.Proxy) or (symbolic_tracing is not None and symbolic_tracing())
+
+
+@torch.jit.unused
+def fused_activation(act: nn.Module, bn: nn.Module, x: torch.Tensor) -> Optional[str]:
+    """The activation's name where ``bn(act(x))`` may run as one kernel-backed operator, else None.
+
+    Only where that computes exactly what the two modules do and nobody could tell them apart: a CPU training step
+    the kernels apply to, ``act`` exactly ReLU or exact GELU, ``bn`` exactly our :class:`BatchNorm2d` training on
+    batch statistics with affine parameters, no hook on either module (nor a global one), and no FX tracing (a
+    traced graph keeps both modules as nodes).
+    """
+    if _fx_tracing(x) or type(bn) is not BatchNorm2d or not bn.training:
+        return None
+    name = activation_name(act)
+    if name not in ACT_BATCH_NORM_ACTIVATIONS or bn.weight is None or bn.bias is None or has_hooks(act, bn):
+        return None
+    # More than one value per channel, else PyTorch's own error message applies.
+    if x.dim() != 4 or x.numel() <= x.shape[1] or not kernels_apply(x, bn.weight, bn.bias):
+        return None
+    return name
+
+
+@torch.jit.unused
+def act_batch_norm_2d(act_name: str, bn: BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """``bn(act(x))`` as one operator, where :func:`fused_activation` named the activation; the running statistics
+    are counted and updated exactly as ``bn`` does."""
+    bn._check_input_dim(x)
+    _hold_allocator_while_training(bn, x)
+    running_mean, running_var, average_factor, _ = bn.step_running_stats()
+    return act_batch_norm_training_with_kernels(x, act_name, bn.weight, bn.bias, running_mean, running_var,
+                                                average_factor, bn.eps)
+
+
+@torch.jit.unused
+def run_layers(layers: Sequence[nn.Module], x: torch.Tensor) -> Tuple[torch.Tensor, bool]:
+    """``x`` through ``layers`` in turn, each activation and the BatchNorm2d after it as one operator where
+    :func:`fused_activation` allows; also whether the result is the fused operator's own output, which no backward
+    saves (so the caller may add into it in place)."""
+    modules = list(layers)
+    fused = False
+    i = 0
+    while i < len(modules):
+        name = fused_activation(modules[i], modules[i + 1], x) if i + 1 < len(modules) else None
+        if name is not None:
+            x = act_batch_norm_2d(name, modules[i + 1], x)
+            i += 2
+        else:
+            x = modules[i](x)
+            i += 1
+        fused = name is not None
+    return x, fused
+
+
 # FX cannot branch on a traced tensor's device, dtype or rank: one call in a traced graph, like a leaf module's.
 # (models/convmixer.py wraps the functions it calls itself.)
 torch.fx.wrap("batch_norm_2d")
+torch.fx.wrap("act_batch_norm_2d")

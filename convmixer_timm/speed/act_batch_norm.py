@@ -1,0 +1,179 @@
+"""An activation and the training BatchNorm after it as one operator: ``BatchNorm(act(a))`` without ``act(a)``.
+
+Every ConvMixer layer ends in conv -> act -> BatchNorm on the full grid. Run as two modules, the activation writes a
+full-size tensor that the BatchNorm reads and saves for backward, and the backward writes a full-size gradient of it
+in turn; with glibc's default thresholds each of these is a fresh mapping whose pages fault in. Here the BatchNorm's
+statistics and output are computed from ``a`` directly (``act`` evaluated again in each of the two passes), only
+``a`` is saved, and the backward recomputes ``act(a)`` and ``act'(a)`` to write ``grad_a`` in two passes.
+
+``convmixer_timm::act_batch_norm_train`` and its backward are ``torch.library`` custom operators with fake kernels
+and a registered autograd formula, like ``batch_norm.py``'s. A backward that builds a graph (``create_graph=True``)
+composes PyTorch's differentiable ops instead: the activation, ``native_batch_norm_backward`` with the same
+statistics, and the activation's backward.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._checks import (
+    check_4d,
+    check_cpu,
+    check_same_shape,
+    check_tensors,
+    check_vector,
+    dense,
+    kernel_threads,
+    require_kernels,
+)
+from .batch_norm import update_running_stats
+from .loader import load
+
+__all__ = ["ACT_BATCH_NORM_ACTIVATIONS", "act_batch_norm_train", "act_batch_norm_train_backward",
+           "act_batch_norm_training_with_kernels"]
+
+_DTYPES = (torch.float32, torch.float64)
+_FORWARD, _BACKWARD = "act_batch_norm_train", "act_batch_norm_train_backward"
+# The kernels' activation codes (kernels_body.inc's Activation); GELU in its exact erf form, as nn.GELU().
+_ACT_CODES = {"relu": 1, "gelu": 2}
+ACT_BATCH_NORM_ACTIVATIONS = tuple(_ACT_CODES)
+
+
+def _check_act(op: str, act: str) -> None:
+    if act not in _ACT_CODES:
+        raise ValueError(f"{op}: act must be one of {', '.join(map(repr, _ACT_CODES))}, got {act!r}; run other "
+                         f"activations as their own module before BatchNorm")
+
+
+def _check_forward(a: Tensor, weight: Tensor, bias: Tensor, act: str) -> None:
+    _check_act(_FORWARD, act)
+    check_tensors(_FORWARD, {"a": a, "weight": weight, "bias": bias}, _DTYPES)
+    check_4d(_FORWARD, "a", a)
+    for name, vector in (("weight", weight), ("bias", bias)):
+        check_vector(_FORWARD, name, vector, a.shape[1])
+    if a.shape[0] * a.shape[2] * a.shape[3] < 2:  # F.batch_norm's own check and message
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(a.shape)}")
+
+
+def _check_backward(grad_y: Tensor, a: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, act: str) -> None:
+    _check_act(_BACKWARD, act)
+    check_tensors(_BACKWARD, {"grad_y": grad_y, "a": a, "mean": mean, "invstd": invstd, "weight": weight}, _DTYPES)
+    check_4d(_BACKWARD, "a", a)
+    check_same_shape(_BACKWARD, "grad_y", grad_y, "a", a)
+    for name, vector in (("mean", mean), ("invstd", invstd), ("weight", weight)):
+        check_vector(_BACKWARD, name, vector, a.shape[1])
+
+
+def _scratch(channels: int, a: Tensor) -> int:
+    # Two double sums per channel and thread, and up to two rows of act(a) and act'(a) per thread.
+    return 2 * 8 * channels + 2 * channels * a.element_size() + 128
+
+
+@torch.library.custom_op("convmixer_timm::act_batch_norm_train", mutates_args=(), device_types="cpu")
+def act_batch_norm_train(a: Tensor, weight: Tensor, bias: Tensor, eps: float,
+                         act: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``F.batch_norm(act(a), training=True)`` with affine parameters: (y, mean, invstd, biased variance), the
+    statistics being those of ``act(a)``; ``act`` is ``"gelu"`` (exact, as ``nn.GELU()``) or ``"relu"``."""
+    _check_forward(a, weight, bias, act)
+    check_cpu(_FORWARD, a)
+    library = require_kernels(load())
+    a = dense(a, torch.channels_last)
+    batch, channels, height, width = a.shape
+    rows = batch * height * width
+    y = torch.empty_like(a, memory_format=torch.channels_last)
+    mean, invstd, variance = (a.new_empty(channels) for _ in range(3))
+    if channels == 0:
+        return y, mean, invstd, variance
+    weight, bias = dense(weight), dense(bias)
+    fn = library.act_batch_norm_forward_f32 if a.dtype == torch.float32 else library.act_batch_norm_forward_f64
+    fn(_ACT_CODES[act], a.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(), mean.data_ptr(),
+       invstd.data_ptr(), variance.data_ptr(), rows, channels, float(eps),
+       kernel_threads(rows, _scratch(channels, a), a))
+    return y, mean, invstd, variance
+
+
+@act_batch_norm_train.register_fake
+def _(a: Tensor, weight: Tensor, bias: Tensor, eps: float, act: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check_forward(a, weight, bias, act)
+    channels = a.shape[1]
+    return (torch.empty_like(a, memory_format=torch.channels_last),
+            *(a.new_empty(channels) for _ in range(3)))
+
+
+@torch.library.custom_op("convmixer_timm::act_batch_norm_train_backward", mutates_args=(), device_types="cpu")
+def act_batch_norm_train_backward(grad_y: Tensor, a: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor,
+                                  act: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """(grad_a, grad_weight, grad_bias) of :func:`act_batch_norm_train`."""
+    _check_backward(grad_y, a, mean, invstd, weight, act)
+    check_cpu(_BACKWARD, a)
+    library = require_kernels(load())
+    a = dense(a, torch.channels_last)
+    batch, channels, height, width = a.shape
+    rows = batch * height * width
+    grad_a = torch.empty_like(a, memory_format=torch.channels_last)
+    if rows == 0 or channels == 0:  # sums over nothing (PyTorch's own backward divides by zero here)
+        return grad_a, a.new_zeros(channels), a.new_zeros(channels)
+    grad_y = dense(grad_y, torch.channels_last)
+    grad_weight, grad_bias = a.new_empty(channels), a.new_empty(channels)
+    mean, invstd, weight = dense(mean), dense(invstd), dense(weight)
+    fn = library.act_batch_norm_backward_f32 if a.dtype == torch.float32 else library.act_batch_norm_backward_f64
+    fn(_ACT_CODES[act], grad_y.data_ptr(), a.data_ptr(), mean.data_ptr(), invstd.data_ptr(), weight.data_ptr(),
+       grad_a.data_ptr(), grad_weight.data_ptr(), grad_bias.data_ptr(), rows, channels,
+       kernel_threads(rows, _scratch(channels, a), a, grad_y))
+    return grad_a, grad_weight, grad_bias
+
+
+@act_batch_norm_train_backward.register_fake
+def _(grad_y: Tensor, a: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor,
+      act: str) -> Tuple[Tensor, Tensor, Tensor]:
+    _check_backward(grad_y, a, mean, invstd, weight, act)
+    channels = a.shape[1]
+    return torch.empty_like(a, memory_format=torch.channels_last), a.new_empty(channels), a.new_empty(channels)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    a, weight, _, eps, act = inputs
+    _, mean, invstd, variance = output
+    ctx.save_for_backward(a, weight, mean, invstd)  # a only: act(a) is recomputed, never held
+    ctx.eps, ctx.act = eps, act
+    ctx.mark_non_differentiable(mean, invstd, variance)  # statistics feed only the no-grad running averages
+
+
+def _activation(a: Tensor, act: str) -> Tensor:
+    return F.gelu(a) if act == "gelu" else F.relu(a)
+
+
+def _activation_backward(grad_h: Tensor, a: Tensor, h: Tensor, act: str) -> Tensor:
+    if act == "gelu":
+        return torch.ops.aten.gelu_backward(grad_h, a)
+    return torch.ops.aten.threshold_backward(grad_h, h, 0)
+
+
+def _backward(ctx, grad_y: Tensor, _grad_mean, _grad_invstd, _grad_variance):
+    a, weight, mean, invstd = ctx.saved_tensors
+    needed = ctx.needs_input_grad[:3]
+    if torch.is_grad_enabled():
+        # create_graph=True: PyTorch's differentiable ops, so double backward and gradient penalties work.
+        h = _activation(a, ctx.act)
+        grad_h, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+            grad_y, h, weight, None, None, mean, invstd, True, ctx.eps, [needed[0], needed[1], needed[2]])
+        grad_a = _activation_backward(grad_h, a, h, ctx.act) if needed[0] else None
+        grads = (grad_a, grad_weight, grad_bias)
+    else:
+        grads = act_batch_norm_train_backward(grad_y, a, mean, invstd, weight, ctx.act)
+    return (*(g if need else None for g, need in zip(grads, needed, strict=True)), None, None)
+
+
+act_batch_norm_train.register_autograd(_backward, setup_context=_setup_context)
+
+
+def act_batch_norm_training_with_kernels(a: Tensor, act: str, weight: Tensor, bias: Tensor,
+                                         running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                                         momentum: float, eps: float) -> Tensor:
+    """``F.batch_norm(act(a), ..., training=True)`` on the kernels; running statistics (either may be None) are
+    updated in place as PyTorch does."""
+    y, mean, _, variance = act_batch_norm_train(a, weight, bias, eps, act)
+    update_running_stats(mean, variance, a.shape[0] * a.shape[2] * a.shape[3], running_mean, running_var, momentum)
+    return y
