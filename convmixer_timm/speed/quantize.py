@@ -24,34 +24,53 @@ from .runtimes import import_runtime
 __all__ = ["TorchBf16", "TorchBf16Autocast", "int8_backend", "onnx_int8_bytes", "torch_int8"]
 
 
+def _split(model: nn.Module) -> bool:
+    return all(hasattr(model, name) for name in ("stem", "blocks", "forward_head"))
+
+
 class TorchBf16(nn.Module):
-    """A bf16 copy of the eval model (weights and activations bf16, channels_last; BatchNorm statistics stay
-    float32, which CPU batch norm takes beside bf16 activations), float32 in and out."""
+    """A copy of the eval model whose blocks run in bf16 (weights and activations, channels_last; BatchNorm
+    statistics stay float32, which CPU batch norm takes beside bf16 activations), float32 in and out.
+
+    The patch embedding and the classifier stay float32 (about 1% of the multiply-adds): the embedding's
+    BatchNorm multiplies some channels by up to 100 in a briefly trained model, which made bf16's rounding of
+    its input flip 1% of top-1 answers on digits."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
-        for module in self.model.modules():
+        self.split = _split(self.model)
+        for module in (self.model.blocks if self.split else self.model).modules():
             if not isinstance(module, nn.modules.batchnorm._BatchNorm):
                 for name, param in module.named_parameters(recurse=False):
                     setattr(module, name, nn.Parameter(param.detach().to(torch.bfloat16), requires_grad=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-        return self.model(x).float()
+        x = x.to(torch.float32).contiguous(memory_format=torch.channels_last)
+        if not self.split:
+            return self.model(x.to(torch.bfloat16)).float()
+        x = self.model.blocks(self.model.stem(x).to(torch.bfloat16))
+        return self.model.forward_head(x.float()).float()
 
 
 class TorchBf16Autocast(nn.Module):
-    """The float32 eval model (channels_last) run under CPU autocast to bf16, float32 out."""
+    """The float32 eval model (channels_last) with its blocks run under CPU autocast to bf16, float32 out (the
+    patch embedding and classifier outside it, as in :class:`TorchBf16`)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.split = _split(model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(torch.float32).contiguous(memory_format=torch.channels_last)
+        if not self.split:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return self.model(x).float()
+        x = self.model.stem(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = self.model(x.contiguous(memory_format=torch.channels_last))
-        return out.float()
+            x = self.model.blocks(x)
+        return self.model.forward_head(x.float()).float()
 
 
 def int8_backend() -> str:
@@ -88,12 +107,15 @@ class _Float32Out(nn.Module):
 
 
 def _fx_int8(model: nn.Module, batches: Sequence[torch.Tensor]) -> nn.Module:
-    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization import QConfigMapping, get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-    # The engine's default mapping: per-channel symmetric int8 weights for the stem, 1x1 and head, uint8
-    # activations observed per tensor on the calibration batches.
-    mapping = get_default_qconfig_mapping(torch.backends.quantized.engine)
+    # The engine's default qconfig (per-channel symmetric int8 weights, uint8 activations observed per tensor on
+    # the calibration batches) for the blocks' 1x1 convolutions; the patch embedding and the classifier stay
+    # float32, as in :func:`onnx_int8_bytes`, and so do the residual adds (a per-tensor uint8 sum loses the
+    # small branch beside the large skip).
+    qconfig = get_default_qconfig_mapping(torch.backends.quantized.engine).global_qconfig
+    mapping = QConfigMapping().set_object_type(nn.Conv2d, qconfig).set_module_name("stem", None)
     prepared = prepare_fx(copy.deepcopy(model).eval(), mapping, (batches[0],))
     with torch.no_grad():
         for x in batches:
@@ -145,10 +167,18 @@ def onnx_int8_bytes(onnx: bytes, batches: Sequence[torch.Tensor]) -> bytes:
     import onnx as onnx_lib
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    name = onnx_lib.load_from_string(onnx).graph.input[0].name
+    graph = onnx_lib.load_from_string(onnx).graph
+    name = graph.input[0].name
+    # The blocks' convolutions only (all but ~1% of the multiply-adds). A BatchNorm quantized as an op gets one
+    # int8 scale for all its channels' multipliers, which differ by orders of magnitude (top-1 agreement fell to
+    # 32% on digits); the patch embedding's output feeds a BatchNorm that multiplies the rounding of some
+    # channels by up to 100, and the classifier's pooled input is too small to gain anything.
+    float_nodes = [node.name for node in graph.node
+                   if node.op_type == "Gemm" or (node.op_type == "Conv" and name in node.input)]
     with tempfile.TemporaryDirectory() as tmp, _quiet():
         source, target = Path(tmp) / "model.onnx", Path(tmp) / "int8.onnx"
         source.write_bytes(onnx)
         quantize_static(str(source), str(target), _Reader(name, batches), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=["Conv"], nodes_to_exclude=float_nodes)
         return target.read_bytes()
