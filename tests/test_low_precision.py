@@ -8,6 +8,7 @@ anything: the race runs on an injected clock.
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 import pytest
@@ -273,3 +274,18 @@ def test_pt2e_with_the_x86_inductor_quantizer(digits):
     model, train, held, _ = digits
     agreement, error = _compare(model, torch_int8(model, _odd_batches(train), backend="pt2e"), held)
     assert agreement >= MIN_AGREEMENT and error <= INT8_TOLERANCE
+
+
+@pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel")
+def test_timm_builtin_convmixer_at_low_precision():
+    from timm.models.convmixer import ConvMixer as TimmConvMixer
+
+    torch.manual_seed(0)
+    model = TimmConvMixer(8, 1, 4, 2, num_classes=4).eval()  # padding="same", an even kernel
+    x = torch.randn(3, 3, 16, 16)
+    for precision, tolerance in (("bf16", BF16_TOLERANCE), ("int8", INT8_TOLERANCE)):
+        tuned = LowPrecisionConvMixer(model, precision, [torch.randn(5, 3, 16, 16)], clock=StepClock())
+        assert tuned.lowp_torch and set(tuned.calibration_reports) == set(tuned.lowp_torch)
+        for name in tuned.lowp_torch:
+            agreement, error = _compare(model, functools.partial(tuned.run_path, name), x)
+            assert agreement == 1.0 and error <= tolerance, (name, error)

@@ -113,9 +113,14 @@ def _fx_int8(model: nn.Module, batches: Sequence[torch.Tensor]) -> nn.Module:
     # The engine's default qconfig (per-channel symmetric int8 weights, uint8 activations observed per tensor on
     # the calibration batches) for the blocks' 1x1 convolutions; the patch embedding and the classifier stay
     # float32, as in :func:`onnx_int8_bytes`, and so do the residual adds (a per-tensor uint8 sum loses the
-    # small branch beside the large skip).
+    # small branch beside the large skip). The depthwise convolution stays float32 too: FX's quantized
+    # convolution takes no padding="same".
     qconfig = get_default_qconfig_mapping(torch.backends.quantized.engine).global_qconfig
-    mapping = QConfigMapping().set_object_type(nn.Conv2d, qconfig).set_module_name("stem", None)
+    mapping = QConfigMapping()
+    for name, module in model.named_modules():
+        if (type(module) is nn.Conv2d and module.kernel_size == (1, 1) and module.groups == 1
+                and not name.startswith("stem")):
+            mapping.set_module_name(name, qconfig)
     prepared = prepare_fx(copy.deepcopy(model).eval(), mapping, (batches[0],))
     with torch.no_grad():
         for x in batches:
