@@ -22,7 +22,7 @@ from torch import nn
 from .autotune import AutotunedConvMixer, _Entry
 from .choice_cache import cache_dir
 from .precision import CalibrationReport, calibration_batches, check_precision, measure, native
-from .quantize import TorchBf16, TorchBf16Autocast, int8_backend, onnx_int8_bytes, torch_int8
+from .quantize import TorchBf16, TorchBf16Autocast, int8_backends, onnx_int8_bytes, torch_int8
 from .race import batch_bucket, score
 from .runtimes import RUNTIMES, OnnxRuntimeConvMixer, OpenVinoConvMixer, full_size, installed_runtimes, onnx_bytes
 
@@ -39,8 +39,8 @@ class LowPrecisionConvMixer(AutotunedConvMixer):
     bf16: the model with bf16 weights and activations (``bf16 channels_last``), the float32 model under CPU
     autocast (``bf16 autocast``), and OpenVINO with ``INFERENCE_PRECISION_HINT=bf16`` where ``runtimes`` has it
     and the CPU has native bf16 (elsewhere OpenVINO runs that hint in float32).
-    int8 (needs ``calibration``): PyTorch's int8 model (PT2E with the x86 inductor quantizer where ``torchao`` is
-    installed, else FX graph mode; per-channel weights), and the ONNX export quantized statically by onnxruntime
+    int8 (needs ``calibration``): PyTorch's int8 models (FX graph mode, and PT2E with the x86 inductor quantizer
+    where ``torchao`` is installed; per-channel weights), and the ONNX export quantized statically by onnxruntime
     (QDQ, per-channel weights) run by onnxruntime and OpenVINO, for the calibration images' size.
 
     ``calibration``: input batches (or a DataLoader yielding images or (images, labels)), read once. Every
@@ -69,8 +69,8 @@ class LowPrecisionConvMixer(AutotunedConvMixer):
         makers: dict[str, Callable[[], nn.Module]] = {
             "bf16 channels_last": functools.partial(TorchBf16, self.plain),
             "bf16 autocast": functools.partial(TorchBf16Autocast, self.plain_channels_last),
-        } if precision == "bf16" else {f"int8 {int8_backend()}": functools.partial(
-            torch_int8, self.plain, self.calibration)}
+        } if precision == "bf16" else {f"int8 {backend}": functools.partial(
+            torch_int8, self.plain, self.calibration, backend) for backend in int8_backends()}
         for name, make in makers.items():
             try:
                 runner = make()

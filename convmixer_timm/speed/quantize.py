@@ -1,6 +1,6 @@
 """The low-precision models the race of :class:`.lowp.LowPrecisionConvMixer` times: PyTorch in bf16 (weights
-cast, or autocast), PyTorch int8 (PT2E with the x86 inductor quantizer where ``torchao`` is installed, else FX
-graph-mode quantization), and the ONNX export statically quantized by onnxruntime (QDQ, per-channel weights),
+cast, or autocast), PyTorch int8 (FX graph-mode quantization, and PT2E with the x86 inductor quantizer where
+``torchao`` is installed), and the ONNX export statically quantized by onnxruntime (QDQ, per-channel weights),
 which onnxruntime and OpenVINO both run in int8.
 
 Every model here takes and returns float32: inputs are cast in, outputs cast back.
@@ -21,7 +21,7 @@ from torch import nn
 
 from .runtimes import import_runtime
 
-__all__ = ["TorchBf16", "TorchBf16Autocast", "int8_backend", "onnx_int8_bytes", "torch_int8"]
+__all__ = ["TorchBf16", "TorchBf16Autocast", "int8_backends", "onnx_int8_bytes", "torch_int8"]
 
 
 def _split(model: nn.Module) -> bool:
@@ -73,10 +73,12 @@ class TorchBf16Autocast(nn.Module):
         return self.model.forward_head(x.float()).float()
 
 
-def int8_backend() -> str:
-    """PyTorch's int8 flow used here: ``"pt2e"`` where ``torchao`` is installed (its PT2E quantizers moved there
-    from ``torch.ao``), else ``"fx"`` (``torch.ao.quantization.quantize_fx``, kept in torch for now)."""
-    return "pt2e" if importlib.util.find_spec("torchao") is not None else "fx"
+def int8_backends() -> tuple[str, ...]:
+    """PyTorch's int8 flows available here: ``"fx"`` (``torch.ao.quantization.quantize_fx``: quantized oneDNN /
+    FBGEMM convolutions, run as they are) and ``"pt2e"`` where ``torchao`` is installed (PT2E with the x86
+    inductor quantizer, whose quantizers moved from ``torch.ao`` to torchao; without inductor lowering its
+    graph runs quantize/dequantize steps around float32 convolutions: accurate, not fast)."""
+    return ("fx", "pt2e") if importlib.util.find_spec("torchao") is not None else ("fx",)
 
 
 @contextlib.contextmanager
@@ -106,21 +108,26 @@ class _Float32Out(nn.Module):
         return self.model(x.to(torch.float32)).float()
 
 
+def _pointwise(model: nn.Module) -> list[str]:
+    """The names of the blocks' 1x1 convolutions: what PyTorch's int8 flows quantize. The patch embedding and
+    the classifier stay float32, as in :func:`onnx_int8_bytes`, and so do the residual adds (a per-tensor uint8
+    sum loses the small branch beside the large skip) and the depthwise convolution (FX's quantized convolution
+    takes no ``padding="same"``)."""
+    return [name for name, module in model.named_modules()
+            if type(module) is nn.Conv2d and module.kernel_size == (1, 1) and module.groups == 1
+            and not name.startswith("stem")]
+
+
 def _fx_int8(model: nn.Module, batches: Sequence[torch.Tensor]) -> nn.Module:
     from torch.ao.quantization import QConfigMapping, get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-    # The engine's default qconfig (per-channel symmetric int8 weights, uint8 activations observed per tensor on
-    # the calibration batches) for the blocks' 1x1 convolutions; the patch embedding and the classifier stay
-    # float32, as in :func:`onnx_int8_bytes`, and so do the residual adds (a per-tensor uint8 sum loses the
-    # small branch beside the large skip). The depthwise convolution stays float32 too: FX's quantized
-    # convolution takes no padding="same".
+    # The engine's default qconfig: per-channel symmetric int8 weights, uint8 activations observed per tensor
+    # on the calibration batches.
     qconfig = get_default_qconfig_mapping(torch.backends.quantized.engine).global_qconfig
     mapping = QConfigMapping()
-    for name, module in model.named_modules():
-        if (type(module) is nn.Conv2d and module.kernel_size == (1, 1) and module.groups == 1
-                and not name.startswith("stem")):
-            mapping.set_module_name(name, qconfig)
+    for name in _pointwise(model):
+        mapping.set_module_name(name, qconfig)
     prepared = prepare_fx(copy.deepcopy(model).eval(), mapping, (batches[0],))
     with torch.no_grad():
         for x in batches:
@@ -130,22 +137,28 @@ def _fx_int8(model: nn.Module, batches: Sequence[torch.Tensor]) -> nn.Module:
 
 def _pt2e_int8(model: nn.Module, batches: Sequence[torch.Tensor]) -> nn.Module:
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as x86
+    from torchao.quantization.pt2e import allow_exported_model_train_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
+    model = copy.deepcopy(model).eval()
     batch = torch.export.Dim("batch", min=1)
-    graph = torch.export.export(copy.deepcopy(model).eval(), (batches[0],),
+    graph = torch.export.export(model, (batches[0],),
                                 dynamic_shapes=({0: batch},) if batches[0].shape[0] > 1 else None).module()
-    quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
+    quantizer, config = x86.X86InductorQuantizer(), x86.get_default_x86_inductor_quantization_config()
+    for name in _pointwise(model):  # per-channel weights (the default config's)
+        quantizer.set_module_name_qconfig(name, config)
     prepared = prepare_pt2e(graph, quantizer)
     with torch.no_grad():
         for x in batches:
             prepared(x)
-    return convert_pt2e(prepared)
+    converted = convert_pt2e(prepared)
+    allow_exported_model_train_eval(converted)  # the module holding it calls .eval()
+    return converted
 
 
-def torch_int8(model: nn.Module, batches: Sequence[torch.Tensor], backend: str | None = None) -> nn.Module:
-    """``model`` quantized to int8 by PyTorch (:func:`int8_backend`), calibrated on ``batches``."""
-    backend = backend or int8_backend()
+def torch_int8(model: nn.Module, batches: Sequence[torch.Tensor], backend: str = "fx") -> nn.Module:
+    """``model`` quantized to int8 by PyTorch's ``backend`` flow (:func:`int8_backends`), calibrated on
+    ``batches``."""
     with _quiet():
         quantized = _pt2e_int8(model, batches) if backend == "pt2e" else _fx_int8(model, batches)
     return _Float32Out(quantized).eval()
