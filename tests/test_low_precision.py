@@ -188,6 +188,31 @@ class WithFakeLowPrecision(LowPrecisionConvMixer):
                 "fake int8": lambda model, shape, whole: FastLowPrecision(model, self.clock, self.speedup)}
 
 
+class WithFakeFp32(WithFakeLowPrecision):
+    """Also a float32 runtime stand-in, 0.5 faster than PyTorch's paths on the clock."""
+
+    def _foreign_builders(self) -> dict:
+        return {**super()._foreign_builders(),
+                "fake fp32": lambda model, shape, whole: FastLowPrecision(model, self.clock, 0.5)}
+
+    def fp32_paths(self) -> list[str]:
+        return [*super().fp32_paths(), "fake fp32"]
+
+
+@pytest.mark.parametrize(("speedup", "chosen"), [(0.51, "fake fp32"), (0.6, "fake int8")])
+def test_low_precision_must_beat_the_fastest_fp32_path_not_just_the_plain_model(small, caplog, speedup, chosen):
+    model, held = small
+    tuned = WithFakeFp32(model, "int8", [held], clock=StepClock(), speedup=speedup)
+    assert tuned.incumbents[0] == "plain" and "fake fp32" in tuned.incumbents
+    with caplog.at_level(logging.INFO, logger="convmixer_timm"), torch.no_grad():
+        tuned(held[:4])
+    assert next(iter(tuned.choices.values())) == chosen  # 0.49 vs 0.5 is inside the 3% margin; 0.4 is not
+    kept = [r.getMessage() for r in caplog.records if "fp32 kept" in r.getMessage()]
+    assert len(kept) == (chosen == "fake fp32")
+    if kept:
+        assert "the best int8 path (fake int8) was 2.0% faster, inside the race's 3% margin" in kept[0]
+
+
 @pytest.mark.parametrize(("speedup", "chosen"), [(0.5, "fake int8"), (0.01, None)])
 def test_a_faster_low_precision_path_wins_and_a_slower_one_leaves_fp32(small, caplog, speedup, chosen):
     model, held = small

@@ -108,6 +108,8 @@ class AutotunedConvMixer(nn.Module):
     result; calls of buckets already chosen never wait for a race. Progress goes to the ``convmixer_timm`` logger.
     """
 
+    incumbents: tuple[str, ...] = ("plain", "plain channels_last")  # kept unless beaten by ``margin``
+
     def __init__(self, model: nn.Module, clock: Clock = time.perf_counter, rounds: int = 5, margin: float = 0.03,
                  announce: bool = True, runtimes: Sequence[str] = (), cache_dir: str | os.PathLike | None = None,
                  max_shapes: int = 8, proxy_depth: int = PROXY_DEPTH, min_rounds: int = 2, settle: float = 0.02):
@@ -305,7 +307,7 @@ class AutotunedConvMixer(nn.Module):
                 # would pay for it, and a PyTorch call would find its threads awake. Every timed call starts
                 # from a quiet machine, as each path does in steady use when it runs alone.
                 result = race(candidates, self.clock, self.rounds, self.min_rounds, self.margin,
-                              incumbents=("plain", "plain channels_last"), settle=self.settle,
+                              incumbents=self.incumbents, settle=self.settle,
                               settle_before=tuple(candidates))
             if result.choice in foreign:
                 # A foreign runtime costs an export and a compilation per new bucket and a thread pool beside
@@ -474,8 +476,7 @@ def optimize_for_inference(model: nn.Module, input_size: Sequence[int] | None = 
     faster (imported with their telemetry off: :mod:`.runtimes`); ``"torch"`` keeps to PyTorch's paths;
     ``"onnxruntime"`` or ``"openvino"`` (needs ``input_size``) returns that runtime's wrapper alone.
 
-    ``precision``: ``"fp32"`` (exact; ``calibration`` unused), ``"bf16"`` or ``"int8"`` (needs ``calibration``,
-    input batches or a DataLoader yielding images or (images, labels)): :class:`.lowp.LowPrecisionConvMixer`.
+    ``precision``: ``"fp32"`` (exact), ``"bf16"`` or ``"int8"`` (with ``calibration``): :mod:`.lowp`.
     """
     backends = ("auto", "torch", *RUNTIMES)
     if backend not in backends:

@@ -2,10 +2,13 @@
 returns for ``"bf16"`` and ``"int8"``.
 
 The race is :class:`.autotune.AutotunedConvMixer`'s, with each precision's candidates added beside the float32
-paths, which stay the incumbents: a low-precision path is chosen only where it beats the fastest float32 path by
-the race's margin, so asking for a lower precision never gives something slower than float32. Where float32 is
-kept, one INFO line says so and by how much. The race always runs on the whole model (a copy cut to fewer blocks
-cannot be made of a quantized graph).
+paths, which are all incumbents: a low-precision path is chosen only where it beats the fastest float32 path by
+the race's margin (among themselves the float32 paths, all exact, need none), so asking for a lower precision
+never gives something slower than float32. Where float32 is kept, one INFO line says so and by how much. The race
+always runs on the whole model (a copy cut to fewer blocks cannot be made of a quantized graph).
+
+``calibration`` (input batches, or a DataLoader yielding images or (images, labels)) is read once and kept; it is
+what int8 is calibrated on and what every low-precision path is measured on against float32.
 """
 from __future__ import annotations
 
@@ -80,6 +83,8 @@ class LowPrecisionConvMixer(AutotunedConvMixer):
                                error)
                 continue
             self.lowp_torch[name] = runner
+        # Every float32 path is an incumbent: a low-precision one must beat the fastest of them by the margin.
+        self.incumbents = tuple(self.fp32_paths())
         self.eval()
 
     # -- calibration
@@ -115,7 +120,7 @@ class LowPrecisionConvMixer(AutotunedConvMixer):
         return names
 
     def fp32_paths(self) -> list[str]:
-        """The float32 paths on offer (the incumbents of every race)."""
+        """The float32 paths on offer (the plain model first): every one is an incumbent of this module's races."""
         return [*AutotunedConvMixer.paths(self), *AutotunedConvMixer._foreign_builders(self)]
 
     def _run_torch_path(self, name: str, x: torch.Tensor, plain: nn.Module, plain_cl: nn.Module,
@@ -188,9 +193,12 @@ class LowPrecisionConvMixer(AutotunedConvMixer):
             why = "" if self.native else f" ({_NO_NATIVE[self.precision]})"
             if lowp and scores.get(entry.name):
                 best = min(lowp, key=lowp.get)
-                logger.info("convmixer_timm: %s requested; fp32 kept for input %s: %.2fx faster than the best %s "
-                            "path (%s) on this CPU%s", self.precision, list(x.shape),
-                            lowp[best] / scores[entry.name], self.precision, best, why)
+                ratio = lowp[best] / scores[entry.name]
+                how = (f"{ratio:.2f}x faster than the best {self.precision} path ({best})" if ratio >= 1 else
+                       f"the best {self.precision} path ({best}) was {100 * (1 / ratio - 1):.1f}% faster, inside "
+                       f"the race's {100 * self.margin:.0f}% margin")
+                logger.info("convmixer_timm: %s requested; fp32 kept for input %s: %s on this CPU%s",
+                            self.precision, list(x.shape), how, why)
             else:
                 logger.info("convmixer_timm: %s requested; fp32 kept for input %s: no %s path finished the race%s",
                             self.precision, list(x.shape), self.precision, why)
