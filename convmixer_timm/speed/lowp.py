@@ -107,8 +107,8 @@ class LowPrecisionConvMixer(AutotunedConvMixer):
 
     @property
     def calibration_report(self) -> CalibrationReport | None:
-        """The calibration report of the path serving the last input (None before the first call, where a
-        float32 path was kept, or without calibration inputs)."""
+        """The calibration report of the path serving the last input or :meth:`tune` (None before either, where
+        a float32 path was kept, or without calibration inputs)."""
         with self._reports_lock:
             return self.calibration_reports.get(self._last_name) if self._last_name else None
 
@@ -203,6 +203,10 @@ class LowPrecisionConvMixer(AutotunedConvMixer):
                 logger.info("convmixer_timm: %s requested; fp32 kept for input %s: no %s path finished the race%s",
                             self.precision, list(x.shape), self.precision, why)
         return entry
+
+    def tune(self, x: torch.Tensor) -> str:
+        self._last_name = super().tune(x)
+        return self._last_name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = super().forward(x)
