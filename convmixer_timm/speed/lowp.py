@@ -68,6 +68,7 @@ class LowPrecisionConvMixer(AutotunedConvMixer):
         self._reports_lock = threading.Lock()
         self._int8_onnx: dict[tuple, bytes] = {}
         self._last_name: str | None = None
+        self._tuning = threading.local()
         self.lowp_torch: dict[str, nn.Module] = {}
         makers: dict[str, Callable[[], nn.Module]] = {
             "bf16 channels_last": functools.partial(TorchBf16, self.plain),
@@ -137,7 +138,9 @@ class LowPrecisionConvMixer(AutotunedConvMixer):
         if self.precision == "bf16" and "openvino" in self.runtimes and self.native:
             for hint in hints:
                 builders[f"openvino bf16 {hint.lower()}"] = functools.partial(self._openvino_lowp, hint, "bf16")
-        if self.precision == "int8":
+        image = getattr(self._tuning, "image", None)
+        calibrated = bool(self.calibration) and (image is None or image == tuple(self.calibration[0].shape[1:]))
+        if self.precision == "int8" and calibrated:  # the int8 ONNX model exists for the calibration size only
             if "onnxruntime" in self.runtimes:
                 builders["onnxruntime int8"] = self._onnxruntime_int8
                 if "openvino" in self.runtimes:
@@ -185,7 +188,11 @@ class LowPrecisionConvMixer(AutotunedConvMixer):
         return {**super()._disk_key(x, candidates), "precision": self.precision}
 
     def _tune(self, x: torch.Tensor, previous: _Entry | None = None) -> _Entry:
-        entry = super()._tune(x, previous)
+        self._tuning.image = tuple(x.shape[1:])  # which builders are on offer (threads tune other keys meanwhile)
+        try:
+            entry = super()._tune(x, previous)
+        finally:
+            self._tuning.image = None
         result = self.last_race.get(self._key(x)) if entry.source == "timed" else None
         if result is not None and entry.name in self.fp32_paths():
             scores = {name: score(times) for name, times in result.times.items() if name not in result.dropped}
@@ -200,8 +207,8 @@ class LowPrecisionConvMixer(AutotunedConvMixer):
                 logger.info("convmixer_timm: %s requested; fp32 kept for input %s: %s on this CPU%s",
                             self.precision, list(x.shape), how, why)
             else:
-                logger.info("convmixer_timm: %s requested; fp32 kept for input %s: no %s path finished the race%s",
-                            self.precision, list(x.shape), self.precision, why)
+                logger.info("convmixer_timm: %s requested; fp32 kept for input %s: every %s path was far behind "
+                            "or failed%s", self.precision, list(x.shape), self.precision, why)
         return entry
 
     def tune(self, x: torch.Tensor) -> str:
