@@ -361,3 +361,18 @@ def test_accuracy_script_reports_every_path_on_held_out_images(tmp_path, capsys)
     assert {"fp32", "int8 fx"} <= set(results) and results["fp32"]["agreement"] == 100.0
     assert all(r["images"] == split.num_val for r in results.values())  # the whole held-out split, last batch short
     assert "| int8 fx |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_openvino_bf16_is_a_path_only_where_the_cpu_has_bf16(small, native_bf16):
+    pytest.importorskip("openvino")
+    model, inputs = small
+    tuned = LowPrecisionConvMixer(model, "bf16", [inputs[:3]], clock=StepClock(), runtimes=("openvino",),
+                                  native_precision=native_bf16)
+    offered = {name for name in tuned._foreign_builders() if "bf16" in name}
+    assert offered == ({"openvino bf16 latency", "openvino bf16 throughput"} if native_bf16 else set())
+    if native_bf16:  # built and measured like the others (this CPU may run the hint in float32)
+        runner = tuned._foreign_builders()["openvino bf16 latency"](tuned.plain, (4, 1, 8, 8), True)
+        agreement, error = _compare(model, runner, inputs[:4])
+        assert agreement == 1.0 and error <= BF16_TOLERANCE
+        assert tuned.calibration_reports["openvino bf16 latency"].images == 3
