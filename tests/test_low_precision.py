@@ -376,3 +376,21 @@ def test_openvino_bf16_is_a_path_only_where_the_cpu_has_bf16(small, native_bf16)
         agreement, error = _compare(model, runner, inputs[:4])
         assert agreement == 1.0 and error <= BF16_TOLERANCE
         assert tuned.calibration_reports["openvino bf16 latency"].images == 3
+
+
+def test_the_onnx_int8_model_quantizes_exactly_the_blocks_1x1_convolutions():
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from convmixer_timm.speed.quantize import onnx_int8_bytes
+    from convmixer_timm.speed.runtimes import onnx_bytes
+
+    torch.manual_seed(0)
+    model = ConvMixer(8, 2, 3, 2, num_classes=4).eval()
+    graph = onnx.load_from_string(onnx_int8_bytes(onnx_bytes(model, (1, 3, 16, 16)),
+                                                  [torch.randn(3, 3, 16, 16)])).graph
+    dequantized = {node.output[0] for node in graph.node if node.op_type == "DequantizeLinear"}
+    convs = [node for node in graph.node if node.op_type == "Conv"]
+    quantized = [node for node in convs if node.input[1] in dequantized]  # int8 weights, per channel
+    assert len(convs) == 5 and len(quantized) == 2  # the stem and both depthwise convolutions stay float32
+    assert all(node.input[0] in dequantized for node in quantized)  # uint8 activations in
+    assert not [node for node in graph.node if node.op_type == "Gemm" and node.input[1] in dequantized]
