@@ -13,6 +13,8 @@
 * ``runtimes.py``: onnxruntime and OpenVINO on the model's ONNX export, imported with their telemetry off;
 * ``race.py``, ``autotune.py``, ``choice_cache.py``: :func:`optimize_for_inference`, which races the paths per
   batch bucket and image size where it runs, and remembers the winners;
+* ``lowp.py``, ``quantize.py``, ``precision.py``: its ``precision="bf16"`` and ``"int8"`` paths, the calibration
+  inputs and the accuracy measured on them;
 * ``layers.py``: the seam, the only part ``models/convmixer.py`` uses.
 
 Nothing here imports timm.
@@ -31,13 +33,16 @@ from .layers import (
     match_memory_format,
 )
 from .loader import KernelLoadError, enabled, kernel_info, load, load_from
+from .lowp import LowPrecisionConvMixer
 from .mixing import MIXING_ACTIVATIONS, spatial_mixing
+from .precision import CalibrationReport
 from .runtimes import RUNTIMES, OnnxRuntimeConvMixer, OpenVinoConvMixer, installed_runtimes
 
 __all__ = [
-    "MIXING_ACTIVATIONS", "RUNTIMES", "AutotunedConvMixer", "BatchNorm2d", "FusedConvMixerInference",
-    "KernelLoadError", "OnnxRuntimeConvMixer", "OpenVinoConvMixer", "act_batch_norm_train",
-    "act_batch_norm_train_backward", "act_batch_norm_training_with_kernels", "allocator_tuned", "batch_norm_train",
+    "MIXING_ACTIVATIONS", "RUNTIMES", "AutotunedConvMixer", "BatchNorm2d", "CalibrationReport",
+    "FusedConvMixerInference", "KernelLoadError", "LowPrecisionConvMixer", "OnnxRuntimeConvMixer",
+    "OpenVinoConvMixer", "act_batch_norm_train", "act_batch_norm_train_backward",
+    "act_batch_norm_training_with_kernels", "allocator_tuned", "batch_norm_train",
     "batch_norm_train_backward", "batch_norm_training_with_kernels", "conv_same", "depthwise_conv_for_training",
     "depthwise_conv_same", "depthwise_weight_grad", "enabled", "installed_runtimes", "kernel_info", "kernels_apply",
     "layout_for_cpu_training", "load", "load_from", "match_memory_format", "optimize_for_inference",

@@ -18,7 +18,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ from . import runtimes as _runtimes
 from .choice_cache import ChoiceCache, architecture, cache_dir, machine, version
 from .fused import FusedConvMixerInference, supported
 from .loader import kernel_info, load
+from .precision import check_precision
 from .race import Clock, RaceResult, Watch, batch_bucket, race, runner_up, score
 from .runtimes import RUNTIMES, OnnxRuntimeConvMixer, OpenVinoConvMixer, full_size, installed_runtimes
 
@@ -107,6 +108,8 @@ class AutotunedConvMixer(nn.Module):
     result; calls of buckets already chosen never wait for a race. Progress goes to the ``convmixer_timm`` logger.
     """
 
+    incumbents: tuple[str, ...] = ("plain", "plain channels_last")  # kept unless beaten by ``margin``
+
     def __init__(self, model: nn.Module, clock: Clock = time.perf_counter, rounds: int = 5, margin: float = 0.03,
                  announce: bool = True, runtimes: Sequence[str] = (), cache_dir: str | os.PathLike | None = None,
                  max_shapes: int = 8, proxy_depth: int = PROXY_DEPTH, min_rounds: int = 2, settle: float = 0.02):
@@ -134,6 +137,7 @@ class AutotunedConvMixer(nn.Module):
         self._sessions: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self._ov_requests: dict[tuple, int] = {}  # (bucket, image) -> OpenVINO THROUGHPUT's number of requests
         self._arch = architecture(self.plain)
+        self.last_race: dict[tuple, RaceResult] = {}  # each key's latest race (the whole model's, where one ran)
         self.eval()
 
     # -- the paths
@@ -303,7 +307,7 @@ class AutotunedConvMixer(nn.Module):
                 # would pay for it, and a PyTorch call would find its threads awake. Every timed call starts
                 # from a quiet machine, as each path does in steady use when it runs alone.
                 result = race(candidates, self.clock, self.rounds, self.min_rounds, self.margin,
-                              incumbents=("plain", "plain channels_last"), settle=self.settle,
+                              incumbents=self.incumbents, settle=self.settle,
                               settle_before=tuple(candidates))
             if result.choice in foreign:
                 # A foreign runtime costs an export and a compilation per new bucket and a thread pool beside
@@ -337,6 +341,7 @@ class AutotunedConvMixer(nn.Module):
                 logger.warning("convmixer_timm: inference path %r failed for the whole model (%s: %s); using "
                                "the plain model", result.choice, type(error).__name__, error)
                 result.choice, remember, rival = "plain", False, None
+        self.last_race[self._key(x)] = dataclasses.replace(timed, choice=result.choice)
         logger.log(level, "convmixer_timm: chose %s for input %s in %.1f s (%s)", result.choice, list(x.shape),
                    time.perf_counter() - start, ", ".join(f"{n} {1e3 * score(t):.1f} ms" for n, t in sorted(
                        timed.times.items(), key=lambda item: score(item[1]))))
@@ -449,7 +454,8 @@ class AutotunedConvMixer(nn.Module):
 
 
 def optimize_for_inference(model: nn.Module, input_size: Sequence[int] | None = None, backend: str = "auto",
-                           cache: bool | str | os.PathLike = True) -> nn.Module:
+                           cache: bool | str | os.PathLike = True, precision: str = "fp32",
+                           calibration: Iterable[object] | None = None) -> nn.Module:
     """Return the fastest exact eval-mode version of ``model`` (a convmixer-timm or timm ``ConvMixer``).
 
     The model itself is left untouched. Which implementation is fastest depends on the shape and the CPU (on an
@@ -469,10 +475,17 @@ def optimize_for_inference(model: nn.Module, input_size: Sequence[int] | None = 
     extra) and OpenVINO FP32 (the ``openvino`` extra), on the model's own ONNX export, and uses one where it is
     faster (imported with their telemetry off: :mod:`.runtimes`); ``"torch"`` keeps to PyTorch's paths;
     ``"onnxruntime"`` or ``"openvino"`` (needs ``input_size``) returns that runtime's wrapper alone.
+
+    ``precision``: ``"fp32"`` (exact), ``"bf16"`` or ``"int8"`` (with ``calibration``): :mod:`.lowp`.
     """
     backends = ("auto", "torch", *RUNTIMES)
     if backend not in backends:
         raise ValueError(f"backend must be one of {backends}, got {backend!r}")
+    check_precision(precision, calibration)
+    if precision != "fp32":
+        from .lowp import optimize_low_precision
+
+        return optimize_low_precision(model, input_size, backend, cache, precision, calibration)
     if backend in RUNTIMES:
         if input_size is None:
             raise ValueError(f"backend={backend!r} needs input_size: the ONNX graph is built for one input size")

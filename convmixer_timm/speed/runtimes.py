@@ -111,11 +111,13 @@ class OpenVinoConvMixer(nn.Module):
     so the module can be shared by threads.
 
     Compiled for ``input_size`` alone (a static shape, OpenVINO's fastest), or, with ``batches=(low, high)``, for
-    every batch size in that range with the image size of ``input_size`` (one compilation serves a batch bucket)."""
+    every batch size in that range with the image size of ``input_size`` (one compilation serves a batch bucket).
+    ``precision``: OpenVINO's ``INFERENCE_PRECISION_HINT`` (``"bf16"`` runs in bf16 where the CPU has it; OpenVINO
+    stays in float32 where it does not)."""
 
     def __init__(self, model: nn.Module | None, input_size: Sequence[int], hint: str = "LATENCY",
                  threads: int | None = None, onnx: bytes | None = None, requests: int | None = None,
-                 batches: tuple[int, int] | None = None):
+                 batches: tuple[int, int] | None = None, precision: str = "f32"):
         super().__init__()
         ov = import_runtime("openvino")
         self.input_size = full_size(input_size)
@@ -124,7 +126,7 @@ class OpenVinoConvMixer(nn.Module):
             raise ValueError(f"batches {batches} must hold the batch size of input_size {list(self.input_size)}")
         self.batches = (int(low), int(high))
         self.hint = hint.upper()
-        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": self.hint,
+        config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": self.hint,
                   "INFERENCE_NUM_THREADS": threads or torch.get_num_threads()}
         core = ov.Core()
         exported = onnx if onnx is not None else onnx_bytes(model, self.input_size)
