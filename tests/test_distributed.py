@@ -16,7 +16,8 @@ from convmixer_timm import demo
 from convmixer_timm.training import write_digits_image_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-EPOCHS = 8  # enough for the claim on two processes; the full default run is tested in test_demo.py
+EPOCHS = 4  # the demo's claim needs its default run (test_demo.py); here DDP has to learn, far above chance
+LEARNED = 0.9  # one process reaches 0.96 after 3 epochs and 0.986 after 4; chance is 0.1
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def test_only_rank_zero_prints_and_saves(ddp_run):
 @pytest.mark.slow
 def test_checkpoint_scores_the_same_in_a_single_process(ddp_run, tmp_path):
     _, out, results = ddp_run
-    assert results["accuracy"] >= demo.ACCURACY_CLAIM
+    assert results["accuracy"] >= LEARNED
     write_digits_image_folder(tmp_path, seed=results["seed"])
     model = timm.create_model(f"local-dir:{out}", pretrained=True)
     # Saved from the unwrapped module: plain timm keys, no DistributedDataParallel "module." prefix.
