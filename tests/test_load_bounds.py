@@ -1,4 +1,5 @@
-"""Which path carries which check when a checkpoint is loaded into a ConvMixer, and that timm stays timm.
+"""Which path carries which check when a checkpoint is loaded into a ConvMixer (that registration leaves timm's
+attributes as they are is proven in tests/test_registration.py).
 
 timm's loaders (``checkpoint_path=``, ``pretrained_cfg_overlay=dict(file=...)``, ``local-dir:``, ``hf-hub:``,
 ``load_checkpoint``, ``resume_checkpoint``) are never replaced: they read a file for a ConvMixer as for any timm
@@ -9,11 +10,6 @@ a zip's inflation before reading it (tests/test_convert_safety.py proves that, m
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
 import zipfile
 from pathlib import Path
 
@@ -67,64 +63,6 @@ def test_timm_loaders_read_a_convmixer_checkpoint_as_for_any_model(tmp_path):
     assert torch.equal(loaded.stem[0].weight, source.stem[0].weight)
     with pytest.raises(CheckpointError, match="would inflate to"):
         load_checkpoint_file(packed)
-
-
-_SNAPSHOT = textwrap.dedent("""
-    import importlib, json, sys, types
-
-    MODULES = ("timm", "timm.layers", "timm.models", "timm.models._helpers", "timm.models._builder",
-               "timm.models._hub", "timm.models._factory", "timm.models._registry")
-
-    def identity(value):
-        if isinstance(value, types.ModuleType):
-            return ["module", value.__name__]
-        code = getattr(value, "__code__", None)
-        if code is not None:  # functools.wraps copies the name, not the code or the absence of __wrapped__
-            return ["function", getattr(value, "__module__", None), getattr(value, "__qualname__", None),
-                    code.co_filename, code.co_firstlineno, hasattr(value, "__wrapped__")]
-        if isinstance(value, type):
-            return ["class", value.__module__, value.__qualname__]
-        return ["object", type(value).__module__, type(value).__qualname__]
-
-    def snapshot():
-        return {name: {attr: identity(value) for attr, value in vars(importlib.import_module(name)).items()}
-                for name in MODULES}
-
-    import timm
-    snapshots = [snapshot()]
-    if sys.argv[1] == "explicit":
-        import convmixer_timm
-        snapshots.append(snapshot())
-    assert timm.models.model_entrypoint("convmixer_768_32").__module__ == "convmixer_timm.models.convmixer"
-    print(json.dumps(snapshots))
-""")
-
-
-@pytest.mark.slow
-def test_no_attribute_of_timm_is_replaced_by_registration():
-    """Every attribute of timm's modules after registration (by the start-up hook, or explicitly after timm) is
-    what a plain ``import timm`` has; new attributes may only be timm's own submodules."""
-    runs = {
-        "hook": {},  # registered inside timm's import
-        "explicit": {"CONVMIXER_TIMM_AUTOLOAD": "0"},  # a plain import timm, then import convmixer_timm
-    }
-    processes = {
-        how: subprocess.Popen([sys.executable, "-c", _SNAPSHOT, how], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **env})
-        for how, env in runs.items()
-    }
-    outputs = {how: process.communicate(timeout=300) for how, process in processes.items()}
-    for how, process in processes.items():
-        assert process.returncode == 0, outputs[how][1][-3000:]
-    plain, explicit = json.loads(outputs["explicit"][0])
-    (hook,) = json.loads(outputs["hook"][0])
-    for registered in (explicit, hook):
-        for module, attributes in plain.items():
-            now = registered[module]
-            changed = {a: (v, now.get(a)) for a, v in attributes.items() if now.get(a) != v}
-            assert not changed, (module, changed)
-            added = {a: v for a, v in now.items() if a not in attributes}
-            assert all(v[0] == "module" and v[1].startswith("timm.") for v in added.values()), (module, added)
 
 
 # ---------------------------------------------------------------------------------------------------- dtypes

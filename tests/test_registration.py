@@ -10,6 +10,7 @@ warning; concurrent imports and a retried import of timm register; timm's loader
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -51,6 +52,31 @@ def _python(code: str, env: dict[str, str] | None = None, flags: tuple[str, ...]
                           capture_output=True, text=True, env=full_env, timeout=300, cwd=ROOT)
 
 
+# Every attribute of timm's modules, by identity: a registration that replaced one would show here.
+_SNAPSHOT_DEF = textwrap.dedent("""
+    import importlib, json, types
+
+    def _identity(value):
+        if isinstance(value, types.ModuleType):
+            return ["module", value.__name__]
+        code = getattr(value, "__code__", None)
+        if code is not None:  # functools.wraps copies the name, not the code or the absence of __wrapped__
+            return ["function", getattr(value, "__module__", None), getattr(value, "__qualname__", None),
+                    code.co_filename, code.co_firstlineno, hasattr(value, "__wrapped__")]
+        if isinstance(value, type):
+            return ["class", value.__module__, value.__qualname__]
+        return ["object", type(value).__module__, type(value).__qualname__]
+
+    def _snapshot(label):
+        modules = ("timm", "timm.layers", "timm.models", "timm.models._helpers", "timm.models._builder",
+                   "timm.models._hub", "timm.models._factory", "timm.models._registry")
+        state = {name: {attr: _identity(value) for attr, value in vars(importlib.import_module(name)).items()}
+                 for name in modules}
+        print(label, json.dumps(state), flush=True)
+""")
+_SNAPSHOT_AFTER = '\n_snapshot("REGISTERED_SNAPSHOT")\n'
+
+
 # What each mechanism runs before the check; the check itself imports timm (a no-op where it already is).
 _MECHANISMS = {
     # The installed start-up hook put the finder in place; timm's import registers.
@@ -76,7 +102,12 @@ _MECHANISMS = {
     # Explicit import of the models with timm not imported: timm is imported from inside their own import.
     "models-first": ("import convmixer_timm.models.checkpoint", {"CONVMIXER_TIMM_AUTOLOAD": "0"}),
     # Autoload off: timm first, then the package registers at once.
-    "autoload-off-timm-then-package": ("import timm, convmixer_timm", {"CONVMIXER_TIMM_AUTOLOAD": "0"}),
+    # (A snapshot of plain timm is taken in between, for the attribute test below.)
+    "autoload-off-timm-then-package": (_SNAPSHOT_DEF + textwrap.dedent("""
+        import timm
+        _snapshot("PLAIN_SNAPSHOT")
+        import convmixer_timm
+    """), {"CONVMIXER_TIMM_AUTOLOAD": "0"}),
     # What `python -m convmixer_timm --help` runs.
     "module-run": (textwrap.dedent("""
         import runpy, sys
@@ -95,15 +126,49 @@ _MECHANISMS = {
 }
 
 
-@pytest.mark.parametrize("mechanism", list(_MECHANISMS))
-@pytest.mark.slow
-def test_every_mechanism_registers_every_model(mechanism):
+_SNAPSHOTTED = ("hook-then-timm", "autoload-off-timm-then-package")
+
+
+@functools.cache
+def _run_mechanism(mechanism: str) -> subprocess.CompletedProcess:
     first, env = _MECHANISMS[mechanism]
     env = dict(env)
     flags = (env.pop("__flags__"),) if "__flags__" in env else ()
-    result = _python(first + "\n" + _CHECK_REGISTERED, env=env, flags=flags)
+    after = ""
+    if mechanism in _SNAPSHOTTED:  # the other defines _snapshot before timm is imported
+        after = (_SNAPSHOT_DEF if mechanism == "hook-then-timm" else "") + _SNAPSHOT_AFTER
+    return _python(first + "\n" + _CHECK_REGISTERED + after, env=env, flags=flags)
+
+
+@pytest.mark.parametrize("mechanism", list(_MECHANISMS))
+@pytest.mark.slow
+def test_every_mechanism_registers_every_model(mechanism):
+    result = _run_mechanism(mechanism)
     assert result.returncode == 0 and "REGISTERED 9" in result.stdout, result.stderr[-3000:]
     assert "could not register" not in result.stderr, result.stderr[-3000:]
+
+
+def _snapshot(result: subprocess.CompletedProcess, label: str) -> dict:
+    assert result.returncode == 0, result.stderr[-3000:]
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith(label + " ")]
+    return json.loads(line.split(" ", 1)[1])
+
+
+@pytest.mark.slow
+def test_no_attribute_of_timm_is_replaced_by_registration():
+    """Every attribute of timm's modules after registration (by the start-up hook inside timm's import, or by an
+    explicit import of the package after a plain ``import timm``) is what the plain import had; new attributes may
+    only be timm's own submodules. The snapshots come from the two mechanisms' processes above."""
+    explicit = _run_mechanism("autoload-off-timm-then-package")
+    plain = _snapshot(explicit, "PLAIN_SNAPSHOT")
+    for registered in (_snapshot(explicit, "REGISTERED_SNAPSHOT"),
+                       _snapshot(_run_mechanism("hook-then-timm"), "REGISTERED_SNAPSHOT")):
+        for module, attributes in plain.items():
+            now = registered[module]
+            changed = {a: (v, now.get(a)) for a, v in attributes.items() if now.get(a) != v}
+            assert not changed, (module, changed)
+            added = {a: v for a, v in now.items() if a not in attributes}
+            assert all(v[0] == "module" and v[1].startswith("timm.") for v in added.values()), (module, added)
 
 
 # -- a failing registration never breaks timm ----------------------------------------------------------------------
