@@ -18,23 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import (
-    check_4d,
-    check_cpu,
-    check_same_shape,
-    check_tensors,
-    check_vector,
-    dense,
-    kernel_threads,
-    require_kernels,
-)
-from .batch_norm import update_running_stats
+from ._checks import check_cpu, dense, kernel_threads, require_kernels
+from .batch_norm import check_backward, check_forward, update_running_stats
 from .loader import load
 
 __all__ = ["ACT_BATCH_NORM_ACTIVATIONS", "act_batch_norm_train", "act_batch_norm_train_backward",
            "act_batch_norm_training_with_kernels"]
 
-_DTYPES = (torch.float32, torch.float64)
 _FORWARD, _BACKWARD = "act_batch_norm_train", "act_batch_norm_train_backward"
 # The kernels' activation codes (kernels_body.inc's Activation); GELU in its exact erf form, as nn.GELU().
 _ACT_CODES = {"relu": 1, "gelu": 2}
@@ -49,21 +39,12 @@ def _check_act(op: str, act: str) -> None:
 
 def _check_forward(a: Tensor, weight: Tensor, bias: Tensor, act: str) -> None:
     _check_act(_FORWARD, act)
-    check_tensors(_FORWARD, {"a": a, "weight": weight, "bias": bias}, _DTYPES)
-    check_4d(_FORWARD, "a", a)
-    for name, vector in (("weight", weight), ("bias", bias)):
-        check_vector(_FORWARD, name, vector, a.shape[1])
-    if a.shape[0] * a.shape[2] * a.shape[3] < 2:  # F.batch_norm's own check and message
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(a.shape)}")
+    check_forward(_FORWARD, a, weight, bias, input_name="a")
 
 
 def _check_backward(grad_y: Tensor, a: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, act: str) -> None:
     _check_act(_BACKWARD, act)
-    check_tensors(_BACKWARD, {"grad_y": grad_y, "a": a, "mean": mean, "invstd": invstd, "weight": weight}, _DTYPES)
-    check_4d(_BACKWARD, "a", a)
-    check_same_shape(_BACKWARD, "grad_y", grad_y, "a", a)
-    for name, vector in (("mean", mean), ("invstd", invstd), ("weight", weight)):
-        check_vector(_BACKWARD, name, vector, a.shape[1])
+    check_backward(_BACKWARD, grad_y, a, mean, invstd, weight, input_name="a")
 
 
 def _scratch(channels: int, a: Tensor) -> int:

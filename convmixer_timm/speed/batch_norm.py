@@ -27,28 +27,32 @@ from ._checks import (
 )
 from .loader import load
 
-__all__ = ["batch_norm_train", "batch_norm_train_backward", "batch_norm_training_with_kernels",
-           "update_running_stats"]
+__all__ = ["batch_norm_train", "batch_norm_train_backward", "batch_norm_training_with_kernels", "check_backward",
+           "check_forward", "update_running_stats"]
 
 _DTYPES = (torch.float32, torch.float64)
 _FORWARD, _BACKWARD = "batch_norm_train", "batch_norm_train_backward"
 
 
-def _check_forward(x: Tensor, weight: Tensor, bias: Tensor) -> None:
-    check_tensors(_FORWARD, {"x": x, "weight": weight, "bias": bias}, _DTYPES)
-    check_4d(_FORWARD, "x", x)
+def check_forward(op: str, x: Tensor, weight: Tensor, bias: Tensor, input_name: str = "x") -> None:
+    """What a training BatchNorm forward (``op``) checks before a pointer reaches C++: shared with the fused
+    activation-BatchNorm operator, whose input is named ``a``."""
+    check_tensors(op, {input_name: x, "weight": weight, "bias": bias}, _DTYPES)
+    check_4d(op, input_name, x)
     for name, vector in (("weight", weight), ("bias", bias)):
-        check_vector(_FORWARD, name, vector, x.shape[1])
+        check_vector(op, name, vector, x.shape[1])
     if x.shape[0] * x.shape[2] * x.shape[3] < 2:  # F.batch_norm's own check and message
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
 
 
-def _check_backward(grad_y: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor) -> None:
-    check_tensors(_BACKWARD, {"grad_y": grad_y, "x": x, "mean": mean, "invstd": invstd, "weight": weight}, _DTYPES)
-    check_4d(_BACKWARD, "x", x)
-    check_same_shape(_BACKWARD, "grad_y", grad_y, "x", x)
+def check_backward(op: str, grad_y: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor,
+                   input_name: str = "x") -> None:
+    """What a training BatchNorm backward (``op``) checks before a pointer reaches C++ (see :func:`check_forward`)."""
+    check_tensors(op, {"grad_y": grad_y, input_name: x, "mean": mean, "invstd": invstd, "weight": weight}, _DTYPES)
+    check_4d(op, input_name, x)
+    check_same_shape(op, "grad_y", grad_y, input_name, x)
     for name, vector in (("mean", mean), ("invstd", invstd), ("weight", weight)):
-        check_vector(_BACKWARD, name, vector, x.shape[1])
+        check_vector(op, name, vector, x.shape[1])
 
 
 def _channel_sums_scratch(channels: int) -> int:
@@ -58,7 +62,7 @@ def _channel_sums_scratch(channels: int) -> int:
 @torch.library.custom_op("convmixer_timm::batch_norm_train", mutates_args=(), device_types="cpu")
 def batch_norm_train(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``F.batch_norm(x, training=True)`` with affine parameters: (y, mean, invstd, biased variance)."""
-    _check_forward(x, weight, bias)
+    check_forward(_FORWARD, x, weight, bias)
     check_cpu(_FORWARD, x)
     library = require_kernels(load())
     x = dense(x, torch.channels_last)
@@ -77,7 +81,7 @@ def batch_norm_train(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tup
 
 @batch_norm_train.register_fake
 def _(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    _check_forward(x, weight, bias)
+    check_forward(_FORWARD, x, weight, bias)
     channels = x.shape[1]
     return (torch.empty_like(x, memory_format=torch.channels_last),
             *(x.new_empty(channels) for _ in range(3)))
@@ -87,7 +91,7 @@ def _(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tuple[Tensor, Tens
 def batch_norm_train_backward(grad_y: Tensor, x: Tensor, mean: Tensor, invstd: Tensor,
                               weight: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """(grad_x, grad_weight, grad_bias) of :func:`batch_norm_train`."""
-    _check_backward(grad_y, x, mean, invstd, weight)
+    check_backward(_BACKWARD, grad_y, x, mean, invstd, weight)
     check_cpu(_BACKWARD, x)
     library = require_kernels(load())
     x = dense(x, torch.channels_last)
@@ -108,7 +112,7 @@ def batch_norm_train_backward(grad_y: Tensor, x: Tensor, mean: Tensor, invstd: T
 
 @batch_norm_train_backward.register_fake
 def _(grad_y: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    _check_backward(grad_y, x, mean, invstd, weight)
+    check_backward(_BACKWARD, grad_y, x, mean, invstd, weight)
     channels = x.shape[1]
     return torch.empty_like(x, memory_format=torch.channels_last), x.new_empty(channels), x.new_empty(channels)
 
