@@ -157,7 +157,18 @@ def _run_layers(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     return run_layers(layers, x)[0]
 
 
-class DepthwiseMixing(nn.Sequential):
+class _ActBatchNormSequential(nn.Sequential):
+    """An ``nn.Sequential`` whose activation-BatchNorm pairs may run as one operator (:func:`_run_layers`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            return _run_layers(self, x)
+        for module in self:
+            x = module(x)
+        return x
+
+
+class DepthwiseMixing(_ActBatchNormSequential):
     """Spatial mixing inside a block: depthwise conv -> act -> BN."""
 
     def __init__(self, dim: int, kernel_size: int, act_layer: ActLayer, bn_momentum: float = BN_MOMENTUM,
@@ -167,13 +178,6 @@ class DepthwiseMixing(nn.Sequential):
             _create_act(act_layer),
             BatchNorm2d(dim, eps=bn_eps, momentum=bn_momentum, device=device, dtype=dtype),
         )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():
-            return _run_layers(self, x)
-        for module in self:
-            x = module(x)
-        return x
 
 
 class Residual(nn.Module):
@@ -206,7 +210,7 @@ def _residual(residual: Residual, x: torch.Tensor) -> torch.Tensor:
     return x + drop_path(fn(x))
 
 
-class ConvMixerBlock(nn.Sequential):
+class ConvMixerBlock(_ActBatchNormSequential):
     """One ConvMixer layer: residual depthwise (spatial) mixing, then pointwise (channel) mixing, no residual."""
 
     def __init__(self, dim: int, kernel_size: int, act_layer: ActLayer, drop_path: float = 0.0,
@@ -218,13 +222,6 @@ class ConvMixerBlock(nn.Sequential):
             _create_act(act_layer),
             BatchNorm2d(dim, eps=bn_eps, momentum=bn_momentum, device=device, dtype=dtype),
         )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():
-            return _run_layers(self, x)
-        for module in self:
-            x = module(x)
-        return x
 
 
 class ConvMixer(nn.Module):
