@@ -83,3 +83,10 @@ def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     if request.param == "no-kernels":
         monkeypatch.setenv("CONVMIXER_TIMM_KERNELS", "0")
     return request.param
+
+
+@pytest.fixture
+def private_choice_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A folder of the test's own for the choices optimize_for_inference remembers (the user's cache otherwise)."""
+    monkeypatch.setenv("CONVMIXER_TIMM_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"

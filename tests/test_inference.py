@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from clocks import StepClock
 from reference import randomize_batchnorm
 from timm.models.convmixer import ConvMixer as TimmConvMixer
 from torch import nn
@@ -37,23 +38,8 @@ CASES = [(5, "gelu", 2), (8, "gelu", 2), (3, "relu", 1), (4, "relu", 3)]
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _private_choice_cache(tmp_path, monkeypatch):
-    # optimize_for_inference remembers its choices in the user's cache: these tests use a folder of their own.
-    monkeypatch.setenv("CONVMIXER_TIMM_CACHE", str(tmp_path / "cache"))
-
-
-class StepClock:
-    """A clock that advances 1.0 per reading, so every timed call reads 1.0 unless a fake path moves it back."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.readings = 0
-
-    def __call__(self) -> float:
-        self.readings += 1
-        self.now += 1.0
-        return self.now
+# optimize_for_inference remembers its choices in the user's cache: these tests use a folder of their own.
+pytestmark = pytest.mark.usefixtures("private_choice_cache")
 
 
 def _pair(k: int, act: str, patch: int, dim: int = 16, depth: int = 2, num_classes: int = 10):

@@ -13,6 +13,7 @@ import logging
 
 import pytest
 import torch
+from clocks import StepClock
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -26,20 +27,8 @@ from convmixer_timm.speed.runtimes import installed_runtimes
 BF16_TOLERANCE, INT8_TOLERANCE, MIN_AGREEMENT = 0.03, 0.10, 0.99
 
 
-@pytest.fixture(autouse=True)
-def _private_choice_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("CONVMIXER_TIMM_CACHE", str(tmp_path / "cache"))
-
-
-class StepClock:
-    """Every timed call reads 1.0 unless a fake path moves the clock back."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        self.now += 1.0
-        return self.now
+# optimize_for_inference remembers its choices in the user's cache: these tests use a folder of their own.
+pytestmark = pytest.mark.usefixtures("private_choice_cache")
 
 
 @pytest.fixture(scope="module")
