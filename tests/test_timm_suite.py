@@ -24,6 +24,9 @@ from hub_server import LocalHub
 
 from convmixer_timm import VARIANTS
 
+PRUNED = "convmixer_256_8_ks5_p2"
+WIDEST = "convmixer_1536_20"
+
 
 def sdist_cache(fallback: Path) -> Path:
     """Where timm's sdist and its tests/ are kept between sessions: inside the virtual environment, the one
@@ -106,8 +109,11 @@ def test_timm_test_models_pass_on_every_plugin_model(tmp_path, tmp_path_factory,
     tests = timm_tests_dir(sdist_cache(tmp_path_factory.mktemp("timm-sdist")), user_env)
     names = [v.name for v in VARIANTS]
     # timm's prune contract test re-runs the model at every block index; timm's own CI leaves it out as slow
-    # ("no marker, slow ... excluded from CI"), and here it runs on the 8-block CIFAR variants only.
-    selection = f"({' or '.join(names)}) and not (prune_intermediate_layers_contract and not convmixer_256_8_)"
+    # ("no marker, slow ... excluded from CI"), and here it runs on one 8-block CIFAR variant.
+    # The widest variant (1536/20: k9, GELU, p7) is the same code as 1024/20 (k9, GELU) and 768/32 (p7) at a width
+    # that makes each of its model tests take seconds: its published weights go through timm's pretrained test only.
+    selection = (f"({' or '.join(names)}) and not (prune_intermediate_layers_contract and not {PRUNED})"
+                 f" and not ({WIDEST} and not load_pretrained)")
     with LocalHub(tmp_path / "hub") as hub:
         repos = seed_pretrained_weights(hub, tmp_path)
         env = {**os.environ, **hub_env_vars(hub.endpoint, tmp_path / "hf-home")}
@@ -121,13 +127,15 @@ def test_timm_test_models_pass_on_every_plugin_model(tmp_path, tmp_path_factory,
     assert " passed" in summary and "failed" not in summary and "error" not in summary, tail
     passed = [line for line in done.stdout.splitlines() if line.startswith("PASSED")]
     for name in names:  # every plugin model went through timm's forward, backward, cfg and feature tests
+        if name == WIDEST:
+            continue
         mine = [line for line in passed if f"-{name}]" in line or f"-{name}." in line]
         for test in ("test_model_forward[", "test_model_backward[", "test_model_default_cfgs_non_std[",
                      "test_model_forward_intermediates[", "test_model_forward_intermediates_features[",
                      "test_model_forward_torchscript[", "test_model_forward_fx[", "test_model_backward_fx[",
                      "test_model_forward_fx_torchscript["):
             assert any(test in line for line in mine), f"{name}: {test} did not pass\n{tail}"
-    assert sum("test_prune_intermediate_layers_contract[convmixer_256_8_" in line for line in passed) == 3, tail
+    assert sum(f"test_prune_intermediate_layers_contract[{PRUNED}]" in line for line in passed) == 1, tail
     for repo in repos:  # pretrained tests downloaded the weights from the local Hub and loaded them
         name = repo.split("/", 1)[1]
         assert any(f"test_model_load_pretrained[1-{name}]" in line for line in passed), tail
