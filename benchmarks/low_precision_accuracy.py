@@ -4,13 +4,15 @@
         --data-dir DIR --num-classes 10 --json accuracy.json
 
 ``DIR`` holds timm ImageFolder splits (``--train-split``, default ``train``; ``--val-split``, default
-``validation``): calibration images are drawn from the training split only (``--calibration-images``, a seeded
-random subset), top-1 is measured on the whole held-out split. Both go through the model's own eval
-preprocessing (timm's ``resolve_data_config``). Every path is evaluated, not only the one the race would choose
-on this CPU: float32 (the eval model), each precision's PyTorch paths, and where installed onnxruntime's int8 and
-OpenVINO's int8 on the quantized ONNX export (built for the batch size and image size here). A Markdown table
-goes to stdout: top-1, its change against float32 in points, top-1 agreement with float32, and the largest
-absolute logit difference. No timing: speed is ``benchmarks/bench.py``'s job.
+``validation``), or the files of the timm dataset ``--dataset`` names (``torch/fashion_mnist`` with ``--val-split
+test``; give the ``--input-size``, ``--mean`` and ``--std`` train.py was given). Calibration images are drawn from
+the training split only (``--calibration-images``, a seeded random subset), top-1 is measured on the whole
+held-out split. Both go through the model's own eval preprocessing (timm's ``resolve_data_config``). Every path is
+evaluated, not only the one the race would choose on this CPU: float32 (the eval model), each precision's PyTorch
+paths, and where installed onnxruntime's int8 and OpenVINO's int8 on the quantized ONNX export (built for the batch
+size and image size here). A Markdown table goes to stdout: top-1, its change against float32 in points, top-1
+agreement with float32, and the largest absolute logit difference. No timing: speed is ``benchmarks/bench.py``'s
+job.
 """
 from __future__ import annotations
 
@@ -39,12 +41,19 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
                         help="passed to timm.create_model, values read as Python literals (as timm's scripts do)")
     parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--dataset", default="", help="timm dataset name, e.g. torch/fashion_mnist (default: an "
+                        "ImageFolder under --data-dir)")
     parser.add_argument("--train-split", default="train")
     parser.add_argument("--val-split", default="validation")
     parser.add_argument("--calibration-images", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--precisions", nargs="+", default=["bf16", "int8"], choices=["bf16", "int8"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--input-size", type=int, nargs=3, default=None, metavar=("C", "H", "W"),
+                        help="as train.py was given (default: the model's pretrained config)")
+    parser.add_argument("--mean", type=float, nargs="+", default=None, help="as train.py was given")
+    parser.add_argument("--std", type=float, nargs="+", default=None, help="as train.py was given")
+    parser.add_argument("--crop-pct", type=float, default=None, help="as train.py was given")
     parser.add_argument("--json", default="", help="also write the results here")
     return parser.parse_args(argv)
 
@@ -53,9 +62,10 @@ def loaders(args: argparse.Namespace, model: nn.Module) -> tuple[list[torch.Tens
     """(calibration batches from the training split, the held-out loader), with the model's eval transforms."""
     from timm.data import create_dataset, create_transform, resolve_data_config
 
-    transform = create_transform(**resolve_data_config({}, model=model), is_training=False)
-    train = create_dataset("", root=args.data_dir, split=args.train_split, transform=transform)
-    held_out = create_dataset("", root=args.data_dir, split=args.val_split, transform=transform)
+    given = {key: getattr(args, key) for key in ("input_size", "mean", "std", "crop_pct")}
+    transform = create_transform(**resolve_data_config(given, model=model), is_training=False)
+    train = create_dataset(args.dataset, root=args.data_dir, split=args.train_split, transform=transform)
+    held_out = create_dataset(args.dataset, root=args.data_dir, split=args.val_split, transform=transform)
     count = min(args.calibration_images, len(train))
     chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[:count].tolist()
     batches = torch.utils.data.DataLoader(torch.utils.data.Subset(train, chosen), batch_size=args.batch_size)
