@@ -213,8 +213,8 @@ def _result_json(stdout: str) -> dict:
 @needs_scripts
 def test_real_train_py_and_validate_py(digits, tmp_path):
     common = ["--data-dir", str(digits.root), "--model", MODEL, "--input-size", "1", "16", "16",
-              "--mean", "0.5", "--std", "0.5", "--model-kwargs", "dim=32", "depth=2", "--device", "cpu",
-              "--workers", "0"]
+              "--mean", "0.5", "--std", "0.5", "--device", "cpu", "--workers", "0", "--model-kwargs", "dim=32",
+              "depth=2"]  # --model-kwargs last: a caller may add more
     train = _run_script("train.py", [
         "--config", str(recipe_path("cifar10")), *common,
         # the recipe names torchvision's CIFAR-10; an empty dataset name is an ImageFolder at --data-dir
@@ -235,6 +235,21 @@ def test_real_train_py_and_validate_py(digits, tmp_path):
     result = _result_json(validate.stdout)
     assert result["model"] == MODEL
     assert result["top1"] == pytest.approx(best, abs=1e-3), "validate.py should reproduce train.py's best top-1"
+
+    # optimize_for_inference through --model-kwargs (speed/deferred.py), int8 calibrated on the training split.
+    low = _run_script("validate.py", [
+        *common, "inference_precision=int8", f"calibration_dir={digits.root / 'train'}",
+        "calibration_config={'input_size': (1, 16, 16), 'mean': (0.5,), 'std': (0.5,), 'crop_pct': 1.0}",
+        "--split", "validation", "--num-classes", "10", "--crop-pct", "1.0", "--checkpoint", str(checkpoint),
+        "-b", "128",
+    ], cwd=tmp_path)
+    assert _result_json(low.stdout)["top1"] == pytest.approx(best, abs=3.0), low.stdout[-2000:]
+    bench = _run_script("benchmark.py", [
+        "--model", MODEL, "--model-kwargs", "dim=32", "depth=2", "inference_precision=bf16",  # benchmark.py: RGB
+        "--input-size", "3", "16", "16", "--device", "cpu", "-b", "4", "--bench", "inference",
+        "--num-warm-iter", "1", "--num-bench-iter", "5",
+    ], cwd=tmp_path)
+    assert "infer_samples_per_sec" in bench.stdout, bench.stdout[-2000:]
 
 
 @needs_scripts

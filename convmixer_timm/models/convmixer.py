@@ -31,6 +31,7 @@ from torch import nn
 from ..activations import activation_name
 from ..speed.layers import (
     BatchNorm2d,
+    DeferredInference,
     add_in_place_pays,
     conv_same,
     depthwise_conv_for_training,
@@ -405,11 +406,14 @@ for _fx_leaf in _FX_LEAVES:
 del _fx_leaf
 
 
-def _create_convmixer(variant: str, pretrained: bool = False, **kwargs: Any) -> ConvMixer:
+def _create_convmixer(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     out_indices = kwargs.pop("out_indices", 3)
+    # timm's validate.py / benchmark.py ask for optimize_for_inference with --model-kwargs (speed/deferred.py).
+    inference = {key: kwargs.pop(key) for key in ("inference_precision", "calibration_dir", "calibration_images",
+                                                  "calibration_config") if key in kwargs}
     if pretrained:  # without the network: a clear error in seconds instead of huggingface_hub's retries
         check_pretrained_available(variant, kwargs)
-    return build_model_with_cfg(
+    model = build_model_with_cfg(
         ConvMixer,
         variant,
         pretrained,
@@ -417,6 +421,11 @@ def _create_convmixer(variant: str, pretrained: bool = False, **kwargs: Any) -> 
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         **kwargs,
     )
+    if not inference:
+        return model
+    if "inference_precision" not in inference:
+        raise ValueError(f"{sorted(inference)} apply only with inference_precision='fp32', 'bf16' or 'int8'")
+    return DeferredInference(model, **{"precision": inference.pop("inference_precision"), **inference})
 
 
 def _cfg(variant: Variant) -> Dict[str, Any]:

@@ -8,7 +8,9 @@
 * :func:`depthwise_conv_for_training`: the block's depthwise convolution in training, with a fast CPU backward
   (``depthwise.py``);
 * :func:`layout_for_cpu_training`: channels_last for CPU training, and :func:`match_memory_format` to hand the
-  caller's format back.
+  caller's format back;
+* :class:`DeferredInference`: what ``create_model(..., inference_precision=...)`` returns for timm's validate.py and
+  benchmark.py (``deferred.py``).
 
 The kernels are ``torch.library`` operators, so ``torch.compile`` and ``torch.export`` see ordinary operators.
 They apply to a CPU autograd step in float32/64; elsewhere (eval, GPU, autocast, TorchScript, ``torch.jit.trace``,
@@ -32,12 +34,13 @@ from ..activations import activation_name
 from .act_batch_norm import ACT_BATCH_NORM_ACTIVATIONS, act_batch_norm_training_with_kernels
 from .allocator import hold_while_training
 from .batch_norm import batch_norm_training_with_kernels
+from .deferred import DeferredInference
 from .depthwise import conv_same, depthwise_conv_same
 from .loader import load
 
-__all__ = ["BatchNorm2d", "act_batch_norm_2d", "add_in_place_pays", "conv_same", "depthwise_conv_for_training",
-           "fused_activation", "has_hooks", "kernels_apply", "layout_for_cpu_training", "match_memory_format",
-           "run_layers"]
+__all__ = ["BatchNorm2d", "DeferredInference", "act_batch_norm_2d", "add_in_place_pays", "conv_same",
+           "depthwise_conv_for_training", "fused_activation", "has_hooks", "kernels_apply", "layout_for_cpu_training",
+           "match_memory_format", "run_layers"]
 
 
 @torch.compiler.assume_constant_result  # checked once, outside any traced graph (the loader takes a lock)
