@@ -49,6 +49,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--precisions", nargs="+", default=["bf16", "int8"], choices=["bf16", "int8"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-images", type=int, default=None,
+                        help="only the first N held-out images (the same for every path): bf16 emulated on a CPU "
+                        "without native bf16 runs about 10x slower than float32")
     parser.add_argument("--input-size", type=int, nargs=3, default=None, metavar=("C", "H", "W"),
                         help="as train.py was given (default: the model's pretrained config)")
     parser.add_argument("--mean", type=float, nargs="+", default=None, help="as train.py was given")
@@ -69,6 +72,8 @@ def loaders(args: argparse.Namespace, model: nn.Module) -> tuple[list[torch.Tens
     count = min(args.calibration_images, len(train))
     chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[:count].tolist()
     batches = torch.utils.data.DataLoader(torch.utils.data.Subset(train, chosen), batch_size=args.batch_size)
+    if args.max_images is not None:
+        held_out = torch.utils.data.Subset(held_out, range(min(args.max_images, len(held_out))))
     return [images for images, _ in batches], torch.utils.data.DataLoader(held_out, batch_size=args.batch_size)
 
 
