@@ -256,9 +256,31 @@ def _gone(pid: int) -> bool:
     return state == "Z"
 
 
+# build.py as a terminal runs it: Ctrl-C raises KeyboardInterrupt. A test session started in the background by a
+# shell (`cmd &`, nohup) ignores SIGINT, and an ignored signal stays ignored in every process it starts.
+_RUN_WITH_CTRL_C = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                    "sys.argv = sys.argv[1:]; sys.path[0] = __import__('os').path.dirname(sys.argv[0]); "
+                    "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
 def _start_build(out: Path, **env: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(PACKAGE / "speed" / "build.py"), str(out)], cwd=out.parent,
-                            env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen([sys.executable, "-c", _RUN_WITH_CTRL_C, str(PACKAGE / "speed" / "build.py"), str(out)],
+                            cwd=out.parent, env={**os.environ, **env}, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _process_state(pid: int) -> str:
+    """What a process that did not end is doing, with its signal masks, and its children (for the failure)."""
+    lines = []
+    for proc in [pid, *_descendants(pid)]:
+        try:
+            status = Path(f"/proc/{proc}/status").read_text().splitlines()
+            wchan = Path(f"/proc/{proc}/wchan").read_text()
+        except OSError:
+            continue
+        keep = [line for line in status if line.split(":")[0] in ("Name", "State", "SigBlk", "SigIgn", "SigCgt")]
+        lines.append(f"{proc} wchan={wchan} " + " ".join(keep))
+    return "\n".join(lines)
 
 
 @needs_compiler
@@ -307,7 +329,10 @@ def test_whatever_ends_a_build_its_compilers_helpers_end_with_it(tmp_path, signa
         wait_until(helper_pid_file.exists, "the compiler's helper starting", process)
         helper = int(helper_pid_file.read_text())
         process.send_signal(getattr(signal, signal_name))
-        process.wait(timeout=60)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the build outlived {signal_name} by 60 s:\n{_process_state(process.pid)}")
         wait_until(lambda: _gone(helper), f"the compiler's helper ending with the build ({signal_name})")
     finally:
         if process.poll() is None:
