@@ -65,16 +65,18 @@ def loaders(args: argparse.Namespace, model: nn.Module) -> tuple[list[torch.Tens
     """(calibration batches from the training split, the held-out loader), with the model's eval transforms."""
     from timm.data import create_dataset, create_transform, resolve_data_config
 
-    given = {key: getattr(args, key) for key in ("input_size", "mean", "std", "crop_pct")}
-    transform = create_transform(**resolve_data_config(given, model=model), is_training=False)
-    train = create_dataset(args.dataset, root=args.data_dir, split=args.train_split, transform=transform)
-    held_out = create_dataset(args.dataset, root=args.data_dir, split=args.val_split, transform=transform)
-    count = min(args.calibration_images, len(train))
-    chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[:count].tolist()
-    batches = torch.utils.data.DataLoader(torch.utils.data.Subset(train, chosen), batch_size=args.batch_size)
+    from convmixer_timm.speed.deferred import calibration_images
+
+    given = {key: value for key in ("input_size", "mean", "std", "crop_pct")
+             if (value := getattr(args, key)) is not None}
+    calibration = calibration_images(model, args.data_dir, args.calibration_images, given, dataset=args.dataset,
+                                     split=args.train_split, seed=args.seed, batch_size=args.batch_size)
+    config = resolve_data_config(given, model=model)
+    held_out = create_dataset(args.dataset, root=args.data_dir, split=args.val_split, transform=create_transform(
+        **config, is_training=False), input_img_mode="RGB" if config["input_size"][0] == 3 else "L")
     if args.max_images is not None:
         held_out = torch.utils.data.Subset(held_out, range(min(args.max_images, len(held_out))))
-    return [images for images, _ in batches], torch.utils.data.DataLoader(held_out, batch_size=args.batch_size)
+    return calibration, torch.utils.data.DataLoader(held_out, batch_size=args.batch_size)
 
 
 def runners(model: nn.Module, precision: str, calibration: list[torch.Tensor], shape: tuple[int, ...]

@@ -409,8 +409,9 @@ del _fx_leaf
 def _create_convmixer(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     out_indices = kwargs.pop("out_indices", 3)
     # timm's validate.py / benchmark.py ask for optimize_for_inference with --model-kwargs (speed/deferred.py).
-    inference = {key: kwargs.pop(key) for key in ("inference_precision", "calibration_dir", "calibration_images",
-                                                  "calibration_config") if key in kwargs}
+    precision = kwargs.pop("inference_precision", None)
+    calibration = {key: kwargs.pop(key) for key in ("calibration_dir", "calibration_images", "calibration_config")
+                   if key in kwargs}
     if pretrained:  # without the network: a clear error in seconds instead of huggingface_hub's retries
         check_pretrained_available(variant, kwargs)
     model = build_model_with_cfg(
@@ -421,11 +422,11 @@ def _create_convmixer(variant: str, pretrained: bool = False, **kwargs: Any) -> 
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         **kwargs,
     )
-    if not inference:
+    if precision is None:
+        if calibration:
+            raise ValueError(f"{sorted(calibration)} apply only with inference_precision='fp32', 'bf16' or 'int8'")
         return model
-    if "inference_precision" not in inference:
-        raise ValueError(f"{sorted(inference)} apply only with inference_precision='fp32', 'bf16' or 'int8'")
-    return DeferredInference(model, **{"precision": inference.pop("inference_precision"), **inference})
+    return DeferredInference(model, precision, **calibration)
 
 
 def _cfg(variant: Variant) -> Dict[str, Any]:

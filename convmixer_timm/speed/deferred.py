@@ -13,10 +13,11 @@ moving the model or training it again drops the optimized module, to be rebuilt 
 Training mode, calls with autograd and other devices run the model itself.
 
 int8 calibrates on ``calibration_images`` images drawn (seeded) from ``calibration_dir``, a folder of training
-images timm's ``create_dataset`` reads, through the eval preprocessing validate.py gives the model: its pretrained
-config, overridden by ``calibration_config`` where the script is told otherwise (the same keys: ``input_size``,
-``mean``, ``std``, ``crop_pct``, e.g. ``calibration_config="{'mean': (0.5,), 'std': (0.5,)}"`` beside ``--mean 0.5
---std 0.5``). Never calibrate on the images being validated.
+images timm's ``create_dataset`` reads (its ``train`` split where it has one, never ``validation``), through the
+eval preprocessing validate.py gives the model: its pretrained config, overridden by ``calibration_config`` where
+the script is told otherwise (the same keys: ``input_size``, ``mean``, ``std``, ``crop_pct``, e.g.
+``calibration_config="{'mean': (0.5,), 'std': (0.5,)}"`` beside ``--mean 0.5 --std 0.5``). Never calibrate on
+the images being validated.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["DeferredInference"]
+__all__ = ["DeferredInference", "calibration_images"]
 
 
 class DeferredInference(nn.Module):
@@ -99,15 +100,23 @@ class DeferredInference(nn.Module):
     def _calibration(self) -> list[torch.Tensor] | None:
         if self.calibration_dir is None:
             return None
-        from timm.data import create_dataset, create_transform, resolve_data_config
+        return calibration_images(self.model, self.calibration_dir, self.calibration_images, self.calibration_config)
 
-        config = resolve_data_config(self.calibration_config, model=self.model)
-        transform = create_transform(**config, is_training=False)
-        mode = "RGB" if config["input_size"][0] == 3 else "L"  # as validate.py reads them
-        images = create_dataset("", root=self.calibration_dir, transform=transform, input_img_mode=mode)
-        if len(images) == 0:
-            raise ValueError(f"calibration_dir {self.calibration_dir!r} holds no images timm can read")
-        count = min(self.calibration_images, len(images))
-        chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:count].tolist()
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(images, chosen), batch_size=64)
-        return [batch for batch, _ in loader]
+
+def calibration_images(model: nn.Module, root: str | os.PathLike, count: int, config: Mapping[str, Any] | None = None,
+                       dataset: str = "", split: str = "train", seed: int = 0, batch_size: int = 64
+                       ) -> list[torch.Tensor]:
+    """``count`` images drawn (seeded) from timm's ``dataset`` at ``root`` (default: a folder of images), as batches
+    through ``model``'s eval preprocessing: its pretrained config overridden by ``config`` (timm data-config keys),
+    read in the colour mode of its input size, as validate.py reads them."""
+    from timm.data import create_dataset, create_transform, resolve_data_config
+
+    resolved = resolve_data_config(dict(config or {}), model=model)
+    mode = "RGB" if resolved["input_size"][0] == 3 else "L"
+    images = create_dataset(dataset, root=os.fspath(root), split=split, transform=create_transform(
+        **resolved, is_training=False), input_img_mode=mode)
+    if len(images) == 0:
+        raise ValueError(f"{os.fspath(root)!r} holds no images timm can read")
+    chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:min(count, len(images))]
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(images, chosen.tolist()), batch_size=batch_size)
+    return [batch for batch, _ in loader]
