@@ -173,23 +173,43 @@ def ref_spatial_mixing(u, s_in, t_in, weight_kkc, bias, s1, act):
     return y + per_channel(s1) * activated
 
 
-def ours_depthwise_conv_same(x, weight, bias):
-    """The operator's output and, for float inputs, its gradients for a fixed random upstream gradient."""
+def _output_and_grads(conv: Callable, x, weight, bias):
+    """A convolution operator's output and, for float inputs, its gradients for a fixed random upstream gradient."""
     tensors = [t for t in (x, weight, bias) if t is not None]
     if not all(t.dtype in FLOATS and t.device.type == "cpu" for t in tensors):
-        return (OPS.depthwise_conv_same(x, weight, bias),)
+        return (conv(x, weight, bias),)
     leaves = [t.detach().requires_grad_() for t in (x, weight) + ((bias,) if bias is not None else ())]
-    out = OPS.depthwise_conv_same(leaves[0], leaves[1], leaves[2] if bias is not None else None)
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(out.dtype)
-    return (out, *torch.autograd.grad(out, leaves, grad))
+    out = conv(leaves[0], leaves[1], leaves[2] if bias is not None else None)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64, device="cpu")
+    return (out, *torch.autograd.grad(out, leaves, grad.to(out.dtype)))
+
+
+def _reference_output_and_grads(conv: Callable, x, weight, bias):
+    leaves = [t.detach().double().requires_grad_() for t in (x, weight) + ((bias,) if bias is not None else ())]
+    out = conv(leaves[0], leaves[1], leaves[2] if bias is not None else None)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64, device="cpu")
+    grad = grad.to(x.dtype).double()
+    return (out.detach(), *torch.autograd.grad(out, leaves, grad)) if out.numel() else (out.detach(),)
+
+
+def ours_depthwise_conv_same(x, weight, bias):
+    return _output_and_grads(OPS.depthwise_conv_same, x, weight, bias)
 
 
 def ref_depthwise_conv_same(x, weight, bias):
-    leaves = [t.detach().double().requires_grad_() for t in (x, weight) + ((bias,) if bias is not None else ())]
-    out = reference_conv_same(leaves[0], leaves[1][:, 0], leaves[2] if bias is not None else None)
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    grad = grad.to(x.dtype).double()
-    return (out.detach(), *torch.autograd.grad(out, leaves, grad)) if out.numel() else (out.detach(),)
+    return _reference_output_and_grads(lambda x, w, b: reference_conv_same(x, w[:, 0], b), x, weight, bias)
+
+
+def ours_pointwise_conv(x, weight, bias):
+    return _output_and_grads(OPS.pointwise_conv, x, weight, bias)
+
+
+def ref_pointwise_conv(x, weight, bias):
+    # A 1x1 convolution by its definition: a sum over input channels at every pixel.
+    def definition(x, w, b):
+        out = torch.einsum("nchw,oc->nohw", x, w[:, :, 0, 0])
+        return out if b is None else out + b.view(1, -1, 1, 1)
+    return _reference_output_and_grads(definition, x, weight, bias)
 
 
 def ours_batch_norm_module(channels, affine, track, x):
@@ -208,6 +228,7 @@ OPERATORS: dict[str, tuple[Callable, Callable]] = {
                                       ref_act_batch_norm_train_backward),
     "depthwise_weight_grad": (lambda *a: OPS.depthwise_weight_grad(*a), ref_depthwise_weight_grad),
     "depthwise_conv_same": (ours_depthwise_conv_same, ref_depthwise_conv_same),
+    "pointwise_conv": (ours_pointwise_conv, ref_pointwise_conv),
     "spatial_mixing": (lambda *a: OPS.spatial_mixing(*a), ref_spatial_mixing),
     "BatchNorm2d": (ours_batch_norm_module, ref_batch_norm_module),
 }
@@ -327,6 +348,20 @@ def random_case(rng: random.Random) -> Case:
                 d.why.pop()
         weight = tensor4(rng, weight_shape, d._dtype(), d._device_layout(rng.choice(LAYOUTS)))
         args = (d.x(), weight, d.vector() if rng.random() < 0.8 else None)
+    elif op == "pointwise_conv":
+        # A (C_out, 100000) weight stays small: C_out of 1 to 3.
+        out_channels = rng.choice([c, c, 1, 2 * c + 1] if c < HUGE_CHANNELS else [1, 2, 3])
+        weight_shape = (out_channels, c, 1, 1)
+        if rng.random() < 0.12:
+            weight_shape = d.bad(rng.choice([(out_channels, c + 1, 1, 1), (out_channels, c, 1, 2),
+                                             (out_channels, c, 3, 3), (out_channels, c, 1)]), "weight shape")
+        weight = tensor4(rng, weight_shape, d._dtype(), d._device_layout(rng.choice(LAYOUTS))) \
+            if len(weight_shape) == 4 else torch.randn(weight_shape).to(d.dtype)
+        bias = None
+        if rng.random() < 0.8:
+            length = out_channels if rng.random() > 0.1 else d.bad(out_channels + 1, "bias length")
+            bias = vector(rng, length, d._dtype(), d._device_layout(rng.choice(VECTOR_LAYOUTS)))
+        args = (d.x(), weight, bias)
     elif op == "spatial_mixing":
         if d.dtype != torch.float32 and "dtype" not in " ".join(d.why):
             d.bad(d.dtype, "dtype (spatial_mixing is float32 only)")
@@ -391,6 +426,11 @@ def known_cases() -> list[Case]:
         Case("depthwise_weight_grad", (x, x.to("meta"), 3, 1), "invalid", ["meta x"]),
         Case("depthwise_conv_same", (x, torch.randn(8, 1, 3, 3, device="meta"), None), "invalid", ["meta weight"]),
         Case("depthwise_conv_same", (x, torch.randn(8, 1, 3, 5), None), "invalid", ["non-square kernel"]),
+        Case("pointwise_conv", (huge, torch.ones(1, 1, 1, 1), None), "invalid", ["1-element weight"]),
+        Case("pointwise_conv", (x, torch.ones(4, 8, 1, 1), torch.ones(3)), "invalid", ["short bias"]),
+        Case("pointwise_conv", (x, torch.ones(4, 8, 1, 1, device="meta"), None), "invalid", ["meta weight"]),
+        Case("pointwise_conv", (x.half(), torch.ones(4, 8, 1, 1).half(), None), "invalid", ["float16"]),
+        Case("pointwise_conv", (huge[:0], torch.ones(3, HUGE_CHANNELS, 1, 1), torch.ones(3)), "edge"),
         Case("depthwise_weight_grad", (huge, huge, 3, 1), "valid"),
         # Zero-size tensors with many channels: nothing read, per-channel results right.
         Case("depthwise_weight_grad", (huge[:0], huge[:0], 3, 1), "edge"),
@@ -404,6 +444,7 @@ def known_cases() -> list[Case]:
                  Case("act_batch_norm_train", (x, ones, zeros, 1e-5, "gelu"), "valid"),
                  Case("act_batch_norm_train_backward", (x, x, zeros, ones, ones, "relu"), "valid"),
                  Case("depthwise_weight_grad", (x, x, 3, 1), "valid"),
+                 Case("pointwise_conv", (x, torch.randn(4, 8, 1, 1), zeros[:4]), "valid"),
                  Case("spatial_mixing", (x, ones, zeros, kkc, zeros, ones, "gelu"), "valid")):
         case.default_device = "meta"
         cases.append(case)

@@ -478,7 +478,7 @@ def test_every_input_channel_count_trains_on_the_kernels(in_chans):
     with _OurOperators() as ours:
         model(x).sum().backward()
     assert ours.called == {"act_batch_norm_train", "act_batch_norm_train_backward", "depthwise_conv_same",
-                           "depthwise_weight_grad"}
+                           "depthwise_weight_grad", "pointwise_conv"}
 
 
 MEMORY_AFTER_TRAINING = """

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ._checks import check_cpu, dense, kernel_threads, require_kernels
 from .batch_norm import check_backward, check_forward, update_running_stats
+from .buffers import empty_channels_last
 from .loader import load
 
 __all__ = ["ACT_BATCH_NORM_ACTIVATIONS", "act_batch_norm_train", "act_batch_norm_train_backward",
@@ -63,7 +64,7 @@ def act_batch_norm_train(a: Tensor, weight: Tensor, bias: Tensor, eps: float,
     a = dense(a, torch.channels_last)
     batch, channels, height, width = a.shape
     rows = batch * height * width
-    y = torch.empty_like(a, memory_format=torch.channels_last)
+    y = empty_channels_last(a)
     mean, invstd, variance = (a.new_empty(channels) for _ in range(3))
     if channels == 0:
         return y, mean, invstd, variance
@@ -93,7 +94,7 @@ def act_batch_norm_train_backward(grad_y: Tensor, a: Tensor, mean: Tensor, invst
     a = dense(a, torch.channels_last)
     batch, channels, height, width = a.shape
     rows = batch * height * width
-    grad_a = torch.empty_like(a, memory_format=torch.channels_last)
+    grad_a = empty_channels_last(a)
     if rows == 0 or channels == 0:  # sums over nothing (PyTorch's own backward divides by zero here)
         return grad_a, a.new_zeros(channels), a.new_zeros(channels)
     grad_y = dense(grad_y, torch.channels_last)

@@ -25,6 +25,7 @@ from ._checks import (
     kernel_threads,
     require_kernels,
 )
+from .buffers import empty_channels_last
 from .loader import load
 
 __all__ = ["batch_norm_train", "batch_norm_train_backward", "batch_norm_training_with_kernels", "check_backward",
@@ -68,7 +69,7 @@ def batch_norm_train(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tup
     x = dense(x, torch.channels_last)
     batch, channels, height, width = x.shape
     rows = batch * height * width
-    y = torch.empty_like(x, memory_format=torch.channels_last)
+    y = empty_channels_last(x)
     mean, invstd, variance = (x.new_empty(channels) for _ in range(3))
     if channels == 0:
         return y, mean, invstd, variance
@@ -97,7 +98,7 @@ def batch_norm_train_backward(grad_y: Tensor, x: Tensor, mean: Tensor, invstd: T
     x = dense(x, torch.channels_last)
     batch, channels, height, width = x.shape
     rows = batch * height * width
-    grad_x = torch.empty_like(x, memory_format=torch.channels_last)
+    grad_x = empty_channels_last(x)
     if rows == 0 or channels == 0:  # sums over nothing (PyTorch's own backward divides by zero here)
         return grad_x, x.new_zeros(channels), x.new_zeros(channels)
     grad_y = dense(grad_y, torch.channels_last)

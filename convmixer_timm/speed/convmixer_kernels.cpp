@@ -41,6 +41,11 @@
                                               const float* weight, const float* bias, const float* s1, float* z,  \
                                               int64_t n, int64_t h, int64_t w, int64_t c, int k, int pad, int t) { \
         cmx_##ISA::spatial_mixing_f32(act, u, s_in, t_in, weight, bias, s1, z, n, h, w, c, k, pad, t);             \
+    }                                                                                                              \
+    extern "C" CMX_EXPORT void depthwise_conv_f32__##ISA(const float* x, const float* weight, const float* bias,  \
+                                                         float* z, int64_t n, int64_t h, int64_t w, int64_t c,    \
+                                                         int k, int pad, int t) {                                 \
+        cmx_##ISA::depthwise_conv_f32(x, weight, bias, z, n, h, w, c, k, pad, t);                                  \
     }
 
 #define CMX_BATCH_NORM_EXPORTS(ISA, T, S)                                                                          \
@@ -111,7 +116,7 @@ CMX_ENTRY_POINTS(baseline)
 extern "C" {
 
 // Bumped whenever an exported signature changes; the loader refuses a library with another number.
-CMX_EXPORT int cmx_abi_version() { return 3; }
+CMX_EXPORT int cmx_abi_version() { return 4; }
 
 // Comma-separated ISA copies in this binary, best first.
 CMX_EXPORT const char* cmx_compiled_isas() {

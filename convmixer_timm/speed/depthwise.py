@@ -1,9 +1,11 @@
 """Depthwise 'same' convolution with a fast CPU backward (weight gradient from ``convmixer_kernels.cpp``).
 
-``convmixer_timm::depthwise_conv_same`` is a ``torch.library`` custom operator: its forward is PyTorch's own
-convolution, its registered autograd formula takes the input gradient from the forward convolution with the
-flipped kernel and the weight gradient from ``convmixer_timm::depthwise_weight_grad`` (oneDNN's depthwise backward
-runs at a fifth to a tenth of its forward's rate on CPU). Both have fake kernels, so ``torch.compile`` keeps them
+``convmixer_timm::depthwise_conv_same`` is a ``torch.library`` custom operator: its forward is the convolution,
+its registered autograd formula takes the input gradient from the forward convolution with the flipped kernel and
+the weight gradient from ``convmixer_timm::depthwise_weight_grad`` (oneDNN's depthwise backward runs at a fifth to
+a tenth of its forward's rate on CPU). In float32 both convolutions are the kernels' own (``depthwise_conv_f32``,
+the spatial-mixing kernel without its residual), writing into the training step's reused buffers
+(``buffers.py``); in float64 they are PyTorch's. Both have fake kernels, so ``torch.compile`` keeps them
 in one graph. A backward that builds a graph (``create_graph=True``) uses PyTorch's differentiable
 ``convolution_backward`` instead, so double backward gives PyTorch's results.
 """
@@ -25,6 +27,7 @@ from ._checks import (
     kernel_threads,
     require_kernels,
 )
+from .buffers import empty_channels_last
 from .loader import load
 
 __all__ = ["conv_same", "crop_to_same", "depthwise_conv_same", "depthwise_weight_grad"]
@@ -47,6 +50,25 @@ def conv_same(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """Stride-1 depthwise convolution that keeps the grid, with PyTorch's own autograd."""
     k = weight.shape[-1]
     return crop_to_same(F.conv2d(x, weight, bias, 1, k // 2, 1, x.shape[1]), k)
+
+
+def _kernel_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], pad: int) -> Tensor:
+    """Stride-1 depthwise convolution of float32 ``x`` with ``pad`` zeros before (k - 1 - pad after) each row and
+    column, on the kernels; the output is channels_last, from the step's reused buffers."""
+    library = require_kernels(load())
+    batch, channels, height, width = x.shape
+    k = weight.shape[-1]
+    out = empty_channels_last(x)
+    if x.numel() == 0:
+        return out
+    x = dense(x, torch.channels_last)
+    weight_kkc = weight[:, 0].permute(1, 2, 0).contiguous()
+    bias = x.new_zeros(channels) if bias is None else dense(bias)
+    # Each thread holds a ring of k + 1 zero-padded rows (spatial_mixing in kernels_body.inc).
+    scratch = (k + 1) * (width + k) * channels * x.element_size() + 64 * k
+    library.depthwise_conv_f32(x.data_ptr(), weight_kkc.data_ptr(), bias.data_ptr(), out.data_ptr(), batch, height,
+                               width, channels, k, pad, kernel_threads(batch * height, scratch, x, weight_kkc))
+    return out
 
 
 def _check_weight_grad(grad_out: Tensor, x: Tensor, kernel_size: int, pad: int) -> None:
@@ -103,6 +125,8 @@ def depthwise_conv_same(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Te
     """:func:`conv_same` with the fast CPU backward; the output is channels_last (the training layout)."""
     _check_conv(x, weight, bias)
     check_cpu(_CONV, x)
+    if x.dtype == torch.float32:
+        return _kernel_conv(x, weight, bias, (weight.shape[-1] - 1) // 2)
     return conv_same(x, weight, bias).contiguous(memory_format=torch.channels_last)
 
 
@@ -135,7 +159,10 @@ def _backward(ctx, grad_out: Tensor):
     k = weight.shape[-1]
     grad_out = grad_out.contiguous(memory_format=torch.channels_last)
     grad_input = grad_weight = grad_bias = None
-    if ctx.needs_input_grad[0]:
+    if ctx.needs_input_grad[0] and grad_out.dtype == torch.float32:
+        # The mirrored padding: k // 2 before, k - 1 - k // 2 after.
+        grad_input = _kernel_conv(grad_out, weight.flip(2, 3), None, k // 2)
+    elif ctx.needs_input_grad[0]:
         grad_input = F.conv2d(grad_out, weight.flip(2, 3), None, 1, k // 2, 1, x.shape[1])
         if k % 2 == 0:  # mirrored padding is k//2 before, k//2 - 1 after: drop the extra last row and column
             grad_input = grad_input[:, :, : x.shape[2], : x.shape[3]].contiguous(memory_format=torch.channels_last)

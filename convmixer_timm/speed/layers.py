@@ -34,9 +34,12 @@ from ..activations import activation_name
 from .act_batch_norm import ACT_BATCH_NORM_ACTIVATIONS, act_batch_norm_training_with_kernels
 from .allocator import hold_while_training
 from .batch_norm import batch_norm_training_with_kernels
+from .buffers import hold as hold_training_buffers
+from .buffers import release_if_idle
 from .deferred import DeferredInference
 from .depthwise import conv_same, depthwise_conv_same
 from .loader import load
+from .pointwise import pointwise_conv
 
 __all__ = ["BatchNorm2d", "DeferredInference", "act_batch_norm_2d", "add_in_place_pays", "conv_same",
            "depthwise_conv_for_training", "fused_activation", "has_hooks", "kernels_apply", "layout_for_cpu_training",
@@ -91,6 +94,12 @@ class BatchNorm2d(nn.BatchNorm2d):
             return F.batch_norm(x, running_mean, running_var, self.weight, self.bias, use_batch_stats,
                                 average_factor, self.eps)
         return batch_norm_2d(self, x)
+
+    def train(self, mode: bool = True) -> "BatchNorm2d":
+        super().train(mode)
+        if not mode:  # the training step's reused buffers go back to the system once no model trains
+            release_if_idle()
+        return self
 
     def step_running_stats(self) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], float, bool]:
         """Count the batch and return (running_mean, running_var, average factor, use batch statistics).
@@ -156,6 +165,7 @@ def _hold_allocator_while_training(module: nn.Module, x: torch.Tensor) -> None:
     if torch.compiler.is_compiling() or _tracing_or_exporting():
         return
     if x.device.type == "cpu" and torch.is_grad_enabled():
+        hold_training_buffers(module)
         hold_while_training(module)
 
 
@@ -261,6 +271,22 @@ def act_batch_norm_2d(act_name: str, bn: BatchNorm2d, x: torch.Tensor) -> torch.
                                                 average_factor, bn.eps)
 
 
+def _pointwise_conv_applies(conv: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``conv(x)`` may run as :func:`pointwise_conv`: exactly an ``nn.Conv2d`` with a 1x1 kernel, stride 1,
+    no padding, one group, no hook, not FX-traced, in a CPU training step the kernels apply to."""
+    if _fx_tracing(x) or _tracing_or_exporting() or type(conv) is not nn.Conv2d or has_hooks(conv):
+        return False
+    if (conv.kernel_size, conv.stride, conv.dilation, conv.groups, conv.padding_mode) != ((1, 1), (1, 1), (1, 1), 1,
+                                                                                           "zeros"):
+        return False
+    if conv.padding not in ((0, 0), "valid") or x.dim() != 4 or x.shape[1] != conv.in_channels:
+        return False
+    bias = conv.bias
+    if bias is not None and (bias.dtype != x.dtype or bias.device != x.device):
+        return False
+    return kernels_apply(x, conv.weight.transpose(0, 1))
+
+
 @torch.jit.unused
 def run_layers(layers: Sequence[nn.Module], x: torch.Tensor) -> Tuple[torch.Tensor, bool]:
     """``x`` through ``layers`` in turn, each activation and the BatchNorm2d after it as one operator where
@@ -274,6 +300,9 @@ def run_layers(layers: Sequence[nn.Module], x: torch.Tensor) -> Tuple[torch.Tens
         if name is not None:
             x = act_batch_norm_2d(name, modules[i + 1], x)
             i += 2
+        elif _pointwise_conv_applies(modules[i], x):
+            x = pointwise_conv(x, modules[i].weight, modules[i].bias)
+            i += 1
         else:
             x = modules[i](x)
             i += 1

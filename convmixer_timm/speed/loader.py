@@ -54,6 +54,7 @@ _SIGNATURES = {
     **{f"batch_norm_forward_{t}": [_POINTER] * 7 + [_INT64, _INT64, _DOUBLE, _INT] for t in ("f32", "f64")},
     **{f"batch_norm_backward_{t}": [_POINTER] * 8 + [_INT64, _INT64, _INT] for t in ("f32", "f64")},
     "spatial_mixing_f32": [_INT] + [_POINTER] * 7 + [_INT64] * 4 + [_INT] * 3,
+    "depthwise_conv_f32": [_POINTER] * 4 + [_INT64] * 4 + [_INT] * 3,
     **{f"act_batch_norm_forward_{t}": [_INT] + [_POINTER] * 7 + [_INT64, _INT64, _DOUBLE, _INT]
        for t in ("f32", "f64")},
     **{f"act_batch_norm_backward_{t}": [_INT] + [_POINTER] * 8 + [_INT64, _INT64, _INT] for t in ("f32", "f64")},
