@@ -93,11 +93,13 @@ def vector(rng: random.Random, length: int, dtype, layout: str, low: float | Non
     return base[:length].clone()
 
 
-def reference_conv_same(x: torch.Tensor, weight_ckk: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Depthwise stride-1 'same' convolution, (k - 1) // 2 zeros before and k // 2 after, by its definition."""
+def reference_conv_same(x: torch.Tensor, weight_ckk: torch.Tensor, bias: torch.Tensor | None,
+                        pad: int | None = None) -> torch.Tensor:
+    """Depthwise stride-1 convolution that keeps the grid, ``pad`` zeros before (default (k - 1) // 2, 'same') and
+    k - 1 - pad after, by its definition."""
     n, c, h, w = x.shape
     k = weight_ckk.shape[-1]
-    pad = (k - 1) // 2
+    pad = (k - 1) // 2 if pad is None else pad
     padded = x.new_zeros(n, c, h + k - 1, w + k - 1)
     padded[:, :, pad:pad + h, pad:pad + w] = x
     out = x.new_zeros(n, c, h, w) if bias is None else bias.view(1, -1, 1, 1).expand(n, c, h, w).clone()
@@ -200,6 +202,10 @@ def ref_depthwise_conv_same(x, weight, bias):
     return _reference_output_and_grads(lambda x, w, b: reference_conv_same(x, w[:, 0], b), x, weight, bias)
 
 
+def ref_depthwise_conv(x, weight, bias, pad):
+    return reference_conv_same(x.double(), weight[:, 0].double(), None if bias is None else bias.double(), pad)
+
+
 def ours_pointwise_conv(x, weight, bias):
     return _output_and_grads(OPS.pointwise_conv, x, weight, bias)
 
@@ -228,6 +234,7 @@ OPERATORS: dict[str, tuple[Callable, Callable]] = {
                                       ref_act_batch_norm_train_backward),
     "depthwise_weight_grad": (lambda *a: OPS.depthwise_weight_grad(*a), ref_depthwise_weight_grad),
     "depthwise_conv_same": (ours_depthwise_conv_same, ref_depthwise_conv_same),
+    "depthwise_conv": (lambda *a: OPS.depthwise_conv(*a), ref_depthwise_conv),
     "pointwise_conv": (ours_pointwise_conv, ref_pointwise_conv),
     "spatial_mixing": (lambda *a: OPS.spatial_mixing(*a), ref_spatial_mixing),
     "BatchNorm2d": (ours_batch_norm_module, ref_batch_norm_module),
@@ -316,8 +323,8 @@ class Draw:
 
 def random_case(rng: random.Random) -> Case:
     op = rng.choice(list(OPERATORS))
-    # depthwise_conv_same's forward is PyTorch's grouped convolution: 100000 groups take it minutes in float64.
-    d = Draw(rng, huge_ok=op != "depthwise_conv_same")
+    # Both depthwise operators run PyTorch's grouped convolution in float64: 100000 groups take it minutes there.
+    d = Draw(rng, huge_ok=op not in ("depthwise_conv_same", "depthwise_conv"))
     n, c, h, w = d.shape
     zero_size = n * c * h * w == 0
     if op == "batch_norm_train":
@@ -338,7 +345,7 @@ def random_case(rng: random.Random) -> Case:
         k, pad = d.kernel()
         grad_shape = d.shape if rng.random() > 0.08 else d.bad((n, c + 1, h, w), "grad_out shape")
         args = (d.x(grad_shape), d.x(), k, pad)
-    elif op == "depthwise_conv_same":
+    elif op in ("depthwise_conv_same", "depthwise_conv"):
         k = d.kernel_size([1, 2, 3, 4, 5, 7])
         weight_shape = (c, 1, k, k)
         if rng.random() < 0.12:
@@ -348,6 +355,9 @@ def random_case(rng: random.Random) -> Case:
                 d.why.pop()
         weight = tensor4(rng, weight_shape, d._dtype(), d._device_layout(rng.choice(LAYOUTS)))
         args = (d.x(), weight, d.vector() if rng.random() < 0.8 else None)
+        if op == "depthwise_conv":
+            pad = rng.choice([(k - 1) // 2, k // 2, 0, k - 1])
+            args += (d.bad(rng.choice([-1, k, 2**31]), "pad") if rng.random() < 0.1 else pad,)
     elif op == "pointwise_conv":
         # A (C_out, 100000) weight stays small: C_out of 1 to 3.
         out_channels = rng.choice([c, c, 1, 2 * c + 1] if c < HUGE_CHANNELS else [1, 2, 3])
@@ -426,6 +436,9 @@ def known_cases() -> list[Case]:
         Case("depthwise_weight_grad", (x, x.to("meta"), 3, 1), "invalid", ["meta x"]),
         Case("depthwise_conv_same", (x, torch.randn(8, 1, 3, 3, device="meta"), None), "invalid", ["meta weight"]),
         Case("depthwise_conv_same", (x, torch.randn(8, 1, 3, 5), None), "invalid", ["non-square kernel"]),
+        Case("depthwise_conv", (x, torch.randn(8, 1, 3, 3), None, 3), "invalid", ["pad=k"]),
+        Case("depthwise_conv", (x, torch.randn(8, 1, 3, 3), torch.ones(1), 1), "invalid", ["short bias"]),
+        Case("depthwise_conv", (x, torch.randn(1, 1, 3, 3), None, 1), "invalid", ["one kernel for 8 channels"]),
         Case("pointwise_conv", (huge, torch.ones(1, 1, 1, 1), None), "invalid", ["1-element weight"]),
         Case("pointwise_conv", (x, torch.ones(4, 8, 1, 1), torch.ones(3)), "invalid", ["short bias"]),
         Case("pointwise_conv", (x, torch.ones(4, 8, 1, 1, device="meta"), None), "invalid", ["meta weight"]),
@@ -445,6 +458,7 @@ def known_cases() -> list[Case]:
                  Case("act_batch_norm_train_backward", (x, x, zeros, ones, ones, "relu"), "valid"),
                  Case("depthwise_weight_grad", (x, x, 3, 1), "valid"),
                  Case("pointwise_conv", (x, torch.randn(4, 8, 1, 1), zeros[:4]), "valid"),
+                 Case("depthwise_conv", (x, torch.randn(8, 1, 4, 4), zeros, 2), "valid"),
                  Case("spatial_mixing", (x, ones, zeros, kkc, zeros, ones, "gelu"), "valid")):
         case.default_device = "meta"
         cases.append(case)

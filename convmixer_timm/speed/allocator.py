@@ -5,8 +5,10 @@ of 32 at h=256). glibc serves allocations that large with a fresh ``mmap`` and u
 tensor page-faults in zeroed pages: ``x * 2`` on such a tensor took 8.3 ms with glibc's defaults and 1.3 ms with
 the thresholds below, GELU 11.2 -> 3.1 ms, BatchNorm 12.8 -> 3.5 ms (2-core x86_64, torch 2.14). The price is
 memory: freed activations stay in the heap, where fragmentation raises the peak resident set of a training step
-(256/8 k9 p1, batch 64: 4829 MiB raised, against 4072 MiB for timm's built-in with glibc's defaults). So nothing
-is changed unless the user asks, in one of two ways:
+(256/8 k9 p1, batch 64: 4829 MiB raised, against 4072 MiB for timm's built-in with glibc's defaults). The speed
+layer's own operators no longer need it: their outputs come from ``buffers.py``'s pool, which a training step
+reuses without touching the allocator; the setting still speeds up whatever else the process allocates (timm's
+modules, other models). So nothing is changed unless the user asks, in one of two ways:
 
 * :func:`tune_cpu_allocator` raises the thresholds now, until :func:`restore_cpu_allocator`;
 * ``CONVMIXER_TIMM_TUNE_MALLOC=1`` raises them at the first eager CPU training step of a ConvMixer (never for a

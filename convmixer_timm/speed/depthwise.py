@@ -3,11 +3,11 @@
 ``convmixer_timm::depthwise_conv_same`` is a ``torch.library`` custom operator: its forward is the convolution,
 its registered autograd formula takes the input gradient from the forward convolution with the flipped kernel and
 the weight gradient from ``convmixer_timm::depthwise_weight_grad`` (oneDNN's depthwise backward runs at a fifth to
-a tenth of its forward's rate on CPU). In float32 both convolutions are the kernels' own (``depthwise_conv_f32``,
-the spatial-mixing kernel without its residual), writing into the training step's reused buffers
-(``buffers.py``); in float64 they are PyTorch's. Both have fake kernels, so ``torch.compile`` keeps them
-in one graph. A backward that builds a graph (``create_graph=True``) uses PyTorch's differentiable
-``convolution_backward`` instead, so double backward gives PyTorch's results.
+a tenth of its forward's rate on CPU). In float32 both convolutions are ``convmixer_timm::depthwise_conv``, the
+kernels' own (``depthwise_conv_f32``, the spatial-mixing kernel without its residual) writing into the training
+step's reused buffers (``buffers.py``); in float64 both are PyTorch's. All have fake kernels, so
+``torch.compile`` keeps them in one graph. A backward that builds a graph (``create_graph=True``) uses PyTorch's
+differentiable ``convolution_backward`` instead, so double backward gives PyTorch's results.
 """
 
 from typing import Optional
@@ -30,10 +30,10 @@ from ._checks import (
 from .buffers import empty_channels_last
 from .loader import load
 
-__all__ = ["conv_same", "crop_to_same", "depthwise_conv_same", "depthwise_weight_grad"]
+__all__ = ["conv_same", "crop_to_same", "depthwise_conv", "depthwise_conv_same", "depthwise_weight_grad"]
 
 _DTYPES = (torch.float32, torch.float64)
-_WEIGHT_GRAD, _CONV = "depthwise_weight_grad", "depthwise_conv_same"
+_WEIGHT_GRAD, _CONV, _PADDED_CONV = "depthwise_weight_grad", "depthwise_conv_same", "depthwise_conv"
 
 
 def crop_to_same(out: Tensor, kernel_size: int) -> Tensor:
@@ -50,25 +50,6 @@ def conv_same(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """Stride-1 depthwise convolution that keeps the grid, with PyTorch's own autograd."""
     k = weight.shape[-1]
     return crop_to_same(F.conv2d(x, weight, bias, 1, k // 2, 1, x.shape[1]), k)
-
-
-def _kernel_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], pad: int) -> Tensor:
-    """Stride-1 depthwise convolution of float32 ``x`` with ``pad`` zeros before (k - 1 - pad after) each row and
-    column, on the kernels; the output is channels_last, from the step's reused buffers."""
-    library = require_kernels(load())
-    batch, channels, height, width = x.shape
-    k = weight.shape[-1]
-    out = empty_channels_last(x)
-    if x.numel() == 0:
-        return out
-    x = dense(x, torch.channels_last)
-    weight_kkc = weight[:, 0].permute(1, 2, 0).contiguous()
-    bias = x.new_zeros(channels) if bias is None else dense(bias)
-    # Each thread holds a ring of k + 1 zero-padded rows (spatial_mixing in kernels_body.inc).
-    scratch = (k + 1) * (width + k) * channels * x.element_size() + 64 * k
-    library.depthwise_conv_f32(x.data_ptr(), weight_kkc.data_ptr(), bias.data_ptr(), out.data_ptr(), batch, height,
-                               width, channels, k, pad, kernel_threads(batch * height, scratch, x, weight_kkc))
-    return out
 
 
 def _check_weight_grad(grad_out: Tensor, x: Tensor, kernel_size: int, pad: int) -> None:
@@ -107,32 +88,64 @@ def _(grad_out: Tensor, x: Tensor, kernel_size: int, pad: int) -> Tensor:
     return x.new_empty(x.shape[1], 1, kernel_size, kernel_size)
 
 
-def _check_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
-    check_tensors(_CONV, {"x": x, "weight": weight, "bias": bias}, _DTYPES)
-    check_4d(_CONV, "x", x)
+def _check_conv(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], pad: Optional[int] = None) -> None:
+    check_tensors(op, {"x": x, "weight": weight, "bias": bias}, _DTYPES)
+    check_4d(op, "x", x)
     channels = x.shape[1]
     if weight.dim() != 4 or tuple(weight.shape) != (channels, 1, weight.shape[-1], weight.shape[-1]):
-        raise ValueError(f"{_CONV}: weight must be (C, 1, k, k) = ({channels}, 1, k, k), one square kernel per "
+        raise ValueError(f"{op}: weight must be (C, 1, k, k) = ({channels}, 1, k, k), one square kernel per "
                          f"channel of x, got shape {list(weight.shape)}")
     k = weight.shape[-1]
-    check_kernel(_CONV, k, (k - 1) // 2)
+    check_kernel(op, k, (k - 1) // 2 if pad is None else pad)
     if bias is not None:
-        check_vector(_CONV, "bias", bias, channels)
+        check_vector(op, "bias", bias, channels)
+
+
+@torch.library.custom_op("convmixer_timm::depthwise_conv", mutates_args=(), device_types="cpu")
+def depthwise_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], pad: int) -> Tensor:
+    """Stride-1 depthwise convolution that keeps the grid, ``pad`` zeros before and ``k - 1 - pad`` after each row
+    and column; channels_last out. float32 runs the kernels' own convolution (the spatial-mixing kernel without its
+    residual) into the training step's reused buffers (``buffers.py``), float64 PyTorch's."""
+    _check_conv(_PADDED_CONV, x, weight, bias, pad)
+    check_cpu(_PADDED_CONV, x)
+    k = weight.shape[-1]
+    if x.dtype == torch.float64:
+        padded = F.pad(x, (pad, k - 1 - pad, pad, k - 1 - pad))
+        return F.conv2d(padded, weight, bias, groups=x.shape[1]).contiguous(memory_format=torch.channels_last)
+    library = require_kernels(load())
+    batch, channels, height, width = x.shape
+    out = empty_channels_last(x)
+    if x.numel() == 0:
+        return out
+    x = dense(x, torch.channels_last)
+    weight_kkc = weight[:, 0].permute(1, 2, 0).contiguous()
+    bias = x.new_zeros(channels) if bias is None else dense(bias)
+    # Each thread holds a ring of k + 1 zero-padded rows (spatial_mixing in kernels_body.inc).
+    scratch = (k + 1) * (width + k) * channels * x.element_size() + 64 * k
+    library.depthwise_conv_f32(x.data_ptr(), weight_kkc.data_ptr(), bias.data_ptr(), out.data_ptr(), batch, height,
+                               width, channels, k, pad, kernel_threads(batch * height, scratch, x, weight_kkc))
+    return out
+
+
+@depthwise_conv.register_fake
+def _(x: Tensor, weight: Tensor, bias: Optional[Tensor], pad: int) -> Tensor:
+    _check_conv(_PADDED_CONV, x, weight, bias, pad)
+    return torch.empty_like(x, memory_format=torch.channels_last)
 
 
 @torch.library.custom_op("convmixer_timm::depthwise_conv_same", mutates_args=(), device_types="cpu")
 def depthwise_conv_same(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """:func:`conv_same` with the fast CPU backward; the output is channels_last (the training layout)."""
-    _check_conv(x, weight, bias)
+    _check_conv(_CONV, x, weight, bias)
     check_cpu(_CONV, x)
     if x.dtype == torch.float32:
-        return _kernel_conv(x, weight, bias, (weight.shape[-1] - 1) // 2)
+        return depthwise_conv(x, weight, bias, (weight.shape[-1] - 1) // 2)
     return conv_same(x, weight, bias).contiguous(memory_format=torch.channels_last)
 
 
 @depthwise_conv_same.register_fake
 def _(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    _check_conv(x, weight, bias)
+    _check_conv(_CONV, x, weight, bias)
     return torch.empty_like(x, memory_format=torch.channels_last)
 
 
@@ -159,13 +172,8 @@ def _backward(ctx, grad_out: Tensor):
     k = weight.shape[-1]
     grad_out = grad_out.contiguous(memory_format=torch.channels_last)
     grad_input = grad_weight = grad_bias = None
-    if ctx.needs_input_grad[0] and grad_out.dtype == torch.float32:
-        # The mirrored padding: k // 2 before, k - 1 - k // 2 after.
-        grad_input = _kernel_conv(grad_out, weight.flip(2, 3), None, k // 2)
-    elif ctx.needs_input_grad[0]:
-        grad_input = F.conv2d(grad_out, weight.flip(2, 3), None, 1, k // 2, 1, x.shape[1])
-        if k % 2 == 0:  # mirrored padding is k//2 before, k//2 - 1 after: drop the extra last row and column
-            grad_input = grad_input[:, :, : x.shape[2], : x.shape[3]].contiguous(memory_format=torch.channels_last)
+    if ctx.needs_input_grad[0]:  # the mirrored padding: k // 2 before, k - 1 - k // 2 after
+        grad_input = depthwise_conv(grad_out, weight.flip(2, 3), None, k // 2)
     if ctx.needs_input_grad[1]:
         grad_weight = depthwise_weight_grad(grad_out, x, k, (k - 1) // 2)
     if ctx.has_bias and ctx.needs_input_grad[2]:
