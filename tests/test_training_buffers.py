@@ -53,7 +53,7 @@ def test_steps_reuse_the_first_steps_buffers_and_leave_held_tensors_alone():
     x, _ = _batch()
     _train(model, 2)
     after_two = buffers.pooled_bytes()
-    assert after_two >= 8 * BATCH * WIDTH * 32 * 32 * 4  # the step's full-size tensors came from the pool
+    assert after_two >= 4 * BATCH * WIDTH * 32 * 32 * 4  # the step's full-size tensors came from the pool
     held = model.forward_features(x).detach()  # a pooled output the caller keeps across later steps
     copy = held.clone()
     _train(model, 3)
@@ -112,3 +112,35 @@ def test_outputs_follow_the_input_outside_training():
     assert out.device.type == "cpu" and out.dtype == torch.float64 and out.shape == (2, 7, 4, 5)
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert buffers.pooled_bytes() == 0
+
+
+@needs_kernels
+def test_large_pointwise_convolutions_train_as_matrix_products_with_the_same_gradients(monkeypatch):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from convmixer_timm.speed import layers
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.called = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.called.add(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    def gradients(min_bytes: int):
+        monkeypatch.setattr(layers, "_POINTWISE_MIN_BYTES", min_bytes)
+        model = _model()
+        x, y = _batch()
+        with Recorder() as recorder:
+            F.cross_entropy(model(x), y).backward()
+        return recorder.called, [p.grad for p in model.parameters()]
+
+    called_small, reference = gradients(1 << 62)  # every 1x1 convolution oneDNN's
+    called_large, grads = gradients(0)
+    assert "pointwise_conv" not in called_small
+    # Only where BLAS runs the instruction set oneDNN does (not on AVX-512 CPUs, where MKL may run AVX2 code).
+    assert ("pointwise_conv" in called_large) == layers._blas_matches_onednn()
+    for got, want in zip(grads, reference, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * max(1.0, want.abs().max().item()))

@@ -23,6 +23,7 @@ This module imports no timm: the models register with timm when timm is imported
 this module, so it must not be waiting on timm itself.
 """
 
+import functools
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -273,7 +274,8 @@ def act_batch_norm_2d(act_name: str, bn: BatchNorm2d, x: torch.Tensor) -> torch.
 
 def _pointwise_conv_applies(conv: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``conv(x)`` may run as :func:`pointwise_conv`: exactly an ``nn.Conv2d`` with a 1x1 kernel, stride 1,
-    no padding, one group, no hook, not FX-traced, in a CPU training step the kernels apply to."""
+    no padding, one group, no hook, not FX-traced, in a CPU training step the kernels apply to, with an output large
+    enough for the pooled product to pay, on a CPU where BLAS and oneDNN run the same instruction set."""
     if _fx_tracing(x) or _tracing_or_exporting() or type(conv) is not nn.Conv2d or has_hooks(conv):
         return False
     if (conv.kernel_size, conv.stride, conv.dilation, conv.groups, conv.padding_mode) != ((1, 1), (1, 1), (1, 1), 1,
@@ -284,7 +286,23 @@ def _pointwise_conv_applies(conv: nn.Module, x: torch.Tensor) -> bool:
     bias = conv.bias
     if bias is not None and (bias.dtype != x.dtype or bias.device != x.device):
         return False
-    return kernels_apply(x, conv.weight.transpose(0, 1))
+    output_bytes = x.shape[0] * conv.out_channels * x.shape[2] * x.shape[3] * x.element_size()
+    return output_bytes >= _POINTWISE_MIN_BYTES and _blas_matches_onednn() and kernels_apply(
+        x, conv.weight.transpose(0, 1))
+
+
+# Measured on AVX2 (benchmarks/training_ab.py): the pooled product wins from 16 MiB outputs (256/8 k5 p2 at batch
+# 64: 0.96x of oneDNN's step) and loses below (768/32 at batch 2, 6 MiB: 1.04x), where glibc's heap reuses oneDNN's
+# outputs without faulting pages in.
+_POINTWISE_MIN_BYTES = 16 << 20
+
+
+@torch.compiler.assume_constant_result  # a property of the process, read once outside any traced graph
+@functools.cache
+def _blas_matches_onednn() -> bool:
+    # MKL runs its AVX2 code on AMD CPUs, where oneDNN's convolution uses AVX-512 (Zen 5: twice the FMA width); the
+    # matrix product is used only where both libraries run the same instruction set, the one it was measured on.
+    return not torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 @torch.jit.unused
