@@ -144,3 +144,19 @@ def test_large_pointwise_convolutions_train_as_matrix_products_with_the_same_gra
     assert ("pointwise_conv" in called_large) == layers._blas_matches_onednn()
     for got, want in zip(grads, reference, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * max(1.0, want.abs().max().item()))
+
+
+@needs_kernels
+def test_buffers_of_a_size_no_longer_used_are_dropped(monkeypatch):
+    monkeypatch.setattr(buffers, "IDLE_REQUESTS", 8)
+    model = _model()
+    _train(model, 1)  # the pool holds buffers of this batch's size
+    first_size = buffers.pooled_bytes()
+    assert first_size > 0
+    small = torch.empty(4, WIDTH, 32, 32)  # another batch size (1 MiB), as at the end of an epoch
+    for _ in range(9):
+        buffers.empty_channels_last(small)  # served by one buffer, again and again
+    held = buffers.empty_channels_last(small)
+    buffers.empty_channels_last(small)  # a request the pool cannot serve: idle buffers go first
+    assert buffers.pooled_bytes() == 2 * small.numel() * 4
+    del held

@@ -8,7 +8,8 @@ only: their full-size outputs come from a pool of storages that a step returns t
 step writes into pages that are already there.
 
 A pooled storage is handed out again only when nothing else holds it (its reference count is the pool's own
-reference), so a reused buffer is never visible through an older tensor. The pool serves requests while a model
+reference), so a reused buffer is never visible through an older tensor; one left unused while the run moved on to
+other sizes is dropped. The pool serves requests while a model
 that uses the speed layer trains (:func:`hold`, called by its BatchNorm modules in a CPU training step, as
 ``allocator.py``'s setting is held); it is emptied when the last such module is freed or leaves training mode,
 or by :func:`release_training_buffers`. It never holds more than the step had alive at once, so the step's peak
@@ -20,6 +21,7 @@ import threading
 import weakref
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -29,14 +31,28 @@ __all__ = ["empty_channels_last", "hold", "pooled_bytes", "release_if_idle", "re
 # Below this, glibc serves requests from its heap, where freed blocks are reused without faulting pages in.
 POOLED_MIN_BYTES = 1 << 20
 
+# A free buffer not handed out during this many requests is dropped at the next request the pool cannot serve, so
+# buffers of sizes a run stopped using (another batch or image size) do not stay for the rest of the run.
+IDLE_REQUESTS = 4096
+# The storage's reference count, read without holding a reference of our own; private to PyTorch (there since
+# 1.x): without it the pool stays off and every tensor is a plain allocation.
+_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
 _lock = threading.Lock()
-_storages: dict[int, list[torch.UntypedStorage]] = defaultdict(list)
+_storages: dict[int, list[_Entry]] = defaultdict(list)
 _holders: weakref.WeakSet = weakref.WeakSet()
+_requests = 0
 
 
-def _in_use(storage: torch.UntypedStorage) -> bool:
-    # One reference is the pool's own Python storage object; any tensor or view on it adds one.
-    return torch._C._storage_Use_Count(storage._cdata) > 1
+@dataclass
+class _Entry:
+    storage: torch.UntypedStorage
+    last_request: int
+
+    def free(self, nbytes: int) -> bool:
+        # One reference is the pool's own Python storage object; any tensor or view on it adds one. A storage
+        # resized by its last user is no longer the size it is filed under.
+        return _use_count(self.storage._cdata) == 1 and self.storage.nbytes() == nbytes
 
 
 def _channels_last_strides(shape: Sequence[int]) -> list[int]:
@@ -45,12 +61,22 @@ def _channels_last_strides(shape: Sequence[int]) -> list[int]:
 
 
 def _active() -> bool:
-    return any(module.training for module in _holders)
+    return _use_count is not None and any(module.training for module in _holders)
+
+
+def _drop_idle() -> None:
+    for nbytes, entries in list(_storages.items()):
+        kept = [e for e in entries if not e.free(nbytes) or _requests - e.last_request <= IDLE_REQUESTS]
+        if kept:
+            _storages[nbytes] = kept
+        else:
+            del _storages[nbytes]
 
 
 def empty_channels_last(like: Tensor, shape: Sequence[int] | None = None) -> Tensor:
     """An uninitialised channels_last tensor of ``shape`` (default ``like``'s) with ``like``'s dtype and device,
     from the pool where one is active and the tensor is large enough to be worth it."""
+    global _requests
     shape = list(like.shape if shape is None else shape)
     nbytes = like.element_size()
     for size in shape:
@@ -58,13 +84,14 @@ def empty_channels_last(like: Tensor, shape: Sequence[int] | None = None) -> Ten
     if nbytes < POOLED_MIN_BYTES or like.device.type != "cpu" or not _active():
         return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
     with _lock:
-        pool = _storages[nbytes]
-        storage = next((s for s in pool if not _in_use(s) and s.nbytes() == nbytes), None)
-        if storage is None:
-            pool[:] = [s for s in pool if s.nbytes() == nbytes]  # resized by their last user: not ours to reuse
-            storage = torch.UntypedStorage(nbytes, device=like.device)
-            pool.append(storage)
-        return like.new_empty(0).set_(storage, 0, shape, _channels_last_strides(shape))
+        _requests += 1
+        entry = next((e for e in _storages.get(nbytes, ()) if e.free(nbytes)), None)
+        if entry is None:
+            _drop_idle()
+            entry = _Entry(torch.UntypedStorage(nbytes, device=like.device), _requests)
+            _storages[nbytes].append(entry)
+        entry.last_request = _requests
+        return like.new_empty(0).set_(entry.storage, 0, shape, _channels_last_strides(shape))
 
 
 def hold(module: nn.Module) -> None:
@@ -91,4 +118,4 @@ def release_training_buffers() -> None:
 def pooled_bytes() -> int:
     """Bytes the pool holds, in use or free."""
     with _lock:
-        return sum(s.nbytes() for pool in _storages.values() for s in pool)
+        return sum(e.storage.nbytes() for entries in _storages.values() for e in entries)
