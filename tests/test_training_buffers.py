@@ -160,3 +160,23 @@ def test_buffers_of_a_size_no_longer_used_are_dropped(monkeypatch):
     buffers.empty_channels_last(small)  # a request the pool cannot serve: idle buffers go first
     assert buffers.pooled_bytes() == 2 * small.numel() * 4
     del held
+
+
+@needs_kernels
+@pytest.mark.parametrize("kept", ["storage object", "shared memory"])
+def test_a_buffer_still_reachable_is_never_handed_out_again(kept):
+    model = _model()  # holds the pool while it trains
+    _train(model, 1)
+    like = torch.empty(BATCH, WIDTH, 32, 32)
+    t = buffers.empty_channels_last(like)
+    t.fill_(7.0)
+    if kept == "storage object":
+        reachable = t.untyped_storage()  # the pool's own storage object, kept by the caller
+    else:
+        t.share_memory_()  # as torch.multiprocessing does for a tensor sent to another process
+        reachable = t.untyped_storage()._share_filename_cpu_()  # what the other process maps
+    pointer = t.data_ptr()
+    del t
+    others = [buffers.empty_channels_last(like) for _ in range(4)]
+    assert all(o.data_ptr() != pointer for o in others)
+    del reachable

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["KERNEL_SIZE_LIMIT", "check_4d", "check_cpu", "check_kernel", "check_same_shape", "check_tensors",
-           "check_vector", "dense", "kernel_threads", "require_kernels"]
+           "check_vector", "dense", "kernel_threads", "require_kernels", "ring_scratch_bytes"]
 
 # The kernels take k and pad as C ints and index a k x k window with int arithmetic: k * k must fit in an int.
 KERNEL_SIZE_LIMIT = 46340
@@ -95,6 +95,13 @@ def check_kernel(op: str, kernel_size: int, pad: int) -> None:
 def dense(t: Tensor, memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
     """``t`` laid out exactly as the C++ reads it: contiguous in ``memory_format``, no pending negation view."""
     return t.resolve_neg().contiguous(memory_format=memory_format)
+
+
+def ring_scratch_bytes(x: Tensor, kernel_size: int) -> int:
+    """Per-thread scratch of the spatial-mixing kernel (and the depthwise convolution built on it): a ring of k + 1
+    zero-padded rows of ``x`` (spatial_mixing in kernels_body.inc)."""
+    _, channels, _, width = x.shape
+    return (kernel_size + 1) * (width + kernel_size) * channels * x.element_size() + 64 * kernel_size
 
 
 def kernel_threads(rows: int, scratch_bytes_per_thread: int, *operands: Tensor) -> int:

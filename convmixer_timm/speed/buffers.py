@@ -7,16 +7,18 @@ that for the whole process (``allocator.py``, opt-in); this module fixes it for 
 only: their full-size outputs come from a pool of storages that a step returns to when it frees them, so the next
 step writes into pages that are already there.
 
-A pooled storage is handed out again only when nothing else holds it (its reference count is the pool's own
-reference), so a reused buffer is never visible through an older tensor; one left unused while the run moved on to
-other sizes is dropped. The pool serves requests while a model
-that uses the speed layer trains (:func:`hold`, called by its BatchNorm modules in a CPU training step, as
-``allocator.py``'s setting is held); it is emptied when the last such module is freed or leaves training mode,
-or by :func:`release_training_buffers`. It never holds more than the step had alive at once, so the step's peak
-memory is what it would be without it; between steps it keeps what the next step will reuse.
+A pooled storage is handed out again only when nothing else holds it: no tensor or view on it, no Python reference
+to its storage object but the pool's, and not shared with another process (``share_memory_``), so a reused buffer
+is never visible through anything older. The pool serves requests while a model that uses the speed layer trains
+(:func:`hold`, called by its BatchNorm modules in a CPU training step, as ``allocator.py``'s setting is held); it is
+emptied when the last such module is freed or leaves training mode, or by :func:`release_training_buffers`. It
+holds at most what was alive at once of its buffers (in a plain training loop, one step's full-size tensors, so the
+step's peak memory is what it would be without it), and a buffer left unused for ``IDLE_REQUESTS`` requests (the run
+moved on to another batch or image size, or outputs the caller kept were freed) is dropped.
 """
 from __future__ import annotations
 
+import sys
 import threading
 import weakref
 from collections import defaultdict
@@ -31,14 +33,16 @@ __all__ = ["empty_channels_last", "hold", "pooled_bytes", "release_if_idle", "re
 # Below this, glibc serves requests from its heap, where freed blocks are reused without faulting pages in.
 POOLED_MIN_BYTES = 1 << 20
 
-# A free buffer not handed out during this many requests is dropped at the next request the pool cannot serve, so
-# buffers of sizes a run stopped using (another batch or image size) do not stay for the rest of the run.
+# A free buffer not handed out during this many requests is dropped (checked at every request the pool cannot serve
+# and every IDLE_REQUESTS requests), so buffers of sizes a run stopped using do not stay for the rest of the run.
 IDLE_REQUESTS = 4096
 # The storage's reference count, read without holding a reference of our own; private to PyTorch (there since
 # 1.x): without it the pool stays off and every tensor is a plain allocation.
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
 
-_lock = threading.Lock()
+# Re-entrant: a holder's finalizer (which may release the pool) can run from garbage collection inside a locked
+# section.
+_lock = threading.RLock()
 _storages: dict[int, list[_Entry]] = defaultdict(list)
 _holders: weakref.WeakSet = weakref.WeakSet()
 _requests = 0
@@ -49,10 +53,16 @@ class _Entry:
     storage: torch.UntypedStorage
     last_request: int
 
-    def free(self, nbytes: int) -> bool:
-        # One reference is the pool's own Python storage object; any tensor or view on it adds one. A storage
-        # resized by its last user is no longer the size it is filed under.
-        return _use_count(self.storage._cdata) == 1 and self.storage.nbytes() == nbytes
+    def unused(self) -> bool:
+        # The storage's own count: the pool's Python storage object holds one reference, each tensor or view on it
+        # one more. Python references to that object (``t.untyped_storage()`` returns the same one): the entry's,
+        # and getrefcount's argument.
+        return _use_count(self.storage._cdata) == 1 and sys.getrefcount(self.storage) == 2
+
+    def reusable(self, nbytes: int) -> bool:
+        # A storage resized by its last user is no longer the size it is filed under; one shared with another
+        # process may still be read there.
+        return self.unused() and self.storage.nbytes() == nbytes and not self.storage.is_shared()
 
 
 def _channels_last_strides(shape: Sequence[int]) -> list[int]:
@@ -61,12 +71,14 @@ def _channels_last_strides(shape: Sequence[int]) -> list[int]:
 
 
 def _active() -> bool:
-    return _use_count is not None and any(module.training for module in _holders)
+    with _lock:
+        return _use_count is not None and any(module.training for module in list(_holders))
 
 
 def _drop_idle() -> None:
     for nbytes, entries in list(_storages.items()):
-        kept = [e for e in entries if not e.free(nbytes) or _requests - e.last_request <= IDLE_REQUESTS]
+        kept = [e for e in entries if not e.unused()
+                or (e.reusable(nbytes) and _requests - e.last_request <= IDLE_REQUESTS)]
         if kept:
             _storages[nbytes] = kept
         else:
@@ -85,7 +97,9 @@ def empty_channels_last(like: Tensor, shape: Sequence[int] | None = None) -> Ten
         return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
     with _lock:
         _requests += 1
-        entry = next((e for e in _storages.get(nbytes, ()) if e.free(nbytes)), None)
+        if _requests % IDLE_REQUESTS == 0:
+            _drop_idle()
+        entry = next((e for e in _storages.get(nbytes, ()) if e.reusable(nbytes)), None)
         if entry is None:
             _drop_idle()
             entry = _Entry(torch.UntypedStorage(nbytes, device=like.device), _requests)

@@ -26,6 +26,7 @@ from ._checks import (
     dense,
     kernel_threads,
     require_kernels,
+    ring_scratch_bytes,
 )
 from .buffers import empty_channels_last
 from .loader import load
@@ -105,14 +106,15 @@ def _check_conv(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], pad:
 def depthwise_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], pad: int) -> Tensor:
     """Stride-1 depthwise convolution that keeps the grid, ``pad`` zeros before and ``k - 1 - pad`` after each row
     and column; channels_last out. float32 runs the kernels' own convolution (the spatial-mixing kernel without its
-    residual) into the training step's reused buffers (``buffers.py``), float64 PyTorch's."""
+    residual) into the training step's reused buffers (``buffers.py``); float64, or float32 without the kernels,
+    PyTorch's. No autograd formula: it computes :func:`depthwise_conv_same`'s input gradient, in its backward."""
     _check_conv(_PADDED_CONV, x, weight, bias, pad)
     check_cpu(_PADDED_CONV, x)
     k = weight.shape[-1]
-    if x.dtype == torch.float64:
+    library = load()
+    if x.dtype == torch.float64 or library is None:
         padded = F.pad(x, (pad, k - 1 - pad, pad, k - 1 - pad))
         return F.conv2d(padded, weight, bias, groups=x.shape[1]).contiguous(memory_format=torch.channels_last)
-    library = require_kernels(load())
     batch, channels, height, width = x.shape
     out = empty_channels_last(x)
     if x.numel() == 0:
@@ -120,10 +122,9 @@ def depthwise_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], pad: int) 
     x = dense(x, torch.channels_last)
     weight_kkc = weight[:, 0].permute(1, 2, 0).contiguous()
     bias = x.new_zeros(channels) if bias is None else dense(bias)
-    # Each thread holds a ring of k + 1 zero-padded rows (spatial_mixing in kernels_body.inc).
-    scratch = (k + 1) * (width + k) * channels * x.element_size() + 64 * k
     library.depthwise_conv_f32(x.data_ptr(), weight_kkc.data_ptr(), bias.data_ptr(), out.data_ptr(), batch, height,
-                               width, channels, k, pad, kernel_threads(batch * height, scratch, x, weight_kkc))
+                               width, channels, k, pad,
+                               kernel_threads(batch * height, ring_scratch_bytes(x, k), x, weight_kkc))
     return out
 
 

@@ -21,6 +21,7 @@ from ._checks import (
     dense,
     kernel_threads,
     require_kernels,
+    ring_scratch_bytes,
 )
 from .loader import load
 
@@ -60,11 +61,9 @@ def spatial_mixing(u: Tensor, s_in: Tensor, t_in: Tensor, weight_kkc: Tensor, bi
     if u.numel() == 0:
         return z
     vectors = [dense(t) for t in (s_in, t_in, weight_kkc, bias, s1)]
-    # Each thread holds a ring of k + 1 zero-padded rows (spatial_mixing in kernels_body.inc).
-    scratch = (k + 1) * (width + k) * channels * u.element_size() + 64 * k
     library.spatial_mixing_f32(MIXING_ACTIVATIONS[act], u.data_ptr(), *(t.data_ptr() for t in vectors), z.data_ptr(),
                                batch, height, width, channels, k, (k - 1) // 2,
-                               kernel_threads(batch * height, scratch, u, vectors[2]))
+                               kernel_threads(batch * height, ring_scratch_bytes(u, k), u, vectors[2]))
     return z
 
 

@@ -56,8 +56,8 @@ def pointwise_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
 @pointwise_conv.register_fake
 def _(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     _check(x, weight, bias)
-    return x.new_empty(x.shape[0], weight.shape[0], x.shape[2], x.shape[3]).contiguous(
-        memory_format=torch.channels_last)
+    return torch.empty(x.shape[0], weight.shape[0], x.shape[2], x.shape[3], dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last)
 
 
 def _setup_context(ctx, inputs, output) -> None:
