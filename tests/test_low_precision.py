@@ -291,9 +291,13 @@ def test_one_runtime_at_low_precision(digits):
 @pytest.mark.slow
 def test_pt2e_with_the_x86_inductor_quantizer(digits):
     pytest.importorskip("torchao", reason="PT2E's quantizers live in torchao since torch 2.10")
+    import torch._inductor.config as inductor_config
+
     model, train, held, _ = digits
+    freezing = inductor_config.freezing
     agreement, error = _compare(model, torch_int8(model, _odd_batches(train), backend="pt2e"), held)
     assert agreement >= MIN_AGREEMENT and error <= INT8_TOLERANCE
+    assert inductor_config.freezing == freezing  # switched on around the lowered graph's calls only
 
 
 @pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel")

@@ -117,8 +117,14 @@ class LowPrecisionConvMixer(AutotunedConvMixer):
 
     def paths(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         names = super().paths()
-        names.update({name: functools.partial(self.run_path, name) for name in self.lowp_torch})
+        # PT2E's graph is exported for the calibration images' size (batch dynamic): it races at that size only.
+        names.update({name: functools.partial(self.run_path, name) for name in self.lowp_torch
+                      if name != "int8 pt2e" or self._calibrated_for_tuned_image()})
         return names
+
+    def _calibrated_for_tuned_image(self) -> bool:
+        image = getattr(self._tuning, "image", None)
+        return bool(self.calibration) and (image is None or image == tuple(self.calibration[0].shape[1:]))
 
     def fp32_paths(self) -> list[str]:
         """The float32 paths on offer (the plain model first): every one is an incumbent of this module's races."""
@@ -138,9 +144,7 @@ class LowPrecisionConvMixer(AutotunedConvMixer):
         if self.precision == "bf16" and "openvino" in self.runtimes and self.native:
             for hint in hints:
                 builders[f"openvino bf16 {hint.lower()}"] = functools.partial(self._openvino_lowp, hint, "bf16")
-        image = getattr(self._tuning, "image", None)
-        calibrated = bool(self.calibration) and (image is None or image == tuple(self.calibration[0].shape[1:]))
-        if self.precision == "int8" and calibrated:  # the int8 ONNX model exists for the calibration size only
+        if self.precision == "int8" and self._calibrated_for_tuned_image():  # the int8 ONNX model: that size only
             if "onnxruntime" in self.runtimes:
                 builders["onnxruntime int8"] = self._onnxruntime_int8
                 if "openvino" in self.runtimes:
