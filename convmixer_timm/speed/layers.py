@@ -4,7 +4,8 @@
   passes each way (``batch_norm.py``);
 * :func:`run_layers`: a stack of layers called in turn, where each ReLU/GELU module followed by a
   :class:`BatchNorm2d` runs as one operator in a CPU training step (``act_batch_norm.py``): the activation's output
-  is never stored, so a step allocates, faults in and holds fewer full-size tensors;
+  is never stored, so a step allocates, faults in and holds fewer full-size tensors; a large 1x1 ``nn.Conv2d`` runs
+  as one matrix product into the step's reused buffers (``pointwise.py``, ``buffers.py``);
 * :func:`depthwise_conv_for_training`: the block's depthwise convolution in training, with a fast CPU backward
   (``depthwise.py``);
 * :func:`layout_for_cpu_training`: channels_last for CPU training, and :func:`match_memory_format` to hand the
