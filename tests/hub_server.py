@@ -50,21 +50,25 @@ debugging the tests.
 from __future__ import annotations
 
 import argparse
+import array
 import base64
+import fcntl
 import hashlib
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
 import socketserver
 import struct
+import termios
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -221,7 +225,8 @@ class LocalHub:
     files. ``requests`` records the last 10,000 requests received; ``last_authorization`` holds the most
     recent ``Authorization`` header seen. ``orgs`` maps a user to the organizations it belongs to; ``timeout``
     bounds each read and write on a connection (an idle or stalled client is dropped after it), and
-    ``max_connections`` the connections served at once.
+    ``max_connections`` the connections served at once. ``clock`` (seconds, monotonic) is what the server's own
+    deadlines read: draining a refused connection, delivering what precedes a reset.
     """
 
     def __init__(
@@ -236,6 +241,7 @@ class LocalHub:
         max_body_bytes: int = 1 << 30,
         timeout: float = 30.0,
         max_connections: int = 64,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if timeout <= 0 or max_connections < 1:
             raise ValueError("timeout must be > 0 and max_connections >= 1")
@@ -247,6 +253,7 @@ class LocalHub:
         self.orgs = {user: frozenset(names) for user, names in (orgs or {}).items()}
         self.max_body_bytes = max_body_bytes
         self.timeout = timeout
+        self.clock = clock  # the deadlines of closing and aborted connections read this, never the wall clock
         self.max_connections = max_connections
         self.gitattributes = gitattributes
         self.requests: deque[RecordedRequest] = deque(maxlen=10_000)
@@ -686,7 +693,7 @@ class _Server(ThreadingHTTPServer):
         # Closing a socket with the client's request unread sends a reset, which can destroy the 503 before the
         # client reads it: keep reading and dropping what it sends until it closes (service_actions, between
         # polls of the accept loop), for at most the timeout.
-        self._closing.append((request, time.monotonic() + self.hub.timeout))
+        self._closing.append((request, self.hub.clock() + self.hub.timeout))
 
     def service_actions(self) -> None:
         super().service_actions()
@@ -696,7 +703,7 @@ class _Server(ThreadingHTTPServer):
                 while sock.recv(65536):
                     pass
             except BlockingIOError:
-                if time.monotonic() < deadline:
+                if self.hub.clock() < deadline:
                     still_open.append((sock, deadline))
                     continue
             except OSError:
@@ -1180,14 +1187,28 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         try:
             if reset:
-                # Give the client time to read what was sent: a RST can discard unread data in its buffer.
-                time.sleep(0.1)
+                # A RST discards what the send queue still holds: wait until the client has it all.
+                self._wait_until_delivered()
                 self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 self.connection.close()
             else:
                 self.connection.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+
+    def _wait_until_delivered(self) -> None:
+        """Until the client has acknowledged every byte sent (Linux's send-queue count), for at most the timeout."""
+        deadline = self.server.hub.clock() + self.server.hub.timeout
+        queued = array.array("i", [0])
+        while self.server.hub.clock() < deadline:
+            try:
+                fcntl.ioctl(self.connection.fileno(), termios.TIOCOUTQ, queued)
+            except OSError:
+                return  # no such count here: reset at once
+            if queued[0] == 0:
+                return
+            select.select([], [], [], 0.001)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -1226,7 +1247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  export HF_ENDPOINT={hub.endpoint} "
               f"HF_TOKEN={'<one of your --token values>' if tokens else 'local-token'}", flush=True)
         while True:
-            time.sleep(3600)
+            signal.pause()  # until SIGINT or SIGTERM
     except KeyboardInterrupt:
         print("stopping", flush=True)
     finally:
