@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from dispatched import OurOperatorCalls
 
 from convmixer_timm import ConvMixer, speed
 from convmixer_timm.speed import FusedConvMixerInference
@@ -310,27 +311,13 @@ def test_act_batch_norm_rejects_bad_input_with_the_fix():
         torch.ops.convmixer_timm.act_batch_norm_train_backward(a, a, ones[:3], ones, ones, "relu")
 
 
-class _Calls(torch.utils._python_dispatch.TorchDispatchMode):
-    """How often each convmixer_timm operator ran while active."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: dict[str, int] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "convmixer_timm":
-            name = func.__name__.split(".")[0]
-            self.counts[name] = self.counts.get(name, 0) + 1
-        return func(*args, **(kwargs or {}))
-
-
 def _training_step(model, x, kernels_on: bool, monkeypatch) -> tuple[list[torch.Tensor], dict[str, int]]:
     """One SGD step: loss, output, every gradient and every buffer afterwards; and the operators that ran."""
     if kernels_on:
         monkeypatch.delenv("CONVMIXER_TIMM_KERNELS", raising=False)
     else:
         monkeypatch.setenv("CONVMIXER_TIMM_KERNELS", "0")
-    with _Calls() as calls:
+    with OurOperatorCalls() as calls:
         out = model(x)
         loss = F.cross_entropy(out, torch.arange(x.shape[0]) % 5)
         loss.backward()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from dispatched import OurOperatorCalls
 from waiting import wait_until
 
 from convmixer_timm import VARIANTS, ConvMixer, speed
@@ -455,19 +455,6 @@ def test_the_allocator_setting_is_changed_only_when_asked_and_only_while_asked()
         "asked": "True", "asked_outlives_models": "True", "asked_restored": "False"}
 
 
-class _OurOperators(TorchDispatchMode):
-    """Names of the convmixer_timm operators a region dispatches."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.called: set[str] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "convmixer_timm":
-            self.called.add(func.__name__.split(".")[0])
-        return func(*args, **(kwargs or {}))
-
-
 @needs_kernels
 @pytest.mark.parametrize("in_chans", [1, 2, 3, 4])
 def test_every_input_channel_count_trains_on_the_kernels(in_chans):
@@ -475,7 +462,7 @@ def test_every_input_channel_count_trains_on_the_kernels(in_chans):
     torch.manual_seed(0)
     model = ConvMixer(8, 1, 3, 2, in_chans=in_chans, num_classes=2).train()
     x = torch.randn(4, in_chans, 16, 16)
-    with _OurOperators() as ours:
+    with OurOperatorCalls() as ours:
         model(x).sum().backward()
     assert ours.called == {"act_batch_norm_train", "act_batch_norm_train_backward", "depthwise_conv",
                            "depthwise_conv_same", "depthwise_weight_grad"}

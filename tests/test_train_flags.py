@@ -21,11 +21,11 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from dispatched import OurOperatorCalls
 from reference import randomize_batchnorm
 from timm.layers import set_reentrant_ckpt, use_reentrant_ckpt
 from timm.models.convmixer import ConvMixer as TimmConvMixer
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from convmixer_timm import ConvMixer, speed
 from convmixer_timm.hub import load_hub_folder, save_hub_folder
@@ -49,18 +49,6 @@ def _norms(model: nn.Module) -> list[nn.BatchNorm2d]:
 
 def _images(batch: int = 4, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     return torch.randn(batch, 3, 16, 16, generator=torch.Generator().manual_seed(1), dtype=dtype)
-
-
-class _OpsSeen(TorchDispatchMode):
-    """Names of the operators dispatched while active: shows which path (kernels or PyTorch's) a step ran."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: set[str] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
 
 
 # -- --bn-momentum / --bn-eps -------------------------------------------------------------------------------------
@@ -99,12 +87,12 @@ def test_training_step_uses_the_momentum_and_eps(kernels):
     ours = ConvMixer(**SMALL, bn_momentum=0.3, bn_eps=0.5).double().train()
     ours.load_state_dict(ref.state_dict())
     x = _images()
-    with _OpsSeen() as seen:
+    with OurOperatorCalls() as seen:
         out = ours(x)
         out.square().sum().backward()
     expected = ref(x)
     expected.square().sum().backward()
-    assert ("convmixer_timm.act_batch_norm_train" in seen.names) == (kernels == "kernels")
+    assert ("act_batch_norm_train" in seen.called) == (kernels == "kernels")
     torch.testing.assert_close(out, expected, **F64)
     for (name, a), b in zip(ours.named_parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, **F64, msg=name)
@@ -180,10 +168,10 @@ def test_grad_checkpointing_updates_running_stats_once_per_step(kernels, reentra
     torch.manual_seed(0)
     model = randomize_batchnorm(ConvMixer(**SMALL)).double().train()
     plain = _train(copy.deepcopy(model), loss_of, checkpointing=False, steps=2)
-    with _OpsSeen() as seen:
+    with OurOperatorCalls() as seen:
         checkpointed = _train(copy.deepcopy(model), loss_of, checkpointing=True, steps=2)
     # The kernels really ran in the checkpointed run (its recomputation), and really did not without them.
-    assert ("convmixer_timm.act_batch_norm_train" in seen.names) == (kernels == "kernels")
+    assert ("act_batch_norm_train" in seen.called) == (kernels == "kernels")
     for step, (expected, actual) in enumerate(zip(plain, checkpointed, strict=True), 1):
         assert expected.keys() == actual.keys()
         for name, value in expected.items():

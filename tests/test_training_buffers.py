@@ -5,6 +5,7 @@ import gc
 import pytest
 import torch
 import torch.nn.functional as F
+from dispatched import OurOperatorCalls
 
 from convmixer_timm import ConvMixer, speed
 from convmixer_timm.speed import buffers
@@ -116,24 +117,13 @@ def test_outputs_follow_the_input_outside_training():
 
 @needs_kernels
 def test_large_pointwise_convolutions_train_as_matrix_products_with_the_same_gradients(monkeypatch):
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from convmixer_timm.speed import layers
-
-    class Recorder(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.called = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.called.add(func.__name__.split(".")[0])
-            return func(*args, **(kwargs or {}))
 
     def gradients(min_bytes: int):
         monkeypatch.setattr(layers, "_POINTWISE_MIN_BYTES", min_bytes)
         model = _model()
         x, y = _batch()
-        with Recorder() as recorder:
+        with OurOperatorCalls() as recorder:
             F.cross_entropy(model(x), y).backward()
         return recorder.called, [p.grad for p in model.parameters()]
 
