@@ -113,6 +113,8 @@ def depthwise_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], pad: int) 
     k = weight.shape[-1]
     library = load()
     if x.dtype == torch.float64 or library is None:
+        if pad == (k - 1) // 2:  # "same" padding: PyTorch's convolution pads itself, no copy of x
+            return conv_same(x, weight, bias).contiguous(memory_format=torch.channels_last)
         padded = F.pad(x, (pad, k - 1 - pad, pad, k - 1 - pad))
         return F.conv2d(padded, weight, bias, groups=x.shape[1]).contiguous(memory_format=torch.channels_last)
     batch, channels, height, width = x.shape
@@ -139,9 +141,7 @@ def depthwise_conv_same(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Te
     """:func:`conv_same` with the fast CPU backward; the output is channels_last (the training layout)."""
     _check_conv(_CONV, x, weight, bias)
     check_cpu(_CONV, x)
-    if x.dtype == torch.float32:
-        return depthwise_conv(x, weight, bias, (weight.shape[-1] - 1) // 2)
-    return conv_same(x, weight, bias).contiguous(memory_format=torch.channels_last)
+    return depthwise_conv(x, weight, bias, (weight.shape[-1] - 1) // 2)
 
 
 @depthwise_conv_same.register_fake
