@@ -10,7 +10,8 @@ Each call is labelled by what it is given:
   among CPU ones, an activation the operator does not compute...): the operator must raise;
 * ``edge`` (a zero-size batch, grid or channel count): it may raise, and whatever it returns must be right;
 * ``valid``: it must return PyTorch's result, computed here in float64 from the definition with plain tensor
-  arithmetic, within 1e-3 (float32) or 1e-8 (float64) of the reference's largest magnitude (at least 1);
+  arithmetic, within 1e-3 (float32), 1e-8 (float64) or 1e-2 (``spatial_mixing_bf16``'s bf16 result, whose bf16
+  input the reference reads as given) of the reference's largest magnitude (at least 1);
 * ``module`` (the public ``BatchNorm2d``): ``nn.BatchNorm2d``'s result within the same tolerances (1e-2 and 5e-2
   for float16 and bfloat16, which both run through ``F.batch_norm``), or its exception, same type and message.
 
@@ -38,6 +39,9 @@ BAD_DTYPES = (torch.bfloat16, torch.float16, torch.int32, torch.int64, torch.boo
 LAYOUTS = ("contiguous", "channels_last", "strided", "transposed", "expanded")
 VECTOR_LAYOUTS = ("contiguous", "strided", "expanded", "negative_view")
 TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-8, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+# Operators whose output dtype is not their first tensor's, and its tolerance.
+OUTPUT_DTYPE = {"spatial_mixing_bf16": torch.bfloat16}
+OUTPUT_TOLERANCE = {"spatial_mixing_bf16": 1e-2}
 HUGE_CHANNELS = 100_000
 
 
@@ -237,6 +241,7 @@ OPERATORS: dict[str, tuple[Callable, Callable]] = {
     "depthwise_conv": (lambda *a: OPS.depthwise_conv(*a), ref_depthwise_conv),
     "pointwise_conv": (ours_pointwise_conv, ref_pointwise_conv),
     "spatial_mixing": (lambda *a: OPS.spatial_mixing(*a), ref_spatial_mixing),
+    "spatial_mixing_bf16": (lambda *a: OPS.spatial_mixing_bf16(*a), ref_spatial_mixing),
     "BatchNorm2d": (ours_batch_norm_module, ref_batch_norm_module),
 }
 
@@ -372,9 +377,9 @@ def random_case(rng: random.Random) -> Case:
             length = out_channels if rng.random() > 0.1 else d.bad(out_channels + 1, "bias length")
             bias = vector(rng, length, d._dtype(), d._device_layout(rng.choice(VECTOR_LAYOUTS)))
         args = (d.x(), weight, bias)
-    elif op == "spatial_mixing":
+    elif op in ("spatial_mixing", "spatial_mixing_bf16"):
         if d.dtype != torch.float32 and "dtype" not in " ".join(d.why):
-            d.bad(d.dtype, "dtype (spatial_mixing is float32 only)")
+            d.bad(d.dtype, f"dtype ({op}'s vectors and weight are float32 only)")
         k = d.kernel_size([1, 2, 3, 5, 7, 8, 9, 10])
         kkc = (k, k, c)
         if rng.random() < 0.12:
@@ -383,7 +388,10 @@ def random_case(rng: random.Random) -> Case:
                 d.why.pop()
         weight = (torch.randn(kkc) * 0.3).to(d._dtype())
         act = rng.choice(["identity", "relu", "gelu"]) if rng.random() > 0.05 else d.bad("tanh", "act")
-        args = (d.x(), d.vector(0.5), d.vector(), weight, d.vector(), d.vector(), act)
+        u = d.x()
+        if op == "spatial_mixing_bf16" and u.dtype == torch.float32 and rng.random() < 0.5:
+            u = u.bfloat16()  # a bf16 u is valid here, with float32 vectors and weight
+        args = (u, d.vector(0.5), d.vector(), weight, d.vector(), d.vector(), act)
     else:  # the public BatchNorm2d: PyTorch's result or PyTorch's own error, compared below
         affine, track = rng.random() < 0.7, rng.random() < 0.7
         x = d.x()
@@ -428,6 +436,20 @@ def known_cases() -> list[Case]:
         Case("spatial_mixing", (x, ones, zeros, kkc.to("meta"), zeros, ones, "gelu"), "invalid", ["meta weight"]),
         Case("spatial_mixing", (huge, *[torch.ones(1)] * 2, torch.ones(1, 1, 1), *[torch.ones(1)] * 2, "identity"),
              "invalid", ["1-element vectors"]),
+        Case("spatial_mixing_bf16", (x.bfloat16(), ones.bfloat16(), zeros, kkc, zeros, ones, "gelu"), "invalid",
+             ["bf16 s_in"]),
+        Case("spatial_mixing_bf16", (x.half(), ones, zeros, kkc, zeros, ones, "gelu"), "invalid", ["float16 u"]),
+        Case("spatial_mixing_bf16", (x.double(), ones, zeros, kkc, zeros, ones, "gelu"), "invalid", ["float64 u"]),
+        Case("spatial_mixing_bf16", (x.bfloat16(), torch.ones(1), zeros, kkc, zeros, ones, "relu"), "invalid",
+             ["short s_in"]),
+        Case("spatial_mixing_bf16", (x.bfloat16(), ones, zeros, kkc.to("meta"), zeros, ones, "gelu"), "invalid",
+             ["meta weight"]),
+        Case("spatial_mixing_bf16", (x.bfloat16().to("meta"), ones, zeros, kkc, zeros, ones, "gelu"), "invalid",
+             ["meta u"]),
+        Case("spatial_mixing_bf16", (huge.bfloat16(), *[torch.ones(1)] * 2, torch.ones(1, 1, 1),
+                                     *[torch.ones(1)] * 2, "identity"), "invalid", ["1-element vectors"]),
+        Case("spatial_mixing_bf16", (x.bfloat16(), ones, zeros, kkc, zeros, ones, "gelu"), "valid"),
+        Case("spatial_mixing_bf16", (x, ones, zeros, kkc, zeros, ones, "relu"), "valid"),
         Case("depthwise_weight_grad", (x, x, 0, 0), "invalid", ["kernel_size=0"]),
         Case("depthwise_weight_grad", (x, x, 3, -1), "invalid", ["pad=-1"]),
         Case("depthwise_weight_grad", (x, x, 3, 3), "invalid", ["pad=k"]),
@@ -459,7 +481,8 @@ def known_cases() -> list[Case]:
                  Case("depthwise_weight_grad", (x, x, 3, 1), "valid"),
                  Case("pointwise_conv", (x, torch.randn(4, 8, 1, 1), zeros[:4]), "valid"),
                  Case("depthwise_conv", (x, torch.randn(8, 1, 4, 4), zeros, 2), "valid"),
-                 Case("spatial_mixing", (x, ones, zeros, kkc, zeros, ones, "gelu"), "valid")):
+                 Case("spatial_mixing", (x, ones, zeros, kkc, zeros, ones, "gelu"), "valid"),
+                 Case("spatial_mixing_bf16", (x.bfloat16(), ones, zeros, kkc, zeros, ones, "gelu"), "valid")):
         case.default_device = "meta"
         cases.append(case)
     # The public BatchNorm2d(8) given 16 or 100000 channels: PyTorch's own error, whatever its options.
@@ -477,7 +500,7 @@ def _tensors(result) -> tuple:
     return result if isinstance(result, (tuple, list)) else (result,)
 
 
-def _compare(ours, reference, dtype, device: str = "cpu") -> str | None:
+def _compare(ours, reference, dtype, device: str = "cpu", tolerance: float | None = None) -> str | None:
     ours, reference = _tensors(ours), _tensors(reference)
     if len(ours) < len(reference):
         return f"{len(ours)} outputs, expected {len(reference)}"
@@ -489,7 +512,7 @@ def _compare(ours, reference, dtype, device: str = "cpu") -> str | None:
             continue
         scale = max(1.0, want.abs().max().item())
         error = (got.double() - want).abs().max().item()
-        if not error <= TOLERANCE[dtype] * scale:  # NaN fails too
+        if not error <= (tolerance or TOLERANCE[dtype]) * scale:  # NaN fails too
             return f"output {index}: off by {error:.3g} (scale {scale:.3g})"
     return None
 
@@ -518,7 +541,8 @@ def run(case: Case) -> dict:
     if case.label == "invalid":
         return {"outcome": "accepted", "detail": "returned a result"}
     first = next(a for a in case.args if isinstance(a, torch.Tensor))
-    mismatch = _compare(ours, ref_fn(*case.args), first.dtype)
+    mismatch = _compare(ours, ref_fn(*case.args), OUTPUT_DTYPE.get(case.op, first.dtype),
+                        tolerance=OUTPUT_TOLERANCE.get(case.op))
     return {"outcome": "wrong", "detail": mismatch} if mismatch else {"outcome": "ok"}
 
 

@@ -210,6 +210,61 @@ def test_spatial_mixing_matches_float64_ops(act):
         speed.spatial_mixing(u, s_in, t_in, weight[:, 0], bias, s1, act)
 
 
+def _bf16_ulp(t: torch.Tensor) -> torch.Tensor:
+    """The spacing of bf16 values at each element of ``t`` (8 significant bits)."""
+    exponent = torch.frexp(t.double().abs().clamp_min(2.0**-126)).exponent
+    return torch.ldexp(torch.ones_like(t, dtype=torch.float64), exponent - 8)
+
+
+@needs_kernels
+# Channels 21 reach the vector and scalar-tail paths, k 6 the generic width, k 9 the compiled tile.
+@pytest.mark.parametrize(("channels", "k"), [(21, 6), (32, 9)])
+@pytest.mark.parametrize("act", ["identity", "relu", "gelu"])
+@pytest.mark.parametrize("input_dtype", [torch.bfloat16, torch.float32], ids=["bf16_in", "fp32_in"])
+def test_spatial_mixing_bf16_is_the_float32_step_rounded_once(channels, k, act, input_dtype):
+    torch.manual_seed(channels + k)
+    u = (torch.randn(2, channels, 7, 10) * 2).to(input_dtype).contiguous(memory_format=torch.channels_last)
+    s_in, t_in = torch.rand(channels) + 0.5, torch.randn(channels)
+    bias, s1 = torch.randn(channels), torch.randn(channels)
+    weight = torch.randn(channels, 1, k, k) * 0.2
+    z = speed.spatial_mixing_bf16(u, s_in, t_in, weight[:, 0].permute(1, 2, 0).contiguous(), bias, s1, act)
+    assert z.dtype == torch.bfloat16 and z.is_contiguous(memory_format=torch.channels_last)
+    # The exact step on the bf16 input as given, rounded to bf16 by PyTorch: the kernel's float32 sums may only
+    # move a result across a rounding boundary, one bf16 step.
+    y = u.double() * s_in.double().view(1, -1, 1, 1) + t_in.double().view(1, -1, 1, 1)
+    mixed = speed.conv_same(y, weight.double(), bias.double())
+    activated = {"identity": mixed, "relu": F.relu(mixed), "gelu": F.gelu(mixed)}[act]
+    exact = y + s1.double().view(1, -1, 1, 1) * activated
+    rounded = exact.to(torch.bfloat16)
+    off = (z.double() - rounded.double()).abs()
+    assert (off <= _bf16_ulp(exact)).all(), f"off by {(off / _bf16_ulp(exact)).max():.2f} bf16 steps"
+    assert (z.view(torch.int16) == rounded.view(torch.int16)).float().mean() >= 0.99
+    # PyTorch's ops run in bf16 (bf16 weights, a bf16 result after each op) are further from the exact step.
+    weight_bf16 = weight.bfloat16()
+    y_bf16 = (u.float() * s_in.view(1, -1, 1, 1) + t_in.view(1, -1, 1, 1)).bfloat16()
+    mixed_bf16 = F.conv2d(F.pad(y_bf16, ((k - 1) // 2, k // 2, (k - 1) // 2, k // 2)), weight_bf16,
+                          bias.bfloat16(), groups=channels)
+    activated_bf16 = {"identity": mixed_bf16, "relu": F.relu(mixed_bf16), "gelu": F.gelu(mixed_bf16)}[act]
+    pytorch_bf16 = y_bf16 + s1.bfloat16().view(1, -1, 1, 1) * activated_bf16
+    assert (z.double() - exact).abs().max() <= (pytorch_bf16.double() - exact).abs().max()
+    with pytest.raises(TypeError, match="float32"):
+        speed.spatial_mixing_bf16(u, s_in.bfloat16(), t_in, weight[:, 0].permute(1, 2, 0), bias, s1, act)
+    with pytest.raises(TypeError, match="bfloat16 or float32"):
+        speed.spatial_mixing_bf16(u.double(), s_in, t_in, weight[:, 0].permute(1, 2, 0), bias, s1, act)
+
+
+@needs_kernels
+def test_spatial_mixing_bf16_rounds_as_pytorch_at_the_extremes():
+    # Past bf16's largest value a float32 rounds to infinity, as PyTorch rounds it; NaN stays NaN.
+    u = torch.tensor([0.0, float("nan"), 1e38, 3.4e38, -3.4e38, -2.5]).view(1, 6, 1, 1).contiguous(
+        memory_format=torch.channels_last)
+    ones, zeros = torch.ones(6), torch.zeros(6)
+    z = speed.spatial_mixing_bf16(u, ones, zeros, torch.zeros(1, 1, 6), zeros, ones, "identity").flatten()
+    expected = u.flatten().bfloat16()
+    assert z[1].isnan() and torch.equal(z[[0, 2, 3, 4, 5]], expected[[0, 2, 3, 4, 5]])
+    assert z[3] == float("inf") and z[4] == float("-inf")
+
+
 @needs_kernels
 @pytest.mark.parametrize("threads", [2, 3])
 def test_kernels_split_among_threads_give_the_one_thread_result(threads):

@@ -18,7 +18,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from convmixer_timm import ConvMixer
-from convmixer_timm.speed import AutotunedConvMixer, optimize_for_inference
+from convmixer_timm.speed import AutotunedConvMixer, FusedConvMixerInference, load, optimize_for_inference
+from convmixer_timm.speed.fused import bf16_convolutions
 from convmixer_timm.speed.lowp import LowPrecisionConvMixer
 from convmixer_timm.speed.precision import calibration_batches, native
 from convmixer_timm.speed.quantize import int8_backends, torch_int8
@@ -89,14 +90,32 @@ def _odd_batches(images: torch.Tensor) -> list[torch.Tensor]:
 @pytest.mark.slow
 def test_bf16_paths_match_fp32_on_held_out_digits(digits):
     model, train, held, _ = digits
-    tuned = LowPrecisionConvMixer(model, "bf16", _odd_batches(train), clock=StepClock())
-    assert set(tuned.lowp_torch) == {"bf16 channels_last", "bf16 autocast"}
+    # native_precision=True: the fused bf16 paths race as on a CPU with native bf16, whatever this one has.
+    tuned = LowPrecisionConvMixer(model, "bf16", _odd_batches(train), clock=StepClock(), native_precision=True)
+    fused = ({"bf16 mm+kernel"} | ({"bf16 conv+kernel"} if bf16_convolutions() else set())) if load() else set()
+    assert set(tuned.lowp_torch) == {"bf16 channels_last", "bf16 autocast"} | fused
     for name in tuned.lowp_torch:
         agreement, error = _compare(model, lambda x, name=name: tuned.run_path(name, x), held)
         assert agreement >= MIN_AGREEMENT and error <= BF16_TOLERANCE, (name, agreement, error)
         report = tuned.calibration_reports[name]
         assert report.images == 200 and report.precision == "bf16" and report.top1_agreement >= MIN_AGREEMENT
         assert 0 < report.max_abs_logit_error <= BF16_TOLERANCE * report.max_abs_logit
+
+
+@pytest.mark.skipif(load() is None, reason="the fused bf16 module runs the compiled kernel")
+def test_fused_bf16_module_matches_fp32_on_held_out_digits(digits):
+    model, _, held, _ = digits
+    pointwise = ("mm", "conv") if bf16_convolutions() else ("mm",)
+    fused = FusedConvMixerInference(model, pointwise[-1], precision="bf16")
+    assert all(blk.pw_w.dtype == torch.bfloat16 for blk in fused.blocks) and fused.stem_w.dtype == torch.float32
+    for name in pointwise:
+        agreement, error = _compare(model, lambda x, name=name: fused.run(x, name, "kernel"), held)
+        assert agreement >= MIN_AGREEMENT and error <= BF16_TOLERANCE, (name, agreement, error)
+    with pytest.raises(ValueError, match="depthwise='kernel'"):
+        FusedConvMixerInference(model, "mm", "onednn", precision="bf16")
+    if not bf16_convolutions():
+        with pytest.raises(RuntimeError, match="pointwise='mm'"):
+            FusedConvMixerInference(model, "conv", precision="bf16")
 
 
 @pytest.mark.slow
@@ -145,6 +164,8 @@ def test_a_cpu_without_native_bf16_keeps_fp32_and_says_so_in_one_line(small, cap
     # Every timed call reads 1.0: bf16 does not beat float32 by the race's margin, so float32 stays.
     tuned = LowPrecisionConvMixer(model, "bf16", clock=StepClock())
     assert tuned.native is False and tuned.calibration is None and not tuned.calibration_reports
+    # Where oneDNN's bf16 is emulated or refused, the fused bf16 paths would only lengthen the race.
+    assert set(tuned.lowp_torch) == {"bf16 channels_last", "bf16 autocast"}
     with caplog.at_level(logging.INFO, logger="convmixer_timm"), torch.no_grad():
         out = tuned(held[:3])
         tuned(held[3:5])  # the same batch bucket: no second race, no second line

@@ -25,6 +25,7 @@ from waiting import wait_until
 
 from convmixer_timm import VARIANTS, ConvMixer, speed
 from convmixer_timm.speed import build, loader
+from convmixer_timm.speed.precision import cpu_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "convmixer_timm"
@@ -139,18 +140,21 @@ def _run_with_package(package_root: Path, code: str, **env: str) -> dict[str, st
 @needs_kernels
 def test_the_copy_for_this_cpu_is_chosen_and_can_be_forced(monkeypatch):
     best = loader.load_from(LIBRARY).isa
-    with open("/proc/cpuinfo") if Path("/proc/cpuinfo").exists() else open(os.devnull) as info:
-        flags = info.read()
-    if "avx512f" in flags and "avx512bw" in flags:
+    flags = cpu_flags()
+    if {"avx512f", "avx512bw", "avx512_bf16"} <= flags:
+        assert best == "avx512_bf16"
+    elif {"avx512f", "avx512bw"} <= flags:
         assert best == "avx512"
-    elif "avx2" in flags and "fma" in flags:
+    elif {"avx2", "fma"} <= flags:
         assert best == "avx2"
-    monkeypatch.setenv("CONVMIXER_TIMM_CPU_ISA", "baseline")
-    assert loader.load_from(LIBRARY).isa == "baseline"
-    if best != "avx512":
-        monkeypatch.setenv("CONVMIXER_TIMM_CPU_ISA", "avx512")
-        with pytest.warns(RuntimeWarning, match="not available on this CPU"):
-            assert loader.load_from(LIBRARY).isa == best  # never a copy this CPU cannot run
+    for forced in ("baseline", "avx512" if best == "avx512_bf16" else "baseline"):  # a CPU without AVX512_BF16
+        monkeypatch.setenv("CONVMIXER_TIMM_CPU_ISA", forced)
+        assert loader.load_from(LIBRARY).isa == forced
+    if best not in ("avx512", "avx512_bf16"):
+        for forced in ("avx512", "avx512_bf16"):
+            monkeypatch.setenv("CONVMIXER_TIMM_CPU_ISA", forced)
+            with pytest.warns(RuntimeWarning, match="not available on this CPU"):
+                assert loader.load_from(LIBRARY).isa == best  # never a copy this CPU cannot run
 
 
 @needs_kernels
@@ -160,6 +164,7 @@ def test_every_copy_this_cpu_runs_computes_the_same(monkeypatch):
     weight, vectors = torch.randn(9, 9, 21), [torch.randn(21) for _ in range(4)]
     grad_out, x = torch.randn(2, 21, 9, 13), torch.randn(2, 21, 9, 13)
     bn_x, bn_w, bn_b = torch.randn(4, 21, 5, 5), torch.rand(21) + 0.5, torch.randn(21)
+    u_bf16 = u.bfloat16()
     results = {}
     for isa in loader.ISAS:
         monkeypatch.setenv("CONVMIXER_TIMM_CPU_ISA", isa)
@@ -174,12 +179,15 @@ def test_every_copy_this_cpu_runs_computes_the_same(monkeypatch):
             speed.spatial_mixing(u, vectors[0], vectors[1], weight, vectors[2], vectors[3], "gelu"),
             speed.depthwise_weight_grad(grad_out, x, 9, 4),
             speed.batch_norm_training_with_kernels(bn_x, bn_w, bn_b, None, None, 0.1, 1e-5),
+            speed.spatial_mixing_bf16(u_bf16, vectors[0], vectors[1], weight, vectors[2], vectors[3], "gelu"),
         ]
     assert "baseline" in results and len(results) >= 2
     reference = results.pop("baseline")
     for isa, outputs in results.items():
         for expected, actual in zip(reference, outputs, strict=True):
-            torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item(),
+            # bf16 results: float32 sums that differ in their last bits may round to neighbouring bf16 values.
+            rtol = 2**-7 if expected.dtype == torch.bfloat16 else 1e-5
+            torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * expected.abs().max().item(),
                                        msg=f"{isa} differs from the baseline copy")
 
 
@@ -187,7 +195,8 @@ def test_every_copy_this_cpu_runs_computes_the_same(monkeypatch):
 @pytest.mark.skipif(not sys.platform.startswith("linux") or os.uname().machine != "x86_64", reason="x86-64 only")
 def test_each_copy_uses_only_its_own_instruction_set():
     # One binary for every x86-64 CPU: the baseline copy and the shared C++ runtime code must hold no AVX
-    # (VEX/EVEX) instruction, the AVX2 copy no 512-bit register. Catches a -march=native or a leaked target.
+    # (VEX/EVEX) instruction, the AVX2 copy no 512-bit register, and only the AVX512_BF16 copy the bf16
+    # conversion. Catches a -march=native or a leaked target.
     listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(LIBRARY)], capture_output=True,
                              text=True, check=True).stdout
     counts: dict[str, dict[str, int]] = {}
@@ -196,17 +205,20 @@ def test_each_copy_uses_only_its_own_instruction_set():
         header = re.match(r"^[0-9a-f]+ <(.+)>:", line)
         if header:
             name = header.group(1)
-            current = next((isa for isa in ("avx512", "avx2", "baseline") if f"cmx_{isa}" in name
+            current = next((isa for isa in ("avx512_bf16", "avx512", "avx2", "baseline") if f"cmx_{isa}" in name
                             or name.endswith(f"__{isa}")), "other")
             continue
-        seen = counts.setdefault(current, {"vex": 0, "zmm": 0, "lines": 0})
+        seen = counts.setdefault(current, {"vex": 0, "zmm": 0, "lines": 0, "bf16": 0})
         seen["lines"] += 1
         seen["vex"] += bool(re.search(r"\tv[a-z0-9]+\s", line))
         seen["zmm"] += "zmm" in line
+        seen["bf16"] += "vcvtneps2bf16" in line
     assert counts["baseline"]["lines"] > 1000 and counts["baseline"]["vex"] == 0
     assert counts["other"]["vex"] == 0
     assert counts["avx2"]["vex"] > 0 and counts["avx2"]["zmm"] == 0
-    assert counts["avx512"]["zmm"] > 0
+    assert counts["avx512"]["zmm"] > 0 and counts["avx512_bf16"]["zmm"] > 0
+    assert counts["avx512_bf16"]["bf16"] > 0
+    assert all(seen["bf16"] == 0 for isa, seen in counts.items() if isa != "avx512_bf16")
 
 
 def test_nothing_distributed_is_built_for_the_build_machine():

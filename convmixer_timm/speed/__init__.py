@@ -37,7 +37,7 @@ from .layers import (
 )
 from .loader import KernelLoadError, enabled, kernel_info, load, load_from
 from .lowp import LowPrecisionConvMixer
-from .mixing import MIXING_ACTIVATIONS, spatial_mixing
+from .mixing import MIXING_ACTIVATIONS, spatial_mixing, spatial_mixing_bf16
 from .pointwise import pointwise_conv
 from .precision import CalibrationReport
 from .runtimes import RUNTIMES, OnnxRuntimeConvMixer, OpenVinoConvMixer, installed_runtimes
@@ -50,5 +50,6 @@ __all__ = [
     "batch_norm_training_with_kernels", "conv_same", "depthwise_conv", "depthwise_conv_for_training",
     "depthwise_conv_same", "depthwise_weight_grad", "enabled", "installed_runtimes", "kernel_info", "kernels_apply",
     "layout_for_cpu_training", "load", "load_from", "match_memory_format", "optimize_for_inference", "pointwise_conv",
-    "release_training_buffers", "restore_cpu_allocator", "spatial_mixing", "tune_cpu_allocator",
+    "release_training_buffers", "restore_cpu_allocator", "spatial_mixing", "spatial_mixing_bf16",
+    "tune_cpu_allocator",
 ]

@@ -37,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 LIBRARY_NAME = "_convmixer_kernels.so"
 MANIFEST_NAME = "_convmixer_kernels.json"
 SOURCES = ("convmixer_kernels.cpp", "kernels_body.inc")
-ABI_VERSION = 4  # cmx_abi_version() in convmixer_kernels.cpp
+ABI_VERSION = 5  # cmx_abi_version() in convmixer_kernels.cpp
 # -pipe: no assembler file in TMPDIR for a killed build to leave behind.
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fvisibility=hidden", "-pipe"]
 

@@ -16,6 +16,11 @@ What it does differently from the eval-mode model, all exact up to float32 round
 * intermediate results are written into tensors the module already holds where an op allows it: on CPU a fresh
   large tensor costs page faults that, for the CIFAR shapes, take as long as the arithmetic.
 
+``precision="bf16"`` runs the blocks in bf16: the 1x1 convolutions with bf16 weights (oneDNN's bf16 convolution or
+``addmm``), the spatial mixing on the kernel's bf16 copy (float32 sums and BatchNorm affines, the result rounded
+once to bf16). The patch embedding, its BatchNorm (applied by the first block's kernel as it reads the float32
+embedding) and the classifier stay float32: rounding the embedding before its BatchNorm flipped answers.
+
 :func:`supported` says whether a model can take this path; :mod:`.autotune` decides whether it should.
 """
 from __future__ import annotations
@@ -28,9 +33,14 @@ from torch import nn
 from ..activations import KERNEL_ACTIVATIONS, activation_name
 from .depthwise import crop_to_same
 from .loader import load
-from .mixing import spatial_mixing
+from .mixing import spatial_mixing, spatial_mixing_bf16
 
-__all__ = ["FusedConvMixerInference", "act_kind", "supported"]
+__all__ = ["FusedConvMixerInference", "act_kind", "bf16_convolutions", "supported"]
+
+def bf16_convolutions() -> bool:
+    """Whether oneDNN runs bf16 convolutions on this CPU (AVX-512 BW/VL/DQ or AVX-NE-CONVERT; it refuses elsewhere)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
 
 def act_kind(module: nn.Module) -> str | None:
     """The activation's name where the spatial-mixing kernel computes it exactly, else None."""
@@ -73,7 +83,7 @@ def supported(model: nn.Module) -> bool:
 
 
 class _Block(nn.Module):
-    def __init__(self, blk: nn.Module):
+    def __init__(self, blk: nn.Module, dtype: torch.dtype):
         super().__init__()
         dw, pw = blk[0].fn[0], blk[1]
         s1, t1 = _bn_affine(blk[0].fn[2])
@@ -86,9 +96,9 @@ class _Block(nn.Module):
         self.register_buffer("dw_w_kkc", dw.weight.detach().float()[:, 0].permute(1, 2, 0).contiguous())
         self.register_buffer("dw_b", dw.bias.detach().float().clone() if dw.bias is not None else torch.zeros(dim))
         self.register_buffer("s1", s1.float().view(1, dim, 1, 1))
-        self.register_buffer("pw_w", w.float().view(dim, dim, 1, 1).contiguous())
-        self.register_buffer("pw_wt", w.t().float().contiguous())
-        self.register_buffer("pw_b", (b + w @ t1).float())
+        self.register_buffer("pw_w", w.to(dtype).view(dim, dim, 1, 1).contiguous())
+        self.register_buffer("pw_wt", w.t().to(dtype).contiguous())
+        self.register_buffer("pw_b", (b + w @ t1).to(dtype))
         self.register_buffer("s2", s2.float().view(1, dim, 1, 1))
         self.register_buffer("t2", t2.float().view(1, dim, 1, 1))
 
@@ -100,20 +110,30 @@ class FusedConvMixerInference(nn.Module):
     straight into a held tensor, then the activation in place). ``depthwise`` is ``"kernel"`` (the compiled
     spatial-mixing kernel: depthwise conv, activation, both BatchNorm affines and the residual in one pass,
     ``convmixer_timm.speed.spatial_mixing``) or ``"onednn"`` (oneDNN's depthwise conv with the activation fused,
-    then the affine passes); ``None`` takes the kernel where it is built."""
+    then the affine passes); ``None`` takes the kernel where it is built. ``precision`` is ``"fp32"`` (exact up to
+    float32 rounding) or ``"bf16"`` (the blocks in bf16, see the module docstring; needs the kernel, and
+    ``pointwise="conv"`` needs :func:`bf16_convolutions`); input and output are float32 either way."""
 
-    def __init__(self, model: nn.Module, pointwise: str = "conv", depthwise: str | None = None):
+    def __init__(self, model: nn.Module, pointwise: str = "conv", depthwise: str | None = None,
+                 precision: str = "fp32"):
         super().__init__()
         if pointwise not in ("conv", "mm"):
             raise ValueError(f"pointwise must be 'conv' or 'mm', got {pointwise!r}")
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
         if depthwise is None:
-            depthwise = "kernel" if load() is not None else "onednn"
+            depthwise = "kernel" if load() is not None or precision == "bf16" else "onednn"
         if depthwise not in ("kernel", "onednn"):
             raise ValueError(f"depthwise must be 'kernel' or 'onednn', got {depthwise!r}")
         if depthwise == "kernel" and load() is None:
             raise RuntimeError("depthwise='kernel' needs the compiled kernels (a C++ compiler); use 'onednn'")
+        if precision == "bf16" and depthwise != "kernel":
+            raise ValueError("precision='bf16' runs the spatial mixing on the kernel: use depthwise='kernel'")
+        self._check_pointwise(pointwise, precision)
         self.pointwise = pointwise
         self.depthwise = depthwise
+        self.precision = precision
+        self.block_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self.act = act_kind(model.stem[1])
         stem_conv = model.stem[0]
         self.patch_size = int(stem_conv.stride[0])
@@ -124,7 +144,7 @@ class FusedConvMixerInference(nn.Module):
         dim = stem_conv.weight.shape[0]
         self.register_buffer("stem_s", s0.float().view(1, dim, 1, 1))
         self.register_buffer("stem_t", t0.float().view(1, dim, 1, 1))
-        self.blocks = nn.ModuleList(_Block(blk) for blk in model.blocks)
+        self.blocks = nn.ModuleList(_Block(blk, self.block_dtype) for blk in model.blocks)
         # avg-pool(s * u + t) = s * avg-pool(u) + t, so the last BatchNorm folds into the classifier.
         head = model.head
         if len(self.blocks):
@@ -145,6 +165,12 @@ class FusedConvMixerInference(nn.Module):
         self._packed: dict[tuple, list[torch.Tensor | None]] = {}
         self.eval()
 
+    @staticmethod
+    def _check_pointwise(pointwise: str, precision: str) -> None:
+        if precision == "bf16" and pointwise == "conv" and not bf16_convolutions():
+            raise RuntimeError("oneDNN runs no bf16 convolution on this CPU (it needs AVX-512 BW/VL/DQ or "
+                               "AVX-NE-CONVERT): use pointwise='mm'")
+
     def _packed_weights(self, x: torch.Tensor, grid: tuple[int, int], depthwise: str) -> list[torch.Tensor | None]:
         # [stem, then per block: depthwise (None where the compiled kernel reads dw_w_kkc instead), pointwise]
         key = (*x.shape, depthwise)
@@ -158,11 +184,12 @@ class FusedConvMixerInference(nn.Module):
             p = self.patch_size
             inner = [n, dim, *grid]
             packed: list[torch.Tensor | None] = [reorder(self.stem_w, [0, 0], [p, p], [1, 1], 1, list(x.shape))]
+            pack_pointwise = self.block_dtype == torch.float32 or bf16_convolutions()
             for blk in self.blocks:
                 k = blk.kernel_size
                 onednn = depthwise == "onednn"
                 packed.append(reorder(blk.dw_w, [k // 2, k // 2], [1, 1], [1, 1], dim, inner) if onednn else None)
-                packed.append(reorder(blk.pw_w, [0, 0], [1, 1], [1, 1], 1, inner))
+                packed.append(reorder(blk.pw_w, [0, 0], [1, 1], [1, 1], 1, inner) if pack_pointwise else None)
             self._packed[key] = packed
         return packed
 
@@ -187,10 +214,13 @@ class FusedConvMixerInference(nn.Module):
     def _pointwise(self, z: torch.Tensor, y: torch.Tensor, blk: _Block, packed_w: torch.Tensor,
                    pointwise: str) -> torch.Tensor:
         if pointwise == "mm":
-            # y is dead once z exists, so the matmul writes into its memory: no fresh tensor.
+            # y is dead once z exists, so the matmul writes into its memory (where the dtypes agree): no fresh tensor.
             dim = y.shape[1]
-            y2 = y.permute(0, 2, 3, 1).reshape(-1, dim)
-            torch.addmm(blk.pw_b, z.permute(0, 2, 3, 1).reshape(-1, dim), blk.pw_wt, out=y2)
+            z2 = z.permute(0, 2, 3, 1).reshape(-1, dim)
+            if y.dtype == z.dtype:
+                torch.addmm(blk.pw_b, z2, blk.pw_wt, out=y.permute(0, 2, 3, 1).reshape(-1, dim))
+            else:
+                y = torch.addmm(blk.pw_b, z2, blk.pw_wt).view(z.shape[0], *z.shape[2:], dim).permute(0, 3, 1, 2)
             return y.relu_() if self.act == "relu" else torch._C._nn.gelu_(y)
         return self._conv_act(z, packed_w, blk.pw_b, 0, 1, 1)
 
@@ -213,8 +243,9 @@ class FusedConvMixerInference(nn.Module):
                                    pointwise: str) -> torch.Tensor:
         # u is each layer's activation before its BatchNorm: the kernel applies that affine as it reads u.
         s_in, t_in = self.stem_s.view(-1), self.stem_t.view(-1)
+        mixing = spatial_mixing_bf16 if self.precision == "bf16" else spatial_mixing
         for i, blk in enumerate(self.blocks):
-            z = spatial_mixing(u, s_in, t_in, blk.dw_w_kkc, blk.dw_b, blk.s1.view(-1), self.act)
+            z = mixing(u, s_in, t_in, blk.dw_w_kkc, blk.dw_b, blk.s1.view(-1), self.act)
             u = self._pointwise(z, u, blk, packed[2 * i + 2], pointwise)
             s_in, t_in = blk.s2.view(-1), blk.t2.view(-1)
         return u  # the last BatchNorm is folded into the head
@@ -224,6 +255,7 @@ class FusedConvMixerInference(nn.Module):
 
     def run(self, x: torch.Tensor, pointwise: str, depthwise: str) -> torch.Tensor:
         """The forward pass with the given implementations (see the class docstring)."""
+        self._check_pointwise(pointwise, self.precision)
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"expected images of shape (N, {self.in_chans}, H, W), got {list(x.shape)}")
         with torch.no_grad():
@@ -239,7 +271,7 @@ class FusedConvMixerInference(nn.Module):
                 y = self._blocks_with_mixing_kernel(y, packed, pointwise)
             else:
                 y = self._blocks_with_onednn(y, packed, pointwise)
-            pooled = y.mean((2, 3))
+            pooled = y.mean((2, 3), dtype=torch.float32)
             if self.has_head:
                 return torch.addmm(self.head_b, pooled, self.head_w.t())
             return torch.addcmul(self.head_b, pooled, self.head_w.view(1, -1))

@@ -26,7 +26,8 @@ the sources in the package's own (resolved) folder.
 
 Any failure gives one ``RuntimeWarning`` per process naming the cause and the fix, and PyTorch's own ops are used
 instead (same results, slower). ``CONVMIXER_TIMM_KERNELS=0`` turns the kernels off silently;
-``CONVMIXER_TIMM_CPU_ISA=avx2`` (or ``avx512``, ``baseline``) forces a copy, as long as this CPU can run it.
+``CONVMIXER_TIMM_CPU_ISA=avx2`` (or ``avx512_bf16``, ``avx512``, ``baseline``) forces a copy, as long as this CPU
+can run it.
 There is no run-time build and no cache folder: there is nothing to compile, race for or clean up at run time.
 """
 from __future__ import annotations
@@ -47,7 +48,7 @@ from .build import ABI_VERSION, HERE, LIBRARY_NAME, MANIFEST_NAME, SOURCES, dige
 
 __all__ = ["ISAS", "KernelLibrary", "KernelLoadError", "enabled", "kernel_info", "load", "load_from"]
 
-ISAS = ("avx512", "avx2", "baseline")
+ISAS = ("avx512_bf16", "avx512", "avx2", "baseline")
 _POINTER, _INT64, _INT, _DOUBLE = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
 _SIGNATURES = {
     **{f"depthwise_weight_grad_{t}": [_POINTER] * 3 + [_INT64] * 4 + [_INT] * 3 for t in ("f32", "f64")},
@@ -55,6 +56,7 @@ _SIGNATURES = {
     **{f"batch_norm_backward_{t}": [_POINTER] * 8 + [_INT64, _INT64, _INT] for t in ("f32", "f64")},
     "spatial_mixing_f32": [_INT] + [_POINTER] * 7 + [_INT64] * 4 + [_INT] * 3,
     "depthwise_conv_f32": [_POINTER] * 4 + [_INT64] * 4 + [_INT] * 3,
+    "spatial_mixing_bf16": [_INT, _INT] + [_POINTER] * 7 + [_INT64] * 4 + [_INT] * 3,
     **{f"act_batch_norm_forward_{t}": [_INT] + [_POINTER] * 7 + [_INT64, _INT64, _DOUBLE, _INT]
        for t in ("f32", "f64")},
     **{f"act_batch_norm_backward_{t}": [_INT] + [_POINTER] * 8 + [_INT64, _INT64, _INT] for t in ("f32", "f64")},

@@ -24,6 +24,8 @@ from torch import nn
 
 from .autotune import AutotunedConvMixer, _Entry
 from .choice_cache import cache_dir
+from .fused import FusedConvMixerInference, bf16_convolutions
+from .loader import load
 from .precision import CalibrationReport, calibration_batches, check_precision, measure, native
 from .quantize import TorchBf16, TorchBf16Autocast, int8_backends, onnx_int8_bytes, torch_int8
 from .race import batch_bucket, score
@@ -69,10 +71,11 @@ class LowPrecisionConvMixer(AutotunedConvMixer):
         self._int8_onnx: dict[tuple, bytes] = {}
         self._last_name: str | None = None
         self._tuning = threading.local()
-        self.lowp_torch: dict[str, nn.Module] = {}
-        makers: dict[str, Callable[[], nn.Module]] = {
+        self.lowp_torch: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+        makers: dict[str, Callable[[], Callable[[torch.Tensor], torch.Tensor]]] = {
             "bf16 channels_last": functools.partial(TorchBf16, self.plain),
             "bf16 autocast": functools.partial(TorchBf16Autocast, self.plain_channels_last),
+            **self._fused_bf16_makers(),
         } if precision == "bf16" else {f"int8 {backend}": functools.partial(
             torch_int8, self.plain, self.calibration, backend) for backend in int8_backends()}
         for name, make in makers.items():
@@ -87,6 +90,15 @@ class LowPrecisionConvMixer(AutotunedConvMixer):
         # Every float32 path is an incumbent: a low-precision one must beat the fastest of them by the margin.
         self.incumbents = tuple(self.fp32_paths())
         self.eval()
+
+    def _fused_bf16_makers(self) -> dict[str, Callable[[], Callable[[torch.Tensor], torch.Tensor]]]:
+        """The fused module in bf16 (``bf16 conv+kernel``, ``bf16 mm+kernel``), where the CPU computes bf16
+        natively: elsewhere oneDNN emulates or refuses bf16 and these paths would only lengthen the race."""
+        if not (self.native and self.fused is not None and load() is not None):
+            return {}
+        fused = functools.cache(functools.partial(FusedConvMixerInference, self.plain, "mm", "kernel", "bf16"))
+        pointwise = ("conv", "mm") if bf16_convolutions() else ("mm",)
+        return {f"bf16 {pw}+kernel": functools.partial(_FusedRun, fused, pw) for pw in pointwise}
 
     # -- calibration
 
@@ -225,6 +237,16 @@ class LowPrecisionConvMixer(AutotunedConvMixer):
             entry = self._entries.get(self._key(x))
         self._last_name = entry.name if entry is not None else None
         return out
+
+
+class _FusedRun:
+    """One implementation of the bf16 fused module (built on first use, shared by its implementations)."""
+
+    def __init__(self, fused: Callable[[], FusedConvMixerInference], pointwise: str):
+        self.fused, self.pointwise = fused(), pointwise
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fused.run(x, self.pointwise, "kernel")
 
 
 class _Batched:
