@@ -57,6 +57,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mean", type=float, nargs="+", default=None, help="as train.py was given")
     parser.add_argument("--std", type=float, nargs="+", default=None, help="as train.py was given")
     parser.add_argument("--crop-pct", type=float, default=None, help="as train.py was given")
+    parser.add_argument("--all-paths", action="store_true", help="also the paths offered only on a CPU with native "
+                        "bf16 (the fused bf16 module, OpenVINO's bf16 hint), whatever this CPU has")
     parser.add_argument("--json", default="", help="also write the results here")
     return parser.parse_args(argv)
 
@@ -79,16 +81,19 @@ def loaders(args: argparse.Namespace, model: nn.Module) -> tuple[list[torch.Tens
     return calibration, torch.utils.data.DataLoader(held_out, batch_size=args.batch_size)
 
 
-def runners(model: nn.Module, precision: str, calibration: list[torch.Tensor], shape: tuple[int, ...]
-            ) -> tuple[dict[str, Runner], object]:
-    """Every path of ``precision`` by name, built for inputs of ``shape``, and the module that holds them."""
+def runners(model: nn.Module, precision: str, calibration: list[torch.Tensor], shape: tuple[int, ...],
+            native_precision: bool | None = None, throughput: bool = False) -> tuple[dict[str, Runner], object]:
+    """Every path of ``precision`` by name, built for inputs of ``shape``, and the module that holds them.
+    ``native_precision=True`` builds the paths offered only where the CPU computes ``precision`` natively;
+    ``throughput`` adds OpenVINO's THROUGHPUT hint (the same numbers as its LATENCY one)."""
     from convmixer_timm.speed.lowp import LowPrecisionConvMixer, _Batched
     from convmixer_timm.speed.runtimes import OpenVinoConvMixer, installed_runtimes
 
-    tuned = LowPrecisionConvMixer(model, precision, calibration, runtimes=installed_runtimes())
+    tuned = LowPrecisionConvMixer(model, precision, calibration, runtimes=installed_runtimes(),
+                                  native_precision=native_precision)
     paths: dict[str, Runner] = {name: tuned.lowp_torch[name] for name in tuned.lowp_torch}
     for name, build in tuned._foreign_builders().items():
-        if name not in tuned.fp32_paths() and not name.endswith("throughput"):
+        if name not in tuned.fp32_paths() and (throughput or not name.endswith("throughput")):
             runner = build(tuned.plain, shape, True)
             paths[name] = _Batched(runner) if isinstance(runner, OpenVinoConvMixer) else runner
     return paths, tuned
@@ -135,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = (args.batch_size, *calibration[0].shape[1:])
     results: dict[str, dict[str, float]] = {}
     for precision in args.precisions:
-        paths, _tuned = runners(model, precision, calibration, shape)
+        paths, _tuned = runners(model, precision, calibration, shape, native_precision=True if args.all_paths else None)
         found = evaluate(model, paths, held_out)
         results.setdefault("fp32", found.pop("fp32"))
         results.update(found)
