@@ -73,3 +73,32 @@ def test_optimize_for_inference_with_the_runtimes_writes_nothing_to_an_empty_hom
     runtimes = "['onnxruntime', 'openvino']"
     assert done.stdout.split("\n")[0] == f"{runtimes} {runtimes} None None"  # imported; switches put back
     assert not list(home.rglob("*"))
+
+
+# int8 with NNCF (OpenVINO's quantizer, which reports its own usage through openvino_telemetry).
+NNCF_INT8 = """
+import os, sys, torch
+from convmixer_timm import ConvMixer
+from convmixer_timm.speed.lowp import LowPrecisionConvMixer
+model = ConvMixer(8, 1, 3, 2, num_classes=3).eval()
+tuned = LowPrecisionConvMixer(model, "int8", [torch.randn(4, 3, 8, 8)], runtimes=("openvino",), cache_dir=None)
+runner = tuned._foreign_builders()["openvino nncf int8 latency"](tuned.plain, (4, 3, 8, 8), True)
+with torch.no_grad():
+    out = runner(torch.randn(4, 3, 8, 8))
+print(list(out.shape), "nncf" in sys.modules, os.environ.get("NNCF_CI"), os.environ.get("CI"))
+"""
+
+
+@pytest.mark.slow
+def test_int8_with_nncf_writes_nothing_to_an_empty_home(tmp_path):
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {key: value for key, value in os.environ.items()
+           if key not in (*TELEMETRY_OFF, "CI", "TF_BUILD", "JENKINS_URL", "NNCF_CI", "NNCF_DEV")}
+    env.update(HOME=str(home), CONVMIXER_TIMM_CACHE=str(tmp_path / "cache"))
+    done = subprocess.run([sys.executable, "-c", NNCF_INT8], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().split("\n")[-1] == "[4, 3] True None None"  # quantized and run; switches put back
+    assert not list(home.rglob("*"))

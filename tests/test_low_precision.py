@@ -22,7 +22,7 @@ from convmixer_timm.speed import AutotunedConvMixer, FusedConvMixerInference, lo
 from convmixer_timm.speed.fused import bf16_convolutions
 from convmixer_timm.speed.lowp import LowPrecisionConvMixer
 from convmixer_timm.speed.precision import calibration_batches, native
-from convmixer_timm.speed.quantize import int8_backends, torch_int8
+from convmixer_timm.speed.quantize import int8_backends, nncf_installed, torch_int8
 from convmixer_timm.speed.runtimes import installed_runtimes
 
 BF16_TOLERANCE, INT8_TOLERANCE, MIN_AGREEMENT = 0.03, 0.10, 0.99
@@ -130,6 +130,7 @@ def test_int8_paths_match_fp32_on_held_out_digits(digits):
             runners[name] = build(tuned.plain, shape, True)
     expected = {f"int8 {backend}" for backend in int8_backends()}
     expected |= {"onnxruntime int8"} if "onnxruntime" in runtimes else set()
+    expected |= {"openvino nncf int8 latency"} if "openvino" in runtimes and nncf_installed() else set()
     assert expected <= set(runners)
     for name, runner in runners.items():
         agreement, error = _compare(model, runner, held)

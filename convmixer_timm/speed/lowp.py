@@ -27,7 +27,15 @@ from .choice_cache import cache_dir
 from .fused import FusedConvMixerInference, bf16_convolutions
 from .loader import load
 from .precision import CalibrationReport, calibration_batches, check_precision, measure, native
-from .quantize import TorchBf16, TorchBf16Autocast, int8_backends, onnx_int8_bytes, torch_int8
+from .quantize import (
+    TorchBf16,
+    TorchBf16Autocast,
+    int8_backends,
+    nncf_installed,
+    onnx_int8_bytes,
+    openvino_nncf_int8,
+    torch_int8,
+)
 from .race import batch_bucket, score
 from .runtimes import RUNTIMES, OnnxRuntimeConvMixer, OpenVinoConvMixer, full_size, installed_runtimes, onnx_bytes
 
@@ -69,6 +77,7 @@ class LowPrecisionConvMixer(AutotunedConvMixer):
         self.calibration_reports: dict[str, CalibrationReport] = {}
         self._reports_lock = threading.Lock()
         self._int8_onnx: dict[tuple, bytes] = {}
+        self._nncf_models: dict[tuple, object] = {}
         self._last_name: str | None = None
         self._tuning = threading.local()
         self.lowp_torch: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
@@ -163,6 +172,9 @@ class LowPrecisionConvMixer(AutotunedConvMixer):
                     for hint in hints:
                         builders[f"openvino int8 {hint.lower()}"] = functools.partial(
                             self._openvino_lowp, hint, "int8")
+            if "openvino" in self.runtimes and nncf_installed():
+                for hint in hints:
+                    builders[f"openvino nncf int8 {hint.lower()}"] = functools.partial(self._openvino_nncf, hint)
         return builders
 
     def _onnx_int8(self, model: nn.Module, shape: tuple[int, ...]) -> bytes:
@@ -193,6 +205,22 @@ class LowPrecisionConvMixer(AutotunedConvMixer):
         if hint == "THROUGHPUT":
             self._ov_requests[bucket] = runner.requests
         self._report(f"openvino {precision} {hint.lower()}", _Batched(runner), shape[1:])
+        return runner
+
+    def _openvino_nncf(self, hint: str, model: nn.Module, shape: tuple[int, ...], whole: bool) -> nn.Module:
+        image = tuple(shape[1:])
+        with self._lock:
+            graph = self._nncf_models.get(image)
+        if graph is None:
+            graph = openvino_nncf_int8(self._export(model, shape, True), self.calibration)
+            with self._lock:
+                self._nncf_models[image] = graph
+        bucket = (batch_bucket(shape[0]), image)
+        requests = self._ov_requests.get(bucket) if hint == "THROUGHPUT" else None
+        runner = OpenVinoConvMixer(None, shape, hint, graph=graph, requests=requests, batches=bucket[0])
+        if hint == "THROUGHPUT":
+            self._ov_requests[bucket] = runner.requests
+        self._report(f"openvino nncf int8 {hint.lower()}", _Batched(runner), image)
         return runner
 
     # -- choosing

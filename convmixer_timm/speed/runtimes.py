@@ -28,7 +28,10 @@ __all__ = ["RUNTIMES", "OnnxRuntimeConvMixer", "OpenVinoConvMixer", "import_runt
 RUNTIMES = ("onnxruntime", "openvino")
 
 # Read once, while the runtime is imported (checked: neither reads it again later).
-_TELEMETRY_OFF = {"onnxruntime": {"ORT_DISABLE_TELEMETRY": "1"}, "openvino": {"CI": "true"}}
+_TELEMETRY_OFF = {"onnxruntime": {"ORT_DISABLE_TELEMETRY": "1"}, "openvino": {"CI": "true"},
+                  # NNCF's own switch, and openvino_telemetry's in case NNCF is the first to import it (the
+                  # telemetry object is one per process, set up by the first import).
+                  "nncf": {"NNCF_CI": "1", "CI": "true"}}
 _IMPORTING = threading.Lock()  # os.environ is process-wide: one import with a switch set at a time
 
 
@@ -113,11 +116,12 @@ class OpenVinoConvMixer(nn.Module):
     Compiled for ``input_size`` alone (a static shape, OpenVINO's fastest), or, with ``batches=(low, high)``, for
     every batch size in that range with the image size of ``input_size`` (one compilation serves a batch bucket).
     ``precision``: OpenVINO's ``INFERENCE_PRECISION_HINT`` (``"bf16"`` runs in bf16 where the CPU has it; OpenVINO
-    stays in float32 where it does not)."""
+    stays in float32 where it does not). ``graph``: an ``openvino.Model`` to compile (a copy) instead of an ONNX
+    export (an NNCF-quantized one)."""
 
     def __init__(self, model: nn.Module | None, input_size: Sequence[int], hint: str = "LATENCY",
                  threads: int | None = None, onnx: bytes | None = None, requests: int | None = None,
-                 batches: tuple[int, int] | None = None, precision: str = "f32"):
+                 batches: tuple[int, int] | None = None, precision: str = "f32", graph: object | None = None):
         super().__init__()
         ov = import_runtime("openvino")
         self.input_size = full_size(input_size)
@@ -129,11 +133,14 @@ class OpenVinoConvMixer(nn.Module):
         config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": self.hint,
                   "INFERENCE_NUM_THREADS": threads or torch.get_num_threads()}
         core = ov.Core()
-        exported = onnx if onnx is not None else onnx_bytes(model, self.input_size)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "model.onnx"
-            path.write_bytes(exported)
-            graph = core.read_model(str(path))
+        if graph is not None:
+            graph = graph.clone()  # reshaped below
+        else:
+            exported = onnx if onnx is not None else onnx_bytes(model, self.input_size)
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "model.onnx"
+                path.write_bytes(exported)
+                graph = core.read_model(str(path))
         jobs = 1
         if self.hint == "THROUGHPUT":
             if requests is None:
