@@ -254,15 +254,26 @@ def test_spatial_mixing_bf16_is_the_float32_step_rounded_once(channels, k, act, 
 
 
 @needs_kernels
-def test_spatial_mixing_bf16_rounds_as_pytorch_at_the_extremes():
-    # Past bf16's largest value a float32 rounds to infinity, as PyTorch rounds it; NaN stays NaN.
-    u = torch.tensor([0.0, float("nan"), 1e38, 3.4e38, -3.4e38, -2.5]).view(1, 6, 1, 1).contiguous(
-        memory_format=torch.channels_last)
-    ones, zeros = torch.ones(6), torch.zeros(6)
-    z = speed.spatial_mixing_bf16(u, ones, zeros, torch.zeros(1, 1, 6), zeros, ones, "identity").flatten()
-    expected = u.flatten().bfloat16()
-    assert z[1].isnan() and torch.equal(z[[0, 2, 3, 4, 5]], expected[[0, 2, 3, 4, 5]])
-    assert z[3] == float("inf") and z[4] == float("-inf")
+@pytest.mark.parametrize(("channels", "k"), [(6, 1), (37, 3)], ids=["scalar_path", "vector_path"])
+def test_spatial_mixing_bf16_rounds_as_pytorch_at_the_extremes(channels, k):
+    # Subnormals, NaN of either sign, overflow past bf16's largest value: rounded bit for bit as PyTorch rounds
+    # the float32 step (NaN: NaN), in whole vectors (37 channels, k 3: the tiles, whatever the copy's width) and in the
+    # scalar path (k 1). Weights zero and s1 one: z is y itself, NaN spreading to its neighbours as in float32.
+    special = torch.tensor([0.0, float("nan"), -float("nan"), 1e38, 3.4e38, -3.4e38, -2.5, 1e-39, -3e-40,
+                            1.1754942e-38, float("inf"), 1.00390625])
+    u = torch.randn(1, channels, 3, 12)
+    u[0, :, 0] = special.roll(1)[None, :] if channels > 6 else special[None, :12]
+    u[0, ::2, 2] = special.flip(0)[None, :]
+    u = u.contiguous(memory_format=torch.channels_last)
+    ones, zeros = torch.ones(channels), torch.zeros(channels)
+    weight = torch.zeros(k, k, channels)
+    z = speed.spatial_mixing_bf16(u, ones, zeros, weight, zeros, ones, "identity")
+    expected = speed.spatial_mixing(u, ones, zeros, weight, zeros, ones, "identity").bfloat16()
+    nan = expected.isnan()
+    assert torch.equal(z.isnan(), nan) and nan.any()
+    assert torch.equal(z.view(torch.int16)[~nan], expected.view(torch.int16)[~nan])
+    # Every NaN the same quiet NaN on every copy (c10::BFloat16's; PyTorch's vectorised rounding writes 0xffff).
+    assert (z.view(torch.int16)[nan] == 0x7FC0).all() and z.isinf().sum() >= 2
 
 
 @needs_kernels

@@ -113,6 +113,8 @@ def test_fused_bf16_module_matches_fp32_on_held_out_digits(digits):
         assert agreement >= MIN_AGREEMENT and error <= BF16_TOLERANCE, (name, agreement, error)
     with pytest.raises(ValueError, match="depthwise='kernel'"):
         FusedConvMixerInference(model, "mm", "onednn", precision="bf16")
+    with pytest.raises(ValueError, match="depthwise='kernel'"):
+        fused.run(held[:2], "mm", "onednn")
     if not bf16_convolutions():
         with pytest.raises(RuntimeError, match="pointwise='mm'"):
             FusedConvMixerInference(model, "conv", precision="bf16")

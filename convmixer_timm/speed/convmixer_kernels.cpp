@@ -82,7 +82,15 @@
         cmx_##ISA::act_batch_norm_backward_##S(act, g, a, mean, invstd, gamma, ga, gg, gb, rows, c, t);           \
     }
 
-#if CMX_X86_64
+// AVX512_BF16's intrinsics and __builtin_cpu_supports("avx512bf16") arrived in GCC 10 and Clang 9; an older
+// compiler builds the other copies.
+#if CMX_X86_64 && (defined(__clang__) ? __clang_major__ >= 9 : __GNUC__ >= 10)
+#define CMX_HAS_AVX512_BF16 1
+#else
+#define CMX_HAS_AVX512_BF16 0
+#endif
+
+#if CMX_HAS_AVX512_BF16
 // The AVX-512 copy again with AVX512_BF16 (AMD Zen 4 and later, Intel Cooper Lake and Sapphire Rapids and later):
 // bf16 results are rounded by one instruction (vcvtneps2bf16) instead of five integer operations.
 #pragma GCC push_options
@@ -100,7 +108,9 @@ namespace cmx_avx512_bf16 {
 #undef CMX_AVX512_BF16
 CMX_ENTRY_POINTS(avx512_bf16)
 #pragma GCC pop_options
+#endif
 
+#if CMX_X86_64
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,bmi2,prefer-vector-width=512")
 #define CMX_VECTOR_BYTES 64
@@ -146,8 +156,10 @@ CMX_EXPORT int cmx_abi_version() { return 5; }
 
 // Comma-separated ISA copies in this binary, best first.
 CMX_EXPORT const char* cmx_compiled_isas() {
-#if CMX_X86_64
+#if CMX_HAS_AVX512_BF16
     return "avx512_bf16,avx512,avx2,baseline";
+#elif CMX_X86_64
+    return "avx512,avx2,baseline";
 #else
     return "baseline";
 #endif
@@ -164,8 +176,10 @@ CMX_EXPORT int cmx_cpu_supports(const char* isa) {
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
                __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#if CMX_HAS_AVX512_BF16
     if (std::strcmp(isa, "avx512_bf16") == 0)
         return cmx_cpu_supports("avx512") && __builtin_cpu_supports("avx512bf16");
+#endif
 #endif
     return 0;
 }

@@ -25,6 +25,7 @@ embedding) and the classifier stay float32: rounding the embedding before its Ba
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Sequence
 
 import torch
@@ -37,6 +38,7 @@ from .mixing import spatial_mixing, spatial_mixing_bf16
 
 __all__ = ["FusedConvMixerInference", "act_kind", "bf16_convolutions", "supported"]
 
+@functools.cache
 def bf16_convolutions() -> bool:
     """Whether oneDNN runs bf16 convolutions on this CPU (AVX-512 BW/VL/DQ or AVX-NE-CONVERT; it refuses elsewhere)."""
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -121,15 +123,16 @@ class FusedConvMixerInference(nn.Module):
             raise ValueError(f"pointwise must be 'conv' or 'mm', got {pointwise!r}")
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        if precision == "bf16" and load() is None:
+            raise RuntimeError("precision='bf16' runs the spatial mixing on the compiled kernels, which are not "
+                               "loaded here (see convmixer_timm.speed.kernel_info()); use precision='fp32'")
         if depthwise is None:
-            depthwise = "kernel" if load() is not None or precision == "bf16" else "onednn"
+            depthwise = "kernel" if load() is not None else "onednn"
         if depthwise not in ("kernel", "onednn"):
             raise ValueError(f"depthwise must be 'kernel' or 'onednn', got {depthwise!r}")
         if depthwise == "kernel" and load() is None:
             raise RuntimeError("depthwise='kernel' needs the compiled kernels (a C++ compiler); use 'onednn'")
-        if precision == "bf16" and depthwise != "kernel":
-            raise ValueError("precision='bf16' runs the spatial mixing on the kernel: use depthwise='kernel'")
-        self._check_pointwise(pointwise, precision)
+        self._check_implementations(pointwise, depthwise, precision)
         self.pointwise = pointwise
         self.depthwise = depthwise
         self.precision = precision
@@ -166,7 +169,9 @@ class FusedConvMixerInference(nn.Module):
         self.eval()
 
     @staticmethod
-    def _check_pointwise(pointwise: str, precision: str) -> None:
+    def _check_implementations(pointwise: str, depthwise: str, precision: str) -> None:
+        if precision == "bf16" and depthwise != "kernel":
+            raise ValueError("precision='bf16' runs the spatial mixing on the kernel: use depthwise='kernel'")
         if precision == "bf16" and pointwise == "conv" and not bf16_convolutions():
             raise RuntimeError("oneDNN runs no bf16 convolution on this CPU (it needs AVX-512 BW/VL/DQ or "
                                "AVX-NE-CONVERT): use pointwise='mm'")
@@ -255,7 +260,7 @@ class FusedConvMixerInference(nn.Module):
 
     def run(self, x: torch.Tensor, pointwise: str, depthwise: str) -> torch.Tensor:
         """The forward pass with the given implementations (see the class docstring)."""
-        self._check_pointwise(pointwise, self.precision)
+        self._check_implementations(pointwise, depthwise, self.precision)
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"expected images of shape (N, {self.in_chans}, H, W), got {list(x.shape)}")
         with torch.no_grad():

@@ -78,6 +78,7 @@ class LowPrecisionConvMixer(AutotunedConvMixer):
         self._reports_lock = threading.Lock()
         self._int8_onnx: dict[tuple, bytes] = {}
         self._nncf_models: dict[tuple, object] = {}
+        self._nncf_lock = threading.Lock()
         self._last_name: str | None = None
         self._tuning = threading.local()
         self.lowp_torch: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
@@ -209,12 +210,11 @@ class LowPrecisionConvMixer(AutotunedConvMixer):
 
     def _openvino_nncf(self, hint: str, model: nn.Module, shape: tuple[int, ...], whole: bool) -> nn.Module:
         image = tuple(shape[1:])
-        with self._lock:
+        with self._nncf_lock:  # one quantization per image size, whichever thread asks first
             graph = self._nncf_models.get(image)
-        if graph is None:
-            graph = openvino_nncf_int8(self._export(model, shape, True), self.calibration)
-            with self._lock:
-                self._nncf_models[image] = graph
+            if graph is None:
+                graph = self._nncf_models[image] = openvino_nncf_int8(self._export(model, shape, True),
+                                                                      self.calibration)
         bucket = (batch_bucket(shape[0]), image)
         requests = self._ov_requests.get(bucket) if hint == "THROUGHPUT" else None
         runner = OpenVinoConvMixer(None, shape, hint, graph=graph, requests=requests, batches=bucket[0])
@@ -268,7 +268,7 @@ class LowPrecisionConvMixer(AutotunedConvMixer):
 
 
 class _FusedRun:
-    """One implementation of the bf16 fused module (built on first use, shared by its implementations)."""
+    """One implementation of the bf16 fused module (one module, built with the first, serves both)."""
 
     def __init__(self, fused: Callable[[], FusedConvMixerInference], pointwise: str):
         self.fused, self.pointwise = fused(), pointwise

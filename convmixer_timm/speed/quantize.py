@@ -12,6 +12,7 @@ import copy
 import importlib.util
 import logging
 import tempfile
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -250,12 +251,28 @@ def openvino_nncf_int8(onnx: bytes, batches: Sequence[torch.Tensor]) -> object:
     ignored = nncf.IgnoredScope(names=[op.get_friendly_name() for op in graph.get_ordered_ops()
                                        if op.get_friendly_name() not in quantized], validate=False)
     dataset = nncf.Dataset([x.contiguous().numpy() for x in batches])
-    nncf_logger = logging.getLogger("nncf")  # its progress bars and advice, at INFO on stdout, for this call only
-    level = nncf_logger.level
+    with _NNCF_QUIET:
+        with _quiet(), _nncf_silenced():
+            return nncf.quantize(graph, dataset, preset=nncf.QuantizationPreset.PERFORMANCE,
+                                 subset_size=len(batches), ignored_scope=ignored)
+
+
+# NNCF logs its progress and advice at INFO on its own stdout handler, and draws progress bars on rich's shared
+# console, which no log level reaches: both are turned down for the quantization alone and put back after it, one
+# quantization at a time so that a second one cannot save the first one's settings as the user's.
+_NNCF_QUIET = threading.Lock()
+
+
+@contextlib.contextmanager
+def _nncf_silenced() -> Iterator[None]:
+    import rich
+
+    nncf_logger, console = logging.getLogger("nncf"), rich.get_console()
+    level, quiet = nncf_logger.level, console.quiet
     nncf_logger.setLevel(logging.ERROR)
+    console.quiet = True
     try:
-        with _quiet():
-            return nncf.quantize(graph, dataset, preset=nncf.QuantizationPreset.PERFORMANCE, subset_size=sum(
-                len(x) for x in batches), ignored_scope=ignored)
+        yield
     finally:
         nncf_logger.setLevel(level)
+        console.quiet = quiet
