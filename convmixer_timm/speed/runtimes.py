@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import os
 import sys
 import tempfile
@@ -63,8 +64,25 @@ def import_runtime(name: str) -> ModuleType:
     with _IMPORTING:
         if name in sys.modules:
             return sys.modules[name]
-        with _environment(_TELEMETRY_OFF.get(name, {})):
+        with _environment(_TELEMETRY_OFF.get(name, {})), _quiet_loggers(_QUIET_ON_IMPORT.get(name, ())):
             return importlib.import_module(name)
+
+
+# `import nncf` loads torch.utils.cpp_extension, which warns that no CUDA runtime is found: nothing here needs one.
+_QUIET_ON_IMPORT = {"nncf": ("torch.utils.cpp_extension",)}
+
+
+@contextlib.contextmanager
+def _quiet_loggers(names: Sequence[str]) -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def onnx_bytes(model: nn.Module, input_size: Sequence[int]) -> bytes:
