@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .runtimes import import_runtime
+from .runtimes import NNCF_IMPORT_WARNS, import_runtime, quiet_loggers
 
 __all__ = ["TorchBf16", "TorchBf16Autocast", "int8_backends", "onnx_int8_bytes", "torch_int8"]
 
@@ -257,8 +257,9 @@ def openvino_nncf_int8(onnx: bytes, batches: Sequence[torch.Tensor]) -> object:
                                  subset_size=len(batches), ignored_scope=ignored)
 
 
-# NNCF logs its progress and advice at INFO on its own stdout handler, and draws progress bars on rich's shared
-# console, which no log level reaches: both are turned down for the quantization alone and put back after it, one
+# NNCF logs its progress and advice at INFO on its own stdout handler, draws progress bars on rich's shared
+# console, which no log level reaches, and loads torch.utils.cpp_extension, which warns that no CUDA runtime is
+# found (nothing here needs one): all are turned down for the quantization alone and put back after it, one
 # quantization at a time so that a second one cannot save the first one's settings as the user's.
 _NNCF_QUIET = threading.Lock()
 
@@ -267,12 +268,11 @@ _NNCF_QUIET = threading.Lock()
 def _nncf_silenced() -> Iterator[None]:
     import rich
 
-    nncf_logger, console = logging.getLogger("nncf"), rich.get_console()
-    level, quiet = nncf_logger.level, console.quiet
-    nncf_logger.setLevel(logging.ERROR)
+    console = rich.get_console()
+    quiet = console.quiet
     console.quiet = True
     try:
-        yield
+        with quiet_loggers(("nncf", *NNCF_IMPORT_WARNS)):
+            yield
     finally:
-        nncf_logger.setLevel(level)
         console.quiet = quiet

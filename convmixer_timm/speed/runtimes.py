@@ -64,16 +64,19 @@ def import_runtime(name: str) -> ModuleType:
     with _IMPORTING:
         if name in sys.modules:
             return sys.modules[name]
-        with _environment(_TELEMETRY_OFF.get(name, {})), _quiet_loggers(_QUIET_ON_IMPORT.get(name, ())):
+        with _environment(_TELEMETRY_OFF.get(name, {})), quiet_loggers(_QUIET_ON_IMPORT.get(name, ())):
             return importlib.import_module(name)
 
 
-# `import nncf` loads torch.utils.cpp_extension, which warns that no CUDA runtime is found: nothing here needs one.
-_QUIET_ON_IMPORT = {"nncf": ("torch.utils.cpp_extension",)}
+# NNCF loads torch.utils.cpp_extension (on import or first use), which warns that no CUDA runtime is found:
+# nothing here needs one.
+NNCF_IMPORT_WARNS = ("torch.utils.cpp_extension",)
+_QUIET_ON_IMPORT = {"nncf": NNCF_IMPORT_WARNS}
 
 
 @contextlib.contextmanager
-def _quiet_loggers(names: Sequence[str]) -> Iterator[None]:
+def quiet_loggers(names: Sequence[str]) -> Iterator[None]:
+    """The named loggers at ERROR inside the block, at their own levels again after it."""
     loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
