@@ -120,6 +120,19 @@ def test_fused_bf16_module_matches_fp32_on_held_out_digits(digits):
             FusedConvMixerInference(model, "conv", precision="bf16")
 
 
+@pytest.mark.skipif(load() is None, reason="the fused bf16 module runs the compiled kernel")
+def test_an_evicted_choice_releases_the_bf16_modules_packed_weights(small):
+    model, inputs = small
+    tuned = LowPrecisionConvMixer(model, "bf16", native_precision=True, clock=StepClock(), max_shapes=1)
+    bf16_fused = tuned.lowp_torch["bf16 mm+kernel"].fused
+    with torch.no_grad():
+        tuned.run_path("bf16 mm+kernel", inputs[:2])  # packs the stem's weights for (2, 1, 8, 8)
+        assert any(key[:4] == (2, 1, 8, 8) for key in bf16_fused._packed)
+        tuned(inputs[:2])
+        tuned(inputs[:4])  # a second batch bucket: the first one's choice is evicted
+    assert not any(key[:4] == (2, 1, 8, 8) for key in bf16_fused._packed)
+
+
 @pytest.mark.slow
 def test_int8_paths_match_fp32_on_held_out_digits(digits):
     model, train, held, _ = digits

@@ -418,9 +418,13 @@ class AutotunedConvMixer(nn.Module):
             shape_lock.release()
         for (low, high), image, _, _ in evicted:  # the entries and their runtimes go with their last reference
             self._ov_requests.pop(((low, high), image), None)
-            if self.fused is not None:
-                self.fused.release(image, range(low, high + 1))
+            for module in self._weight_packers():
+                module.release(image, range(low, high + 1))
         return new
+
+    def _weight_packers(self) -> list[FusedConvMixerInference]:
+        """The modules holding weights packed per input shape: an evicted choice's shapes are released there."""
+        return [self.fused] if self.fused is not None else []
 
     @property
     def choices(self) -> dict[tuple, str]:

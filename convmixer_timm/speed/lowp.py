@@ -110,6 +110,10 @@ class LowPrecisionConvMixer(AutotunedConvMixer):
         pointwise = ("conv", "mm") if bf16_convolutions() else ("mm",)
         return {f"bf16 {pw}+kernel": functools.partial(_FusedRun, fused, pw) for pw in pointwise}
 
+    def _weight_packers(self) -> list[FusedConvMixerInference]:
+        fused = {id(run.fused): run.fused for run in self.lowp_torch.values() if isinstance(run, _FusedRun)}
+        return [*super()._weight_packers(), *fused.values()]
+
     # -- calibration
 
     def _report(self, name: str, runner: Callable[[torch.Tensor], torch.Tensor],
