@@ -277,6 +277,21 @@ def test_spatial_mixing_bf16_rounds_as_pytorch_at_the_extremes(channels, k):
 
 
 @needs_kernels
+@pytest.mark.parametrize(("op", "dtype"), [("spatial_mixing", torch.float32), ("spatial_mixing_bf16", torch.float32),
+                                           ("spatial_mixing_bf16", torch.bfloat16)])
+def test_inference_operators_pass_pytorchs_opcheck(op, dtype):
+    # Schema, fake kernel (the shapes, strides and dtype compiled and exported graphs assume) and AOT dispatch.
+    torch.manual_seed(0)
+    channels, k = 19, 5
+    u = torch.randn(2, channels, 6, 7).to(dtype).contiguous(memory_format=torch.channels_last)
+    args = (u, torch.rand(channels) + 0.5, torch.randn(channels), torch.randn(k, k, channels), torch.randn(channels),
+            torch.randn(channels), "gelu")
+    results = torch.library.opcheck(getattr(torch.ops.convmixer_timm, op).default, args,
+                                    test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    assert set(results.values()) == {"SUCCESS"}
+
+
+@needs_kernels
 @pytest.mark.parametrize("threads", [2, 3])
 def test_kernels_split_among_threads_give_the_one_thread_result(threads):
     # The session runs on one thread (conftest.py); here the kernels' row split runs with two and three (more
