@@ -99,9 +99,9 @@ def dense(t: Tensor, memory_format: torch.memory_format = torch.contiguous_forma
 
 def ring_scratch_bytes(x: Tensor, kernel_size: int) -> int:
     """Per-thread scratch of the spatial-mixing kernel (and the depthwise convolution built on it): a ring of k + 1
-    zero-padded rows of ``x`` (spatial_mixing in kernels_body.inc)."""
+    zero-padded float32 rows as wide as ``x``'s, whatever ``x``'s dtype (spatial_mixing in kernels_body.inc)."""
     _, channels, _, width = x.shape
-    return (kernel_size + 1) * (width + kernel_size) * channels * x.element_size() + 64 * kernel_size
+    return (kernel_size + 1) * (width + kernel_size) * channels * 4 + 64 * kernel_size
 
 
 def kernel_threads(rows: int, scratch_bytes_per_thread: int, *operands: Tensor) -> int:

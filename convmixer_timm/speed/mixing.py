@@ -59,55 +59,55 @@ def _check(u: Tensor, s_in: Tensor, t_in: Tensor, weight_kkc: Tensor, bias: Tens
         raise ValueError(f"{op}: act must be one of {sorted(MIXING_ACTIVATIONS)}, got {act!r}")
 
 
-@torch.library.custom_op("convmixer_timm::spatial_mixing", mutates_args=(), device_types="cpu")
-def spatial_mixing(u: Tensor, s_in: Tensor, t_in: Tensor, weight_kkc: Tensor, bias: Tensor, s1: Tensor,
-                   act: str) -> Tensor:
-    """z (channels_last float32, like ``u``); ``weight_kkc`` is the depthwise weight as (k, k, C)."""
-    _check(u, s_in, t_in, weight_kkc, bias, s1, act)
-    check_cpu(_OP, u)
+def _mix(op: str, u: Tensor, s_in: Tensor, t_in: Tensor, weight_kkc: Tensor, bias: Tensor, s1: Tensor, act: str,
+         out_dtype: torch.dtype) -> Tensor:
+    """Either operator's step on the kernels, z of ``out_dtype`` (float32: spatial_mixing_f32, bf16:
+    spatial_mixing_bf16)."""
+    _check(u, s_in, t_in, weight_kkc, bias, s1, act, op)
+    check_cpu(op, u)
     library = require_kernels(load())
     batch, channels, height, width = u.shape
     k = weight_kkc.shape[0]
     u = dense(u, torch.channels_last)
-    z = torch.empty_like(u, memory_format=torch.channels_last)
+    z = torch.empty_like(u, dtype=out_dtype, memory_format=torch.channels_last)
     if u.numel() == 0:
         return z
     vectors = [dense(t) for t in (s_in, t_in, weight_kkc, bias, s1)]
-    library.spatial_mixing_f32(MIXING_ACTIVATIONS[act], u.data_ptr(), *(t.data_ptr() for t in vectors), z.data_ptr(),
-                               batch, height, width, channels, k, (k - 1) // 2,
-                               kernel_threads(batch * height, ring_scratch_bytes(u, k), u, vectors[2]))
+    pointers = (u.data_ptr(), *(t.data_ptr() for t in vectors), z.data_ptr())
+    sizes = (batch, height, width, channels, k, (k - 1) // 2,
+             kernel_threads(batch * height, ring_scratch_bytes(u, k), u, vectors[2]))
+    if out_dtype == torch.bfloat16:
+        library.spatial_mixing_bf16(MIXING_ACTIVATIONS[act], int(u.dtype == torch.bfloat16), *pointers, *sizes)
+    else:
+        library.spatial_mixing_f32(MIXING_ACTIVATIONS[act], *pointers, *sizes)
     return z
+
+
+def _fake(op: str, u: Tensor, s_in: Tensor, t_in: Tensor, weight_kkc: Tensor, bias: Tensor, s1: Tensor, act: str,
+          out_dtype: torch.dtype) -> Tensor:
+    _check(u, s_in, t_in, weight_kkc, bias, s1, act, op)
+    return torch.empty_like(u, dtype=out_dtype, memory_format=torch.channels_last)
+
+
+@torch.library.custom_op("convmixer_timm::spatial_mixing", mutates_args=(), device_types="cpu")
+def spatial_mixing(u: Tensor, s_in: Tensor, t_in: Tensor, weight_kkc: Tensor, bias: Tensor, s1: Tensor,
+                   act: str) -> Tensor:
+    """z (channels_last float32, like ``u``); ``weight_kkc`` is the depthwise weight as (k, k, C)."""
+    return _mix(_OP, u, s_in, t_in, weight_kkc, bias, s1, act, torch.float32)
 
 
 @spatial_mixing.register_fake
 def _(u: Tensor, s_in: Tensor, t_in: Tensor, weight_kkc: Tensor, bias: Tensor, s1: Tensor, act: str) -> Tensor:
-    _check(u, s_in, t_in, weight_kkc, bias, s1, act)
-    return torch.empty_like(u, memory_format=torch.channels_last)
+    return _fake(_OP, u, s_in, t_in, weight_kkc, bias, s1, act, torch.float32)
 
 
 @torch.library.custom_op("convmixer_timm::spatial_mixing_bf16", mutates_args=(), device_types="cpu")
 def spatial_mixing_bf16(u: Tensor, s_in: Tensor, t_in: Tensor, weight_kkc: Tensor, bias: Tensor, s1: Tensor,
                         act: str) -> Tensor:
     """z (channels_last bf16) from ``u`` (bf16 or float32); the other arguments as :func:`spatial_mixing`'s."""
-    _check(u, s_in, t_in, weight_kkc, bias, s1, act, _OP_BF16)
-    check_cpu(_OP_BF16, u)
-    library = require_kernels(load())
-    batch, channels, height, width = u.shape
-    k = weight_kkc.shape[0]
-    u = dense(u, torch.channels_last)
-    z = torch.empty_like(u, dtype=torch.bfloat16, memory_format=torch.channels_last)
-    if u.numel() == 0:
-        return z
-    vectors = [dense(t) for t in (s_in, t_in, weight_kkc, bias, s1)]
-    # The ring of padded rows is float32 whatever u's dtype: its scratch is sized as for a float32 u.
-    scratch = ring_scratch_bytes(u, k) * 4 // u.element_size()
-    library.spatial_mixing_bf16(MIXING_ACTIVATIONS[act], int(u.dtype == torch.bfloat16), u.data_ptr(),
-                                *(t.data_ptr() for t in vectors), z.data_ptr(), batch, height, width, channels, k,
-                                (k - 1) // 2, kernel_threads(batch * height, scratch, u, vectors[2]))
-    return z
+    return _mix(_OP_BF16, u, s_in, t_in, weight_kkc, bias, s1, act, torch.bfloat16)
 
 
 @spatial_mixing_bf16.register_fake
 def _(u: Tensor, s_in: Tensor, t_in: Tensor, weight_kkc: Tensor, bias: Tensor, s1: Tensor, act: str) -> Tensor:
-    _check(u, s_in, t_in, weight_kkc, bias, s1, act, _OP_BF16)
-    return torch.empty_like(u, dtype=torch.bfloat16, memory_format=torch.channels_last)
+    return _fake(_OP_BF16, u, s_in, t_in, weight_kkc, bias, s1, act, torch.bfloat16)
