@@ -179,7 +179,8 @@ class LowPrecisionConvMixer(AutotunedConvMixer):
                             self._openvino_lowp, hint, "int8")
             if "openvino" in self.runtimes and nncf_installed():
                 for hint in hints:
-                    builders[f"openvino nncf int8 {hint.lower()}"] = functools.partial(self._openvino_nncf, hint)
+                    builders[f"openvino nncf int8 {hint.lower()}"] = functools.partial(
+                        self._openvino_lowp, hint, "nncf int8")
         return builders
 
     def _onnx_int8(self, model: nn.Module, shape: tuple[int, ...]) -> bytes:
@@ -200,31 +201,31 @@ class LowPrecisionConvMixer(AutotunedConvMixer):
         self._report("onnxruntime int8", runner, shape[1:])
         return runner
 
-    def _openvino_lowp(self, hint: str, precision: str, model: nn.Module, shape: tuple[int, ...],
-                       whole: bool) -> nn.Module:
-        bucket = (batch_bucket(shape[0]), tuple(shape[1:]))
-        requests = self._ov_requests.get(bucket) if hint == "THROUGHPUT" else None
-        onnx = self._onnx_int8(model, shape) if precision == "int8" else self._export(model, shape, whole)
-        runner = OpenVinoConvMixer(None, shape, hint, onnx=onnx, requests=requests, batches=bucket[0],
-                                   precision="bf16" if precision == "bf16" else "f32")
-        if hint == "THROUGHPUT":
-            self._ov_requests[bucket] = runner.requests
-        self._report(f"openvino {precision} {hint.lower()}", _Batched(runner), shape[1:])
-        return runner
-
-    def _openvino_nncf(self, hint: str, model: nn.Module, shape: tuple[int, ...], whole: bool) -> nn.Module:
+    def _nncf_int8(self, model: nn.Module, shape: tuple[int, ...]) -> object:
         image = tuple(shape[1:])
         with self._nncf_lock:  # one quantization per image size, whichever thread asks first
             graph = self._nncf_models.get(image)
             if graph is None:
                 graph = self._nncf_models[image] = openvino_nncf_int8(self._export(model, shape, True),
                                                                       self.calibration)
-        bucket = (batch_bucket(shape[0]), image)
+        return graph
+
+    def _openvino_lowp(self, hint: str, precision: str, model: nn.Module, shape: tuple[int, ...],
+                       whole: bool) -> nn.Module:
+        """OpenVINO at ``precision``: ``"bf16"`` (its hint on the float32 export), ``"int8"`` (the QDQ export) or
+        ``"nncf int8"`` (the export quantized by NNCF)."""
+        bucket = (batch_bucket(shape[0]), tuple(shape[1:]))
         requests = self._ov_requests.get(bucket) if hint == "THROUGHPUT" else None
-        runner = OpenVinoConvMixer(None, shape, hint, graph=graph, requests=requests, batches=bucket[0])
+        if precision == "nncf int8":
+            source = {"graph": self._nncf_int8(model, shape)}
+        else:
+            source = {"onnx": self._onnx_int8(model, shape) if precision == "int8"
+                      else self._export(model, shape, whole)}
+        runner = OpenVinoConvMixer(None, shape, hint, requests=requests, batches=bucket[0],
+                                   precision="bf16" if precision == "bf16" else "f32", **source)
         if hint == "THROUGHPUT":
             self._ov_requests[bucket] = runner.requests
-        self._report(f"openvino nncf int8 {hint.lower()}", _Batched(runner), image)
+        self._report(f"openvino {precision} {hint.lower()}", _Batched(runner), shape[1:])
         return runner
 
     # -- choosing

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .runtimes import NNCF_IMPORT_WARNS, import_runtime, quiet_loggers
+from .runtimes import NNCF_IMPORT_WARNS, import_runtime, quiet_loggers, read_onnx
 
 __all__ = ["TorchBf16", "TorchBf16Autocast", "int8_backends", "onnx_int8_bytes", "torch_int8"]
 
@@ -240,16 +240,14 @@ def openvino_nncf_int8(onnx: bytes, batches: Sequence[torch.Tensor]) -> object:
     convolutions, the patch embedding and the classifier stay float32."""
     ov = import_runtime("openvino")
     nncf = import_runtime("nncf")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.onnx"
-        path.write_bytes(onnx)
-        graph = ov.Core().read_model(str(path))
+    graph = read_onnx(ov.Core(), onnx)
     # NNCF's preset also quantizes the inputs of the BatchNorms, the residual adds and GELU's own arithmetic (top-1
     # agreement on held-out digits fell to 92%): every op but the blocks' 1x1 convolutions is ignored by name.
-    convolutions = [op for op in graph.get_ordered_ops() if op.get_type_name() == "Convolution"]
+    ops = graph.get_ordered_ops()
+    convolutions = [op for op in ops if op.get_type_name() == "Convolution"]
     quantized = {op.get_friendly_name() for op in convolutions[1:]}  # the first one is the patch embedding
-    ignored = nncf.IgnoredScope(names=[op.get_friendly_name() for op in graph.get_ordered_ops()
-                                       if op.get_friendly_name() not in quantized], validate=False)
+    ignored = nncf.IgnoredScope(names=[op.get_friendly_name() for op in ops if op.get_friendly_name() not in quantized],
+                                validate=False)
     dataset = nncf.Dataset([x.contiguous().numpy() for x in batches])
     with _NNCF_QUIET:
         with _quiet(), _nncf_silenced():

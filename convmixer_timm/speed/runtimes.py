@@ -96,6 +96,14 @@ def onnx_bytes(model: nn.Module, input_size: Sequence[int]) -> bytes:
         return export_onnx(model, Path(tmp) / "model.onnx", input_size).read_bytes()
 
 
+def read_onnx(core: object, onnx: bytes) -> object:
+    """The ``openvino.Model`` of an ONNX export given as bytes, read by ``core`` (an ``openvino.Core``)."""
+    with tempfile.TemporaryDirectory() as tmp:  # private to this process, removed on return
+        path = Path(tmp) / "model.onnx"
+        path.write_bytes(onnx)
+        return core.read_model(str(path))
+
+
 def full_size(input_size: Sequence[int]) -> tuple[int, ...]:
     """``(N, C, H, W)`` from ``(N, C, H, W)`` or ``(C, H, W)`` (batch 1)."""
     size = tuple(int(s) for s in input_size)
@@ -157,11 +165,7 @@ class OpenVinoConvMixer(nn.Module):
         if graph is not None:
             graph = graph.clone()  # reshaped below
         else:
-            exported = onnx if onnx is not None else onnx_bytes(model, self.input_size)
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "model.onnx"
-                path.write_bytes(exported)
-                graph = core.read_model(str(path))
+            graph = read_onnx(core, onnx if onnx is not None else onnx_bytes(model, self.input_size))
         jobs = 1
         if self.hint == "THROUGHPUT":
             if requests is None:
