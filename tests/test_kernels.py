@@ -188,6 +188,14 @@ def test_batch_norm_module_matches_torch_in_training_and_eval(options):
         ours.train()(torch.randn(1, 6, 1, 1, requires_grad=True))
 
 
+def _exact_spatial_mixing(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, s1: torch.Tensor,
+                          act: str) -> torch.Tensor:
+    """The spatial-mixing step in float64 from y (the BatchNorm-applied input, float64) by PyTorch's ops."""
+    mixed = speed.conv_same(y, weight.double(), bias.double())
+    activated = {"identity": mixed, "relu": F.relu(mixed), "gelu": F.gelu(mixed)}[act]
+    return y + s1.double().view(1, -1, 1, 1) * activated
+
+
 @needs_kernels
 @pytest.mark.parametrize("act", ["identity", "relu", "gelu"])
 def test_spatial_mixing_matches_float64_ops(act):
@@ -198,10 +206,8 @@ def test_spatial_mixing_matches_float64_ops(act):
     t_in, bias, s1 = torch.randn(channels), torch.randn(channels), torch.randn(channels)
     weight = torch.randn(channels, 1, k, k) * 0.2
     z = speed.spatial_mixing(u, s_in, t_in, weight[:, 0].permute(1, 2, 0).contiguous(), bias, s1, act)
-    y = (u * s_in.view(1, -1, 1, 1) + t_in.view(1, -1, 1, 1)).double()
-    mixed = speed.conv_same(y, weight.double(), bias.double())
-    activated = {"identity": mixed, "relu": F.relu(mixed), "gelu": F.gelu(mixed)}[act]
-    expected = y + s1.double().view(1, -1, 1, 1) * activated
+    expected = _exact_spatial_mixing((u * s_in.view(1, -1, 1, 1) + t_in.view(1, -1, 1, 1)).double(), weight, bias,
+                                     s1, act)
     assert z.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(z.double(), expected, rtol=0, atol=1e-6 * expected.abs().max().item())
     with pytest.raises(TypeError, match="float32"):
@@ -231,10 +237,8 @@ def test_spatial_mixing_bf16_is_the_float32_step_rounded_once(channels, k, act, 
     assert z.dtype == torch.bfloat16 and z.is_contiguous(memory_format=torch.channels_last)
     # The exact step on the bf16 input as given, rounded to bf16 by PyTorch: the kernel's float32 sums may only
     # move a result across a rounding boundary, one bf16 step.
-    y = u.double() * s_in.double().view(1, -1, 1, 1) + t_in.double().view(1, -1, 1, 1)
-    mixed = speed.conv_same(y, weight.double(), bias.double())
-    activated = {"identity": mixed, "relu": F.relu(mixed), "gelu": F.gelu(mixed)}[act]
-    exact = y + s1.double().view(1, -1, 1, 1) * activated
+    exact = _exact_spatial_mixing(u.double() * s_in.double().view(1, -1, 1, 1) + t_in.double().view(1, -1, 1, 1),
+                                  weight, bias, s1, act)
     rounded = exact.to(torch.bfloat16)
     off = (z.double() - rounded.double()).abs()
     assert (off <= _bf16_ulp(exact)).all(), f"off by {(off / _bf16_ulp(exact)).max():.2f} bf16 steps"
