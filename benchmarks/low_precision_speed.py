@@ -11,9 +11,10 @@ statistics), the same input. Candidates:
 * ``<precision> race``: ``optimize_for_inference(model, input_size=..., precision=...)``, what a user gets;
 * every path of that precision on its own, as the race sees it: PyTorch's (``bf16 channels_last``, ``bf16
   autocast``, the fused ``bf16 conv+kernel`` / ``bf16 mm+kernel``, ``int8 fx``, ``int8 pt2e``) and the foreign
-  runtimes' (OpenVINO's bf16 hint, onnxruntime's and OpenVINO's int8 QDQ model), where installed. The fused bf16
-  paths and OpenVINO's bf16 hint are built on every CPU here (``native_precision=True``), not only where the race
-  would offer them, so that a CPU without native bf16 shows why they are left out there.
+  runtimes' (OpenVINO's bf16 hint, onnxruntime's and OpenVINO's int8 QDQ model, OpenVINO on the NNCF model),
+  where installed. The fused bf16 paths and OpenVINO's bf16 hint are built on every CPU here
+  (``native_precision=True``), not only where the race would offer them, so that a CPU without native bf16 shows
+  why they are left out there.
 
 int8 is calibrated on ``--calibration-images`` random normal images (the scales change what is computed, not how
 fast; accuracy is ``low_precision_accuracy.py``'s job). Each candidate is called once untimed (builds, compiles),
@@ -44,11 +45,10 @@ from bench import ENV_VARS, _cpu_features, _cpu_name, _version, build_models, in
 from low_precision_accuracy import runners  # noqa: E402
 
 from convmixer_timm import VARIANTS_BY_NAME  # noqa: E402
-from convmixer_timm.speed import kernel_info, optimize_for_inference  # noqa: E402
+from convmixer_timm.speed import RUNTIMES, kernel_info, optimize_for_inference  # noqa: E402
 from convmixer_timm.speed.precision import native  # noqa: E402
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
-FOREIGN = ("openvino", "onnxruntime")
 
 
 def candidates(model: torch.nn.Module, shape: tuple[int, ...], precisions: list[str],
@@ -96,8 +96,8 @@ def report(args: argparse.Namespace, shape: tuple[int, ...], medians: dict[str, 
     versus = {}
     for precision in args.precisions:
         own = [n for n in medians if n.startswith(precision) and n != f"{precision} race"
-               and not n.startswith(FOREIGN)]
-        foreign = [n for n in medians if precision in n and n.startswith(FOREIGN)]
+               and not n.startswith(RUNTIMES)]
+        foreign = [n for n in medians if precision in n and n.startswith(RUNTIMES)]
         if own and foreign:
             best_own, best_foreign = min(own, key=medians.get), min(foreign, key=medians.get)
             versus[precision] = {"ours": best_own, "foreign": best_foreign,
