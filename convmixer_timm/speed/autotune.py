@@ -114,8 +114,7 @@ class AutotunedConvMixer(nn.Module):
                  announce: bool = True, runtimes: Sequence[str] = (), cache_dir: str | os.PathLike | None = None,
                  max_shapes: int = 8, proxy_depth: int = PROXY_DEPTH, min_rounds: int = 2, settle: float = 0.02):
         super().__init__()
-        unknown = set(runtimes) - set(RUNTIMES)
-        if unknown:
+        if unknown := set(runtimes) - set(RUNTIMES):
             raise ValueError(f"unknown runtimes {sorted(unknown)}: choose from {RUNTIMES}")
         if max_shapes < 1:
             raise ValueError(f"max_shapes must be >= 1, got {max_shapes}")
@@ -123,6 +122,7 @@ class AutotunedConvMixer(nn.Module):
         self.plain = copy.deepcopy(model).eval()
         self.plain_channels_last = copy.deepcopy(self.plain).to(memory_format=torch.channels_last)
         self.fused = FusedConvMixerInference(model, "conv", "onednn") if supported(model) else None
+        self._packers = [self.fused] if self.fused is not None else []  # per-shape packed weights: freed on eviction
         self.clock, self.rounds, self.min_rounds, self.margin = clock, rounds, min(min_rounds, rounds), margin
         self.announce, self.max_shapes, self.proxy_depth = announce, max_shapes, max(1, proxy_depth)
         self.settle = settle  # untimed seconds before each timed call (race's ``settle``)
@@ -418,13 +418,9 @@ class AutotunedConvMixer(nn.Module):
             shape_lock.release()
         for (low, high), image, _, _ in evicted:  # the entries and their runtimes go with their last reference
             self._ov_requests.pop(((low, high), image), None)
-            for module in self._weight_packers():
+            for module in self._packers:
                 module.release(image, range(low, high + 1))
         return new
-
-    def _weight_packers(self) -> list[FusedConvMixerInference]:
-        """The modules holding weights packed per input shape: an evicted choice's shapes are released there."""
-        return [self.fused] if self.fused is not None else []
 
     @property
     def choices(self) -> dict[tuple, str]:

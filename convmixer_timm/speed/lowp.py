@@ -97,6 +97,8 @@ class LowPrecisionConvMixer(AutotunedConvMixer):
                                error)
                 continue
             self.lowp_torch[name] = runner
+            if isinstance(runner, _FusedRun) and runner.fused not in self._packers:  # one module, two paths
+                self._packers.append(runner.fused)
         # Every float32 path is an incumbent: a low-precision one must beat the fastest of them by the margin.
         self.incumbents = tuple(self.fp32_paths())
         self.eval()
@@ -109,10 +111,6 @@ class LowPrecisionConvMixer(AutotunedConvMixer):
         fused = functools.cache(functools.partial(FusedConvMixerInference, self.plain, "mm", "kernel", "bf16"))
         pointwise = ("conv", "mm") if bf16_convolutions() else ("mm",)
         return {f"bf16 {pw}+kernel": functools.partial(_FusedRun, fused, pw) for pw in pointwise}
-
-    def _weight_packers(self) -> list[FusedConvMixerInference]:
-        fused = {id(run.fused): run.fused for run in self.lowp_torch.values() if isinstance(run, _FusedRun)}
-        return [*super()._weight_packers(), *fused.values()]
 
     # -- calibration
 
