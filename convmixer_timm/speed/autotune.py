@@ -16,7 +16,6 @@ import logging
 import os
 import threading
 import time
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -24,13 +23,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import runtimes as _runtimes
 from .choice_cache import ChoiceCache, architecture, cache_dir, machine, version
 from .fused import FusedConvMixerInference, supported
 from .loader import kernel_info, load
 from .precision import check_precision
 from .race import Clock, RaceResult, Watch, batch_bucket, race, runner_up, score
-from .runtimes import RUNTIMES, OnnxRuntimeConvMixer, OpenVinoConvMixer, full_size, installed_runtimes
+from .runtimes import RUNTIMES, OnnxRuntimeConvMixer, OpenVinoConvMixer, RaceRuntimes, full_size, installed_runtimes
 
 __all__ = ["AutotunedConvMixer", "optimize_for_inference"]
 
@@ -133,9 +131,7 @@ class AutotunedConvMixer(nn.Module):
         self._shape_locks: dict[tuple, threading.Lock] = {}
         self._calls = threading.Lock()  # guards the two counters below: is a timed call alone?
         self._in_flight = self._started = 0
-        self._onnx: OrderedDict[tuple, bytes] = OrderedDict()  # (image size) -> export, at most 2 kept
-        self._sessions: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-        self._ov_requests: dict[tuple, int] = {}  # (bucket, image) -> OpenVINO THROUGHPUT's number of requests
+        self._foreign = RaceRuntimes()
         self._arch = architecture(self.plain)
         self.last_race: dict[tuple, RaceResult] = {}  # each key's latest race (the whole model's, where one ran)
         self.eval()
@@ -169,47 +165,14 @@ class AutotunedConvMixer(nn.Module):
         one) and returning a module for every batch size of that shape's bucket. Subclasses may add their own."""
         builders: dict[str, Callable[[nn.Module, tuple[int, ...], bool], nn.Module]] = {}
         if "onnxruntime" in self.runtimes:
-            builders["onnxruntime"] = self._onnxruntime
+            builders["onnxruntime"] = self._foreign.onnxruntime
         if "openvino" in self.runtimes:
             for hint in ("LATENCY", "THROUGHPUT"):
                 builders[f"openvino {hint.lower()}"] = functools.partial(self._openvino, hint)
         return builders
 
-    def _export(self, model: nn.Module, shape: tuple[int, ...], whole: bool) -> bytes:
-        # Once per image size and depth (the batch axis is dynamic), shared by every runtime. The whole model's
-        # export is kept for the next batch size (at most two image sizes: it is as large as the weights); a
-        # proxy's is dropped after its race.
-        key = (len(model.blocks) if hasattr(model, "blocks") else None, whole, *shape[1:])
-        with self._lock:
-            onnx = self._onnx.get(key)
-        if onnx is None:
-            onnx = _runtimes.onnx_bytes(model, shape)
-            with self._lock:
-                self._onnx[key] = onnx
-                while sum(whole for _, whole, *_ in self._onnx) > 2:
-                    self._onnx.pop(next(k for k in self._onnx if k[1]))
-        return onnx
-
-    def _onnxruntime(self, model: nn.Module, shape: tuple[int, ...], whole: bool) -> nn.Module:
-        if not whole:
-            return OnnxRuntimeConvMixer(None, shape, onnx=self._export(model, shape, whole))
-        # One session per image size serves every batch size; it lives while a choice uses it.
-        session = self._sessions.get(tuple(shape[1:]))
-        if session is None:
-            session = OnnxRuntimeConvMixer(None, shape, onnx=self._export(model, shape, whole))
-            self._sessions[tuple(shape[1:])] = session
-        return session
-
     def _openvino(self, hint: str, model: nn.Module, shape: tuple[int, ...], whole: bool) -> nn.Module:
-        # THROUGHPUT splits the batch into OpenVINO's optimal number of requests, which takes a compilation to
-        # learn: learnt once per bucket (on the proxy, or remembered on disk), the whole model compiles once.
-        bucket = (batch_bucket(shape[0]), tuple(shape[1:]))
-        requests = self._ov_requests.get(bucket) if hint == "THROUGHPUT" else None
-        runner = OpenVinoConvMixer(None, shape, hint, onnx=self._export(model, shape, whole), requests=requests,
-                                   batches=bucket[0])
-        if hint == "THROUGHPUT":
-            self._ov_requests[bucket] = runner.requests
-        return runner
+        return self._foreign.openvino(hint, shape, onnx=self._foreign.export(model, shape, whole))
 
     # -- choosing
 
@@ -252,7 +215,7 @@ class AutotunedConvMixer(nn.Module):
                          100 * record["margin"], 100 * record["noise"])
             return None
         if record["openvino_requests"] is not None:
-            self._ov_requests[self._key(x)[:2]] = record["openvino_requests"]
+            self._foreign.openvino_requests[self._key(x)[:2]] = record["openvino_requests"]
         try:
             runner = self._build(record["choice"], x)
         except Exception as error:
@@ -319,9 +282,7 @@ class AutotunedConvMixer(nn.Module):
             runner = foreign.get(result.choice) if depth is None else None
             foreign_names = set(foreign)
             foreign.clear()  # the runtimes that lost are released now, threads and all
-            with self._lock:
-                for proxy_key in [k for k in self._onnx if not k[1]]:
-                    del self._onnx[proxy_key]
+            self._foreign.drop_proxies()
             del candidates, plain, plain_cl, fused
             self.tunings += 1
         remember, timed = disk_key is not None, result
@@ -348,8 +309,8 @@ class AutotunedConvMixer(nn.Module):
         if remember:
             self.disk.put(disk_key, {
                 "choice": result.choice, "proxy_depth": depth, "batch": int(x.shape[0]), "races": races,
-                "openvino_requests": self._ov_requests.get(self._key(x)[:2]), "margin": margin, "noise": noise,
-                "rival_ms": None if rival is None else 1e3 * rival,
+                "openvino_requests": self._foreign.openvino_requests.get(self._key(x)[:2]),
+                "margin": margin, "noise": noise, "rival_ms": None if rival is None else 1e3 * rival,
                 "ms": {n: round(1e3 * score(t), 3) for n, t in result.times.items()}})
         calls = WATCH_CALLS if previous is None or previous.watch is None else 2 * previous.watch.calls
         watch = Watch(rival, calls, RECHECK_MARGIN) if rival is not None and rival > 0 else None
@@ -417,7 +378,7 @@ class AutotunedConvMixer(nn.Module):
         finally:
             shape_lock.release()
         for (low, high), image, _, _ in evicted:  # the entries and their runtimes go with their last reference
-            self._ov_requests.pop(((low, high), image), None)
+            self._foreign.openvino_requests.pop(((low, high), image), None)
             for module in self._packers:
                 module.release(image, range(low, high + 1))
         return new
@@ -482,19 +443,21 @@ def optimize_for_inference(model: nn.Module, input_size: Sequence[int] | None = 
     if backend not in backends:
         raise ValueError(f"backend must be one of {backends}, got {backend!r}")
     check_precision(precision, calibration)
+    if backend in RUNTIMES and input_size is None:
+        raise ValueError(f"backend={backend!r} needs input_size: the ONNX graph is built for one input size")
     if precision != "fp32":
-        from .lowp import optimize_low_precision
+        from .lowp import LowPrecisionConvMixer, one_runtime
 
-        return optimize_low_precision(model, input_size, backend, cache, precision, calibration)
-    if backend in RUNTIMES:
-        if input_size is None:
-            raise ValueError(f"backend={backend!r} needs input_size: the ONNX graph is built for one input size")
-        if backend == "onnxruntime":
-            return OnnxRuntimeConvMixer(model, input_size)
-        return OpenVinoConvMixer(model, input_size)
+        if backend in RUNTIMES:
+            return one_runtime(model, input_size, backend, precision, calibration)
+        make = functools.partial(LowPrecisionConvMixer, model, precision, calibration)
+    elif backend in RUNTIMES:
+        return (OnnxRuntimeConvMixer if backend == "onnxruntime" else OpenVinoConvMixer)(model, input_size)
+    else:
+        make = functools.partial(AutotunedConvMixer, model)
     runtimes = installed_runtimes() if backend == "auto" else ()
     folder = (cache_dir() if cache is True else None) if isinstance(cache, bool) else Path(cache)
-    tuned = AutotunedConvMixer(model, announce=input_size is None, runtimes=runtimes, cache_dir=folder)
+    tuned = make(announce=input_size is None, runtimes=runtimes, cache_dir=folder)
     if input_size is not None:
         tuned.tune(torch.randn(full_size(input_size)))
     return tuned

@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from .autotune import AutotunedConvMixer, _Entry
-from .choice_cache import cache_dir
 from .fused import FusedConvMixerInference, bf16_convolutions
 from .loader import load
 from .precision import CalibrationReport, calibration_batches, check_precision, measure, native
@@ -36,10 +33,10 @@ from .quantize import (
     openvino_nncf_int8,
     torch_int8,
 )
-from .race import batch_bucket, score
-from .runtimes import RUNTIMES, OnnxRuntimeConvMixer, OpenVinoConvMixer, full_size, installed_runtimes, onnx_bytes
+from .race import score
+from .runtimes import OnnxRuntimeConvMixer, OpenVinoConvMixer, full_size, onnx_bytes
 
-__all__ = ["LowPrecisionConvMixer", "optimize_low_precision"]
+__all__ = ["LowPrecisionConvMixer", "one_runtime"]
 
 logger = logging.getLogger("convmixer_timm")
 
@@ -189,7 +186,7 @@ class LowPrecisionConvMixer(AutotunedConvMixer):
         with self._lock:
             onnx = self._int8_onnx.get(image)
         if onnx is None:
-            onnx = onnx_int8_bytes(self._export(model, shape, True), self.calibration)
+            onnx = onnx_int8_bytes(self._foreign.export(model, shape, True), self.calibration)
             with self._lock:
                 self._int8_onnx[image] = onnx
         return onnx
@@ -204,7 +201,7 @@ class LowPrecisionConvMixer(AutotunedConvMixer):
         with self._nncf_lock:  # one quantization per image size, whichever thread asks first
             graph = self._nncf_models.get(image)
             if graph is None:
-                graph = self._nncf_models[image] = openvino_nncf_int8(self._export(model, shape, True),
+                graph = self._nncf_models[image] = openvino_nncf_int8(self._foreign.export(model, shape, True),
                                                                       self.calibration)
         return graph
 
@@ -212,17 +209,12 @@ class LowPrecisionConvMixer(AutotunedConvMixer):
                        whole: bool) -> nn.Module:
         """OpenVINO at ``precision``: ``"bf16"`` (its hint on the float32 export), ``"int8"`` (the QDQ export) or
         ``"nncf int8"`` (the export quantized by NNCF)."""
-        bucket = (batch_bucket(shape[0]), tuple(shape[1:]))
-        requests = self._ov_requests.get(bucket) if hint == "THROUGHPUT" else None
         if precision == "nncf int8":
             source = {"graph": self._nncf_int8(model, shape)}
         else:
             source = {"onnx": self._onnx_int8(model, shape) if precision == "int8"
-                      else self._export(model, shape, whole)}
-        runner = OpenVinoConvMixer(None, shape, hint, requests=requests, batches=bucket[0],
-                                   precision="bf16" if precision == "bf16" else "f32", **source)
-        if hint == "THROUGHPUT":
-            self._ov_requests[bucket] = runner.requests
+                      else self._foreign.export(model, shape, whole)}
+        runner = self._foreign.openvino(hint, shape, "bf16" if precision == "bf16" else "f32", **source)
         self._report(f"openvino {precision} {hint.lower()}", _Batched(runner), shape[1:])
         return runner
 
@@ -296,27 +288,9 @@ class _Batched:
         return torch.cat([self.runner(part) for part in padded.split(low)])[:count]
 
 
-def optimize_low_precision(model: nn.Module, input_size: Sequence[int] | None, backend: str,
-                           cache: bool | str | os.PathLike, precision: str,
-                           calibration: Iterable[object] | None) -> nn.Module:
-    """:func:`.autotune.optimize_for_inference` for ``precision`` ``"bf16"`` or ``"int8"`` (its arguments)."""
-    check_precision(precision, calibration)
-    if backend in RUNTIMES:
-        return _one_runtime(model, input_size, backend, precision, calibration)
-    runtimes = installed_runtimes() if backend == "auto" else ()
-    folder = (cache_dir() if cache is True else None) if isinstance(cache, bool) else Path(cache)
-    tuned = LowPrecisionConvMixer(model, precision, calibration, announce=input_size is None, runtimes=runtimes,
-                                  cache_dir=folder)
-    if input_size is not None:
-        tuned.tune(torch.randn(full_size(input_size)))
-    return tuned
-
-
-def _one_runtime(model: nn.Module, input_size: Sequence[int] | None, backend: str, precision: str,
-                 calibration: Iterable[object] | None) -> nn.Module:
+def one_runtime(model: nn.Module, input_size: Sequence[int], backend: str, precision: str,
+                calibration: Iterable[object] | None) -> nn.Module:
     """``backend="onnxruntime"`` or ``"openvino"``: that runtime alone at ``precision``."""
-    if input_size is None:
-        raise ValueError(f"backend={backend!r} needs input_size: the ONNX graph is built for one input size")
     size = full_size(input_size)
     if precision == "bf16":
         if backend == "onnxruntime":

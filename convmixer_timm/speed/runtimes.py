@@ -16,6 +16,8 @@ import os
 import sys
 import tempfile
 import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -23,8 +25,10 @@ from types import ModuleType
 import torch
 from torch import nn
 
-__all__ = ["RUNTIMES", "OnnxRuntimeConvMixer", "OpenVinoConvMixer", "import_runtime", "installed_runtimes",
-           "onnx_bytes"]
+from .race import batch_bucket
+
+__all__ = ["RUNTIMES", "OnnxRuntimeConvMixer", "OpenVinoConvMixer", "RaceRuntimes", "import_runtime",
+           "installed_runtimes", "onnx_bytes"]
 
 RUNTIMES = ("onnxruntime", "openvino")
 
@@ -209,3 +213,61 @@ class OpenVinoConvMixer(nn.Module):
                 self.queue.start_async({0: part.numpy()}, index)
             self.queue.wait_all()
             return torch.cat([torch.from_numpy(r) for r in self.results[: len(parts)]])
+
+
+class RaceRuntimes:
+    """The runners of one :class:`.autotune.AutotunedConvMixer`'s foreign paths, and what they share.
+
+    The ONNX export is made once per (depth, image size), the batch axis being dynamic, and serves every runtime:
+    the whole model's is kept for the next batch size (for two image sizes at most, each as large as the
+    weights), a cut copy's until :meth:`drop_proxies` after its race. One onnxruntime session per image size
+    serves every batch size while a choice uses it. OpenVINO THROUGHPUT's number of infer requests takes a
+    compilation to learn: it is learnt once per (batch bucket, image size), on the copy or from the choice cache,
+    so the whole model compiles once (:attr:`openvino_requests`)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._onnx: OrderedDict[tuple, bytes] = OrderedDict()
+        self._sessions: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self.openvino_requests: dict[tuple, int] = {}  # ((low, high), image) -> requests
+
+    def export(self, model: nn.Module, shape: tuple[int, ...], whole: bool) -> bytes:
+        """``model``'s ONNX export for images of ``shape``; ``whole``: whether it is the whole model."""
+        key = (len(model.blocks) if hasattr(model, "blocks") else None, whole, *shape[1:])
+        with self._lock:
+            onnx = self._onnx.get(key)
+        if onnx is None:
+            onnx = onnx_bytes(model, shape)
+            with self._lock:
+                self._onnx[key] = onnx
+                while sum(whole for _, whole, *_ in self._onnx) > 2:
+                    self._onnx.pop(next(k for k in self._onnx if k[1]))
+        return onnx
+
+    def drop_proxies(self) -> None:
+        """Forget the exports of cut copies (their race is over)."""
+        with self._lock:
+            for key in [k for k in self._onnx if not k[1]]:
+                del self._onnx[key]
+
+    def onnxruntime(self, model: nn.Module, shape: tuple[int, ...], whole: bool) -> OnnxRuntimeConvMixer:
+        """onnxruntime on ``model``'s export: the image size's shared session where ``model`` is the whole one."""
+        if not whole:
+            return OnnxRuntimeConvMixer(None, shape, onnx=self.export(model, shape, whole))
+        session = self._sessions.get(tuple(shape[1:]))
+        if session is None:
+            session = OnnxRuntimeConvMixer(None, shape, onnx=self.export(model, shape, whole))
+            self._sessions[tuple(shape[1:])] = session
+        return session
+
+    def openvino(self, hint: str, shape: tuple[int, ...], precision: str = "f32", **source: object
+                 ) -> OpenVinoConvMixer:
+        """OpenVINO compiled for ``shape``'s batch bucket at ``precision`` (its hint), from ``source``:
+        ``onnx=`` bytes or ``graph=`` (:class:`OpenVinoConvMixer`'s arguments)."""
+        bucket = (batch_bucket(shape[0]), tuple(shape[1:]))
+        requests = self.openvino_requests.get(bucket) if hint == "THROUGHPUT" else None
+        runner = OpenVinoConvMixer(None, shape, hint, requests=requests, batches=bucket[0], precision=precision,
+                                   **source)
+        if hint == "THROUGHPUT":
+            self.openvino_requests[bucket] = runner.requests
+        return runner
