@@ -18,10 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_cpu, dense, kernel_threads, require_kernels
-from .batch_norm import check_backward, check_forward, update_running_stats
-from .buffers import empty_channels_last
-from .loader import load
+from .batch_norm import (
+    backward_on_kernels,
+    check_backward,
+    check_forward,
+    fake_backward,
+    fake_forward,
+    forward_on_kernels,
+    update_running_stats,
+)
 
 __all__ = ["ACT_BATCH_NORM_ACTIVATIONS", "act_batch_norm_train", "act_batch_norm_train_backward",
            "act_batch_norm_training_with_kernels"]
@@ -59,29 +64,14 @@ def act_batch_norm_train(a: Tensor, weight: Tensor, bias: Tensor, eps: float,
     """``F.batch_norm(act(a), training=True)`` with affine parameters: (y, mean, invstd, biased variance), the
     statistics being those of ``act(a)``; ``act`` is ``"gelu"`` (exact, as ``nn.GELU()``) or ``"relu"``."""
     _check_forward(a, weight, bias, act)
-    check_cpu(_FORWARD, a)
-    library = require_kernels(load())
-    a = dense(a, torch.channels_last)
-    batch, channels, height, width = a.shape
-    rows = batch * height * width
-    y = empty_channels_last(a)
-    mean, invstd, variance = (a.new_empty(channels) for _ in range(3))
-    if channels == 0:
-        return y, mean, invstd, variance
-    weight, bias = dense(weight), dense(bias)
-    fn = library.act_batch_norm_forward_f32 if a.dtype == torch.float32 else library.act_batch_norm_forward_f64
-    fn(_ACT_CODES[act], a.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(), mean.data_ptr(),
-       invstd.data_ptr(), variance.data_ptr(), rows, channels, float(eps),
-       kernel_threads(rows, _scratch(channels, a), a))
-    return y, mean, invstd, variance
+    return forward_on_kernels(_FORWARD, "act_batch_norm_forward", (_ACT_CODES[act],), a, weight, bias, eps,
+                              _scratch(a.shape[1], a))
 
 
 @act_batch_norm_train.register_fake
 def _(a: Tensor, weight: Tensor, bias: Tensor, eps: float, act: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     _check_forward(a, weight, bias, act)
-    channels = a.shape[1]
-    return (torch.empty_like(a, memory_format=torch.channels_last),
-            *(a.new_empty(channels) for _ in range(3)))
+    return fake_forward(a)
 
 
 @torch.library.custom_op("convmixer_timm::act_batch_norm_train_backward", mutates_args=(), device_types="cpu")
@@ -89,30 +79,15 @@ def act_batch_norm_train_backward(grad_y: Tensor, a: Tensor, mean: Tensor, invst
                                   act: str) -> Tuple[Tensor, Tensor, Tensor]:
     """(grad_a, grad_weight, grad_bias) of :func:`act_batch_norm_train`."""
     _check_backward(grad_y, a, mean, invstd, weight, act)
-    check_cpu(_BACKWARD, a)
-    library = require_kernels(load())
-    a = dense(a, torch.channels_last)
-    batch, channels, height, width = a.shape
-    rows = batch * height * width
-    grad_a = empty_channels_last(a)
-    if rows == 0 or channels == 0:  # sums over nothing (PyTorch's own backward divides by zero here)
-        return grad_a, a.new_zeros(channels), a.new_zeros(channels)
-    grad_y = dense(grad_y, torch.channels_last)
-    grad_weight, grad_bias = a.new_empty(channels), a.new_empty(channels)
-    mean, invstd, weight = dense(mean), dense(invstd), dense(weight)
-    fn = library.act_batch_norm_backward_f32 if a.dtype == torch.float32 else library.act_batch_norm_backward_f64
-    fn(_ACT_CODES[act], grad_y.data_ptr(), a.data_ptr(), mean.data_ptr(), invstd.data_ptr(), weight.data_ptr(),
-       grad_a.data_ptr(), grad_weight.data_ptr(), grad_bias.data_ptr(), rows, channels,
-       kernel_threads(rows, _scratch(channels, a), a, grad_y))
-    return grad_a, grad_weight, grad_bias
+    return backward_on_kernels(_BACKWARD, "act_batch_norm_backward", (_ACT_CODES[act],), grad_y, a, mean, invstd,
+                               weight, _scratch(a.shape[1], a))
 
 
 @act_batch_norm_train_backward.register_fake
 def _(grad_y: Tensor, a: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor,
       act: str) -> Tuple[Tensor, Tensor, Tensor]:
     _check_backward(grad_y, a, mean, invstd, weight, act)
-    channels = a.shape[1]
-    return torch.empty_like(a, memory_format=torch.channels_last), a.new_empty(channels), a.new_empty(channels)
+    return fake_backward(a)
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -10,7 +10,7 @@ autograd engine see ordinary operators. A backward that builds a graph (``create
 gradient penalties) uses PyTorch's own differentiable ``native_batch_norm_backward`` with the same statistics.
 """
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -28,8 +28,9 @@ from ._checks import (
 from .buffers import empty_channels_last
 from .loader import load
 
-__all__ = ["batch_norm_train", "batch_norm_train_backward", "batch_norm_training_with_kernels", "check_backward",
-           "check_forward", "update_running_stats"]
+__all__ = ["backward_on_kernels", "batch_norm_train", "batch_norm_train_backward", "batch_norm_training_with_kernels",
+           "check_backward", "check_forward", "fake_backward", "fake_forward", "forward_on_kernels",
+           "update_running_stats"]
 
 _DTYPES = (torch.float32, torch.float64)
 _FORWARD, _BACKWARD = "batch_norm_train", "batch_norm_train_backward"
@@ -60,11 +61,11 @@ def _channel_sums_scratch(channels: int) -> int:
     return 2 * 8 * channels  # two double sums per channel and thread (channel_sums in kernels_body.inc)
 
 
-@torch.library.custom_op("convmixer_timm::batch_norm_train", mutates_args=(), device_types="cpu")
-def batch_norm_train(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``F.batch_norm(x, training=True)`` with affine parameters: (y, mean, invstd, biased variance)."""
-    check_forward(_FORWARD, x, weight, bias)
-    check_cpu(_FORWARD, x)
+def forward_on_kernels(op: str, kernel: str, leading: Sequence[int], x: Tensor, weight: Tensor, bias: Tensor,
+                       eps: float, scratch_bytes: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A training BatchNorm forward (``op``, checked) on the kernel ``kernel`` (``leading``: its arguments before
+    the pointers); shared with the fused activation-BatchNorm operator."""
+    check_cpu(op, x)
     library = require_kernels(load())
     x = dense(x, torch.channels_last)
     batch, channels, height, width = x.shape
@@ -74,26 +75,16 @@ def batch_norm_train(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tup
     if channels == 0:
         return y, mean, invstd, variance
     weight, bias = dense(weight), dense(bias)
-    fn = library.batch_norm_forward_f32 if x.dtype == torch.float32 else library.batch_norm_forward_f64
-    fn(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(), mean.data_ptr(), invstd.data_ptr(),
-       variance.data_ptr(), rows, channels, float(eps), kernel_threads(rows, _channel_sums_scratch(channels), x))
+    fn = getattr(library, f"{kernel}_{'f32' if x.dtype == torch.float32 else 'f64'}")
+    fn(*leading, x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(), mean.data_ptr(), invstd.data_ptr(),
+       variance.data_ptr(), rows, channels, float(eps), kernel_threads(rows, scratch_bytes, x))
     return y, mean, invstd, variance
 
 
-@batch_norm_train.register_fake
-def _(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    check_forward(_FORWARD, x, weight, bias)
-    channels = x.shape[1]
-    return (torch.empty_like(x, memory_format=torch.channels_last),
-            *(x.new_empty(channels) for _ in range(3)))
-
-
-@torch.library.custom_op("convmixer_timm::batch_norm_train_backward", mutates_args=(), device_types="cpu")
-def batch_norm_train_backward(grad_y: Tensor, x: Tensor, mean: Tensor, invstd: Tensor,
-                              weight: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """(grad_x, grad_weight, grad_bias) of :func:`batch_norm_train`."""
-    check_backward(_BACKWARD, grad_y, x, mean, invstd, weight)
-    check_cpu(_BACKWARD, x)
+def backward_on_kernels(op: str, kernel: str, leading: Sequence[int], grad_y: Tensor, x: Tensor, mean: Tensor,
+                        invstd: Tensor, weight: Tensor, scratch_bytes: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """The backward of :func:`forward_on_kernels` (``op``, checked): (grad_x, grad_weight, grad_bias)."""
+    check_cpu(op, x)
     library = require_kernels(load())
     x = dense(x, torch.channels_last)
     batch, channels, height, width = x.shape
@@ -104,18 +95,50 @@ def batch_norm_train_backward(grad_y: Tensor, x: Tensor, mean: Tensor, invstd: T
     grad_y = dense(grad_y, torch.channels_last)
     grad_weight, grad_bias = x.new_empty(channels), x.new_empty(channels)
     mean, invstd, weight = dense(mean), dense(invstd), dense(weight)
-    fn = library.batch_norm_backward_f32 if x.dtype == torch.float32 else library.batch_norm_backward_f64
-    fn(grad_y.data_ptr(), x.data_ptr(), mean.data_ptr(), invstd.data_ptr(), weight.data_ptr(), grad_x.data_ptr(),
-       grad_weight.data_ptr(), grad_bias.data_ptr(), rows, channels,
-       kernel_threads(rows, _channel_sums_scratch(channels), x, grad_y))
+    fn = getattr(library, f"{kernel}_{'f32' if x.dtype == torch.float32 else 'f64'}")
+    fn(*leading, grad_y.data_ptr(), x.data_ptr(), mean.data_ptr(), invstd.data_ptr(), weight.data_ptr(),
+       grad_x.data_ptr(), grad_weight.data_ptr(), grad_bias.data_ptr(), rows, channels,
+       kernel_threads(rows, scratch_bytes, x, grad_y))
     return grad_x, grad_weight, grad_bias
+
+
+def fake_forward(x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """What :func:`forward_on_kernels` returns for ``x``, without computing it (the operators' fake kernels)."""
+    return torch.empty_like(x, memory_format=torch.channels_last), *(x.new_empty(x.shape[1]) for _ in range(3))
+
+
+def fake_backward(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """What :func:`backward_on_kernels` returns for ``x``, without computing it."""
+    return torch.empty_like(x, memory_format=torch.channels_last), x.new_empty(x.shape[1]), x.new_empty(x.shape[1])
+
+
+@torch.library.custom_op("convmixer_timm::batch_norm_train", mutates_args=(), device_types="cpu")
+def batch_norm_train(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``F.batch_norm(x, training=True)`` with affine parameters: (y, mean, invstd, biased variance)."""
+    check_forward(_FORWARD, x, weight, bias)
+    return forward_on_kernels(_FORWARD, "batch_norm_forward", (), x, weight, bias, eps,
+                              _channel_sums_scratch(x.shape[1]))
+
+
+@batch_norm_train.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    check_forward(_FORWARD, x, weight, bias)
+    return fake_forward(x)
+
+
+@torch.library.custom_op("convmixer_timm::batch_norm_train_backward", mutates_args=(), device_types="cpu")
+def batch_norm_train_backward(grad_y: Tensor, x: Tensor, mean: Tensor, invstd: Tensor,
+                              weight: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """(grad_x, grad_weight, grad_bias) of :func:`batch_norm_train`."""
+    check_backward(_BACKWARD, grad_y, x, mean, invstd, weight)
+    return backward_on_kernels(_BACKWARD, "batch_norm_backward", (), grad_y, x, mean, invstd, weight,
+                               _channel_sums_scratch(x.shape[1]))
 
 
 @batch_norm_train_backward.register_fake
 def _(grad_y: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     check_backward(_BACKWARD, grad_y, x, mean, invstd, weight)
-    channels = x.shape[1]
-    return torch.empty_like(x, memory_format=torch.channels_last), x.new_empty(channels), x.new_empty(channels)
+    return fake_backward(x)
 
 
 def _setup_context(ctx, inputs, output) -> None:
