@@ -523,3 +523,25 @@ def test_a_damaged_choice_file_is_one_warning_and_a_new_race(tmp_path, caplog):
             again(x)
         assert again.tunings == 0 and not caplog.records
     assert not [p for p in tmp_path.iterdir() if p.suffix != ".json"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("depthwise", DEPTHWISE)
+@pytest.mark.parametrize("pointwise", ["conv", "mm"])
+def test_a_model_without_blocks_runs_every_path_exactly(pointwise, depthwise):
+    # timm's ConvMixer takes depth=0 (stem, pool, head): the stem's BatchNorm is then the one the head folds.
+    torch.manual_seed(0)
+    ref = randomize_batchnorm(TimmConvMixer(16, 0, 5, 2, num_classes=10)).eval()
+    x = torch.randn(3, 3, 12, 12)
+    with torch.no_grad():
+        _assert_exact(ref(x), FusedConvMixerInference(ref).run(x, pointwise, depthwise))
+
+
+def test_an_evicted_choice_releases_the_weights_packed_for_its_cropped_image():
+    # 33 is not a multiple of the patch size: the weights are packed for the 32 x 32 input the stem reads.
+    _, ours = _pair(5, "gelu", 2)
+    tuned = speed.AutotunedConvMixer(ours, clock=StepClock(), max_shapes=1)
+    with torch.no_grad():
+        tuned(torch.randn(2, 3, 33, 33))
+        assert any(key[2:4] == (32, 32) for key in tuned.fused._packed)
+        tuned(torch.randn(2, 3, 16, 16))
+    assert all(key[2:4] != (32, 32) for key in tuned.fused._packed)

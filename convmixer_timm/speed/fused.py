@@ -201,9 +201,18 @@ class FusedConvMixerInference(nn.Module):
     def release(self, image: Sequence[int], batches: Collection[int] | None = None) -> None:
         """Drop the weights packed for inputs of image size ``image`` (C, H, W) whose batch size is in
         ``batches`` (every batch size where ``None``), for every depthwise implementation."""
+        if len(image) != 3:  # no 4-d input of this image size ran, so nothing was packed for it
+            return
+        image = self._cropped(image)  # the weights are packed for the cropped input
         for key in list(self._packed):  # list(): other threads may add shapes meanwhile
-            if tuple(key[1:-1]) == tuple(image) and (batches is None or key[0] in batches):
+            if tuple(key[1:-1]) == image and (batches is None or key[0] in batches):
                 self._packed.pop(key, None)
+
+    def _cropped(self, image: Sequence[int]) -> tuple[int, ...]:
+        """(C, H, W) with H and W cut down to multiples of the patch size: what the stem reads."""
+        channels, height, width = image
+        p = self.patch_size
+        return (int(channels), int(height) // p * p, int(width) // p * p)
 
     def _apply(self, fn, recurse=True):  # .to()/.float() etc. invalidate the packed copies
         self._packed = {}
@@ -230,6 +239,8 @@ class FusedConvMixerInference(nn.Module):
         return self._conv_act(z, packed_w, blk.pw_b, 0, 1, 1)
 
     def _blocks_with_onednn(self, y: torch.Tensor, packed: list[torch.Tensor | None], pointwise: str) -> torch.Tensor:
+        if not self.blocks:  # the stem's BatchNorm is folded into the head, as the last block's would be
+            return y
         torch.addcmul(self.stem_t, y, self.stem_s, out=y)
         dim = y.shape[1]
         last = len(self.blocks) - 1
@@ -266,7 +277,7 @@ class FusedConvMixerInference(nn.Module):
         with torch.no_grad():
             x = x.float().contiguous(memory_format=torch.channels_last)
             p = self.patch_size
-            if x.shape[-1] % p or x.shape[-2] % p:
+            if tuple(x.shape[1:]) != self._cropped(x.shape[1:]):
                 # A stride-p convolution ignores the remainder; cropping keeps oneDNN on its fast path.
                 x = x[..., : x.shape[-2] // p * p, : x.shape[-1] // p * p].contiguous(
                     memory_format=torch.channels_last)
