@@ -115,6 +115,15 @@ def test_shape_mismatch_names_keys_and_leaves_model_untouched():
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.parametrize("key", ["stem.0.weight", "blocks.0.0.fn.0.weight"])
+def test_a_weight_of_the_wrong_rank_is_a_checkpoint_error(key):
+    model = timm.create_model(MODEL, **MODEL_KW)
+    state = model.state_dict()
+    state[key] = torch.tensor(1.0)
+    with pytest.raises(CheckpointError, match=rf"{key}: checkpoint \(\) vs model"):
+        model.load_state_dict(state)
+
+
 def test_truncated_or_corrupt_files_say_so(tmp_path):
     state = timm.create_model(MODEL, **MODEL_KW).state_dict()
     for suffix in (".safetensors", ".pth"):

@@ -457,6 +457,20 @@ def test_checkpoint_of_another_shape_leaves_nothing(tmp_path, capsys):
     assert_nothing_left(parent, set())
 
 
+@pytest.mark.parametrize("key", ["stem.0.weight", "blocks.0.0.fn.0.weight"])
+def test_a_weight_of_the_wrong_rank_is_one_line_and_leaves_nothing(tmp_path, capsys, key):
+    state = small_timm(10).state_dict()
+    state[key] = torch.tensor(1.0)
+    src = _save(state, tmp_path / "damaged.safetensors")
+    parent = tmp_path / "hub"
+    parent.mkdir()
+    assert run_cli("convert", src, "--model", CIFAR, "--out", parent / "out", "--model-kwargs", "dim=32",
+                   "depth=2") == 1
+    err = capsys.readouterr().err
+    assert f"{key}: checkpoint () vs model" in err and "Traceback" not in err
+    assert_nothing_left(parent, set())
+
+
 def test_existing_folder_is_never_overwritten_silently(tmp_path, capsys):
     first, second = small_timm(13), small_timm(14)
     src1 = _save(first.state_dict(), tmp_path / "a.safetensors")

@@ -178,10 +178,16 @@ def non_finite_message(found: list[tuple[str, int, int]], limit: int = 5) -> str
 def read_dimensions(state_dict: Mapping[str, torch.Tensor]) -> tuple[int, int, int, int, int, int]:
     """(h, d, k, p, in_chans, num_classes) of timm-layout weights; num_classes is 0 without a head."""
     try:
-        h, in_chans, p, _ = state_dict["stem.0.weight"].shape
-        k = state_dict["blocks.0.0.fn.0.weight"].shape[-1]
-    except (KeyError, ValueError) as exc:
+        stem, depthwise = state_dict["stem.0.weight"], state_dict["blocks.0.0.fn.0.weight"]
+    except KeyError as exc:
         raise CheckpointError(f"not a ConvMixer state dict: {exc!r} (stem.0 or blocks.0 missing)") from exc
+    for key, tensor in (("stem.0.weight", stem), ("blocks.0.0.fn.0.weight", depthwise)):
+        if getattr(tensor, "ndim", None) != 4:
+            shape = list(tensor.shape) if hasattr(tensor, "shape") else type(tensor).__name__
+            raise CheckpointError(f"not a ConvMixer state dict: {key} must be a 4-d convolution weight, got "
+                                  f"{shape}")
+    h, in_chans, p, _ = stem.shape
+    k = depthwise.shape[-1]
     d = count_blocks(state_dict)
     head = state_dict.get("head.weight")
     num_classes = int(head.shape[0]) if head is not None else 0
