@@ -38,7 +38,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: Sequence[
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = copy.deepcopy(model).float().eval()
-    x = torch.randn(size)
+    x = torch.randn(size, generator=torch.Generator().manual_seed(0))  # the caller's random stream untouched
     tmp = _create_temporary(path)
     try:
         with warnings.catch_warnings(), torch.no_grad():

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -424,3 +426,41 @@ def test_the_onnx_int8_model_quantizes_exactly_the_blocks_1x1_convolutions():
     assert len(convs) == 5 and len(quantized) == 2  # the stem and both depthwise convolutions stay float32
     assert all(node.input[0] in dequantized for node in quantized)  # uint8 activations in
     assert not [node for node in graph.node if node.op_type == "Gemm" and node.input[1] in dequantized]
+
+
+# A seeded program calling optimize_for_inference: every quantization flow (FX's observers draw from PyTorch's
+# generator, NNCF's import from Python's, onnxruntime's logs through logging.warning) runs in a fresh process,
+# whose root logger has no handler yet.
+LEAVES_NO_TRACE = """
+import logging, random, sys
+import numpy as np, torch
+from convmixer_timm import ConvMixer, export_onnx
+from convmixer_timm.speed import installed_runtimes, optimize_for_inference
+from convmixer_timm.speed.quantize import nncf_installed
+
+def seeded_draws(call):
+    torch.manual_seed(1); random.seed(1); np.random.seed(1)
+    call()
+    return [torch.rand(1).item(), random.random(), float(np.random.rand())]
+
+model = ConvMixer(8, 1, 3, 2, num_classes=3).eval()
+calibration = [torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))]
+expected = seeded_draws(lambda: None)
+calls = {
+    "fp32": lambda: optimize_for_inference(model, (4, 3, 8, 8), cache=False),
+    "int8": lambda: optimize_for_inference(model, (4, 3, 8, 8), cache=False, precision="int8",
+                                           calibration=calibration),
+    "export": lambda: export_onnx(model, sys.argv[1], (3, 8, 8)),
+}
+print(installed_runtimes(), nncf_installed())
+print({name: seeded_draws(call) == expected for name, call in calls.items()}, logging.getLogger().handlers)
+"""
+
+
+@pytest.mark.slow
+def test_optimizing_leaves_the_callers_random_streams_and_root_logger_alone(tmp_path):
+    done = subprocess.run([sys.executable, "-c", LEAVES_NO_TRACE, str(tmp_path / "m.onnx")], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runtimes, result = done.stdout.strip().split("\n")[-2:]
+    assert result == "{'fp32': True, 'int8': True, 'export': True} []", runtimes

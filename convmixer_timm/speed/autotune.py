@@ -459,5 +459,5 @@ def optimize_for_inference(model: nn.Module, input_size: Sequence[int] | None = 
     folder = (cache_dir() if cache is True else None) if isinstance(cache, bool) else Path(cache)
     tuned = make(announce=input_size is None, runtimes=runtimes, cache_dir=folder)
     if input_size is not None:
-        tuned.tune(torch.randn(full_size(input_size)))
+        tuned.tune(torch.randn(full_size(input_size), generator=torch.Generator().manual_seed(0)))
     return tuned

@@ -11,6 +11,8 @@ import contextlib
 import copy
 import importlib.util
 import logging
+import random
+import sys
 import tempfile
 import threading
 import warnings
@@ -84,20 +86,36 @@ def int8_backends() -> tuple[str, ...]:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    # The quantization flows warn about their own deprecation and print advice to the root logger on every use;
-    # the user asked for int8 and gets one report from us instead.
+    """A foreign quantization flow, run leaving no trace in the process.
+
+    The flows warn about their own deprecation and print advice to the root logger on every use; the user asked
+    for int8 and gets one report from us instead. onnxruntime's calls ``logging.warning``, which gives a root
+    logger without handlers a stderr handler (``logging.basicConfig``): that handler is removed, or the user's
+    own ``basicConfig`` later would do nothing. FX's observers draw from PyTorch's generator and NNCF's import
+    (rich) from Python's: the caller's random streams are put back, so a seeded program draws the same numbers
+    whether or not a choice was remembered."""
     class Drop(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
             return record.levelno > logging.WARNING
 
     root, drop = logging.getLogger(), Drop()
+    handlers = list(root.handlers)
+    python_random = random.getstate()
+    numpy = sys.modules.get("numpy")  # imported meanwhile: seeded from the OS, no stream of the caller's
+    numpy_random = numpy.random.get_state() if numpy is not None else None
     root.addFilter(drop)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
             warnings.simplefilter("ignore")
             yield
     finally:
         root.removeFilter(drop)
+        if not handlers:
+            for handler in [h for h in root.handlers if h.__class__ is logging.StreamHandler]:
+                root.removeHandler(handler)
+        random.setstate(python_random)
+        if numpy_random is not None:
+            numpy.random.set_state(numpy_random)
 
 
 class _Float32Out(nn.Module):
@@ -238,21 +256,23 @@ def openvino_nncf_int8(onnx: bytes, batches: Sequence[torch.Tensor]) -> object:
     int8 weights per output channel, int8 activations per tensor), calibrated on ``batches``: an ``openvino.Model``.
     As in the other int8 paths, only the blocks' 1x1 convolutions are quantized: the depthwise (grouped)
     convolutions, the patch embedding and the classifier stay float32."""
-    ov = import_runtime("openvino")
-    nncf = import_runtime("nncf")
-    graph = read_onnx(ov.Core(), onnx)
+    with _NNCF_QUIET, _quiet():
+        nncf = import_runtime("nncf")
+        graph = read_onnx(import_runtime("openvino").Core(), onnx)
+        with _nncf_silenced():
+            return nncf.quantize(graph, nncf.Dataset([x.contiguous().numpy() for x in batches]),
+                                 preset=nncf.QuantizationPreset.PERFORMANCE, subset_size=len(batches),
+                                 ignored_scope=_nncf_ignored(nncf, graph))
+
+
+def _nncf_ignored(nncf: object, graph: object) -> object:
     # NNCF's preset also quantizes the inputs of the BatchNorms, the residual adds and GELU's own arithmetic (top-1
     # agreement on held-out digits fell to 92%): every op but the blocks' 1x1 convolutions is ignored by name.
     ops = graph.get_ordered_ops()
     convolutions = [op for op in ops if op.get_type_name() == "Convolution"]
     quantized = {op.get_friendly_name() for op in convolutions[1:]}  # the first one is the patch embedding
-    ignored = nncf.IgnoredScope(names=[op.get_friendly_name() for op in ops if op.get_friendly_name() not in quantized],
-                                validate=False)
-    dataset = nncf.Dataset([x.contiguous().numpy() for x in batches])
-    with _NNCF_QUIET:
-        with _quiet(), _nncf_silenced():
-            return nncf.quantize(graph, dataset, preset=nncf.QuantizationPreset.PERFORMANCE,
-                                 subset_size=len(batches), ignored_scope=ignored)
+    return nncf.IgnoredScope(names=[op.get_friendly_name() for op in ops if op.get_friendly_name() not in quantized],
+                             validate=False)
 
 
 # NNCF logs its progress and advice at INFO on its own stdout handler, draws progress bars on rich's shared
