@@ -89,8 +89,9 @@ def check_onnx(model: nn.Module, path: str | os.PathLike, x: torch.Tensor, rtol:
 
     Raises ``AssertionError`` if that exceeds ``rtol``.
     """
-    import onnxruntime as ort
+    from .speed.runtimes import import_runtime
 
+    ort = import_runtime("onnxruntime")  # its telemetry switched off unless the program imported it itself
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         ref = copy.deepcopy(model).float().eval()(x.float())

@@ -102,3 +102,26 @@ def test_int8_with_nncf_writes_nothing_to_an_empty_home(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().split("\n")[-1] == "[4, 3] True None None"  # quantized and run; switches put back
     assert not list(home.rglob("*"))
+
+
+CHECK_ONNX = """
+import sys, torch
+from convmixer_timm import ConvMixer
+from convmixer_timm.export import check_onnx, export_onnx
+model = ConvMixer(8, 1, 3, 2, num_classes=3).eval()
+print(check_onnx(model, export_onnx(model, sys.argv[1], (3, 8, 8)), torch.randn(2, 3, 8, 8)) < 1e-4)
+"""
+
+
+@pytest.mark.slow
+def test_check_onnx_writes_nothing_to_an_empty_home(tmp_path):
+    pytest.importorskip("onnxruntime")
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {key: value for key, value in os.environ.items() if key not in TELEMETRY_OFF}
+    env.update(HOME=str(home))
+    done = subprocess.run([sys.executable, "-c", CHECK_ONNX, str(tmp_path / "m.onnx")], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "True"
+    assert not list(home.rglob("*"))
