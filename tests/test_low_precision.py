@@ -337,6 +337,10 @@ def test_pt2e_with_the_x86_inductor_quantizer(digits):
     agreement, error = _compare(model, torch_int8(model, _odd_batches(train), backend="pt2e"), held)
     assert agreement >= MIN_AGREEMENT and error <= INT8_TOLERANCE
     assert inductor_config.freezing == freezing  # switched on around the lowered graph's calls only
+    # Calibrated on single images first (a DataLoader with batch_size=1): the graph still takes any batch size.
+    single_first = torch_int8(model, [train[:1], *_odd_batches(train)], backend="pt2e")
+    assert _compare(model, single_first, held)[0] >= MIN_AGREEMENT
+    assert _compare(model, single_first, held[:1])[1] <= INT8_TOLERANCE
 
 
 @pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel")

@@ -160,9 +160,9 @@ def _pt2e_int8(model: nn.Module, batches: Sequence[torch.Tensor]) -> nn.Module:
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     model = copy.deepcopy(model).eval()
-    batch = torch.export.Dim("batch", min=1)
-    graph = torch.export.export(model, (batches[0],),
-                                dynamic_shapes=({0: batch},) if batches[0].shape[0] > 1 else None).module()
+    # An example batch of one would fix the graph's batch size at 1 (export specializes sizes 0 and 1).
+    example = batches[0] if batches[0].shape[0] > 1 else batches[0].expand(2, *batches[0].shape[1:])
+    graph = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)).module()
     quantizer, config = x86.X86InductorQuantizer(), x86.get_default_x86_inductor_quantization_config()
     for name in _pointwise(model):  # per-channel weights (the default config's)
         quantizer.set_module_name_qconfig(name, config)
