@@ -533,3 +533,17 @@ def test_help_everywhere_exits_zero(argv, capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "usage: convmixer-timm" in out
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_a_saved_folder_has_the_permissions_the_umask_gives(tmp_path, umask):
+    from convmixer_timm.hub.install import current_umask
+
+    previous = os.umask(umask)
+    try:
+        assert current_umask() == umask and current_umask() == umask  # read, and left as it was
+        out = save_hub_folder(small_timm(), tmp_path / "out", CIFAR)
+    finally:
+        os.umask(previous)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert {path.stat().st_mode & 0o777 for path in out.iterdir()} == {0o666 & ~umask}

@@ -257,12 +257,26 @@ def exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it (Linux 4.7+ reports it in /proc/self/status). Elsewhere it
+    is set and put back, which leaves a moment in which another thread's new files would get the wrong mode."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return umask
+
+
 def move_into_place(staging: Path, out_dir: Path, overwrite: bool) -> None:
     """Move a complete staging folder to ``out_dir``. ``out_dir`` always exists while it is replaced: the two
     folders are swapped in one step, or (without ``renameat2``) the old one waits in a backup that
     ``recover_output`` puts back if a kill comes between the two renames."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = current_umask()
     # The staging folder is made 0700 and some writers make their files 0600 (write-then-rename); a published
     # folder should have the permissions of any other the user creates.
     os.chmod(staging, 0o777 & ~umask)
