@@ -1,24 +1,18 @@
 """benchmarks/bench.py's bookkeeping, on fake runtimes and fixed times: no wall clock is compared."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 
 from convmixer_timm import VARIANTS_BY_NAME
-
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("convmixer_bench", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = load_benchmark("bench")
     module.SETTLE_S = 0.0
     return module
 
@@ -94,16 +88,9 @@ def test_summary_compares_ours_with_timm_and_the_fastest_foreign_runtime(bench):
     assert md.rstrip().endswith("| 1.60x | 2% | - |")
 
 
-_FIRST_CALL = Path(__file__).resolve().parents[1] / "benchmarks" / "first_call.py"
-
-
 @pytest.fixture(scope="module")
 def first_call():
-    spec = importlib.util.spec_from_file_location("convmixer_first_call", _FIRST_CALL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("first_call")
 
 
 def test_first_call_interleaves_on_the_injected_clock_and_leaves_failing_paths_out(first_call):

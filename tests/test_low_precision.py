@@ -377,18 +377,15 @@ def test_the_int8_onnx_paths_race_only_at_the_calibration_image_size(small, capl
 @pytest.mark.slow
 def test_accuracy_script_reports_every_path_on_held_out_images(tmp_path, capsys):
     """benchmarks/low_precision_accuracy.py on the digits as an image folder, with a tiny untrained model."""
-    import importlib.util
     import json
-    from pathlib import Path
+
+    from benchmark_scripts import load_benchmark
 
     pytest.importorskip("sklearn")
     from convmixer_timm.training import write_digits_image_folder
 
     split = write_digits_image_folder(tmp_path / "digits")
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "low_precision_accuracy.py"
-    spec = importlib.util.spec_from_file_location("low_precision_accuracy", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_benchmark("low_precision_accuracy")
     out = tmp_path / "accuracy.json"
     assert script.main(["--model", "convmixer_256_8_ks5_p2", "--model-kwargs", "dim=8", "depth=1",
                         "--num-classes", "10", "--data-dir", str(split.root), "--calibration-images", "37",
