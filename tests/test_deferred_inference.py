@@ -61,6 +61,23 @@ def test_validate_py_calls_on_a_low_precision_model(trained_checkpoint, precisio
     assert (second - want[:2]).abs().max() <= tolerance
 
 
+def test_weights_round_trip_through_a_parent_module(trained_checkpoint):
+    # nn.Sequential, a user's wrapper, DataParallel: the parent saves and loads its children itself.
+    reference, _ = trained_checkpoint
+    parent = torch.nn.Sequential(timm.create_model(MODEL, **SMALL, inference_precision="fp32"))
+    assert list(parent.state_dict()) == [f"0.{key}" for key in reference.state_dict()]
+    parent.load_state_dict({f"0.{key}": value for key, value in reference.state_dict().items()})
+    parent.load_state_dict(parent.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(parent.eval()(x), reference(x), rtol=0, atol=1e-5)
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\) in state_dict: \"0.extra\""):
+        parent.load_state_dict({**parent.state_dict(), "0.extra": torch.zeros(1)})
+    state = parent.state_dict()
+    del state["0.head.bias"]
+    assert parent.load_state_dict(state, strict=False).missing_keys == ["0.head.bias"]  # the model's names
+
+
 def test_new_weights_a_move_or_training_drop_the_optimized_module(trained_checkpoint):
     reference, checkpoint = trained_checkpoint
     model = timm.create_model(MODEL, **SMALL, inference_precision="fp32").eval()

@@ -56,6 +56,11 @@ class DeferredInference(nn.Module):
                              f"crop_pct), got {calibration_config!r}")
         self.calibration_config = dict(calibration_config or {})
         self._drop()
+        # The model's own state_dict keys (``stem.0.weight``, not ``model.stem.0.weight``) at any depth of nesting:
+        # hooks rather than overrides, since a parent's state_dict and load_state_dict never call this module's.
+        self.register_state_dict_post_hook(_keys_of_the_model)
+        self.register_load_state_dict_pre_hook(_load_into_the_model)
+        self.register_load_state_dict_post_hook(_keys_reported_as_the_models)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -65,13 +70,6 @@ class DeferredInference(nn.Module):
 
     def _drop(self) -> None:
         self.__dict__["optimized"] = None  # not a submodule: no parameters or state_dict keys of its own
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        return self.model.state_dict(*args, **kwargs)
-
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        self._drop()
-        return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _apply(self, fn: Any, recurse: bool = True) -> DeferredInference:
         self._drop()
@@ -101,6 +99,26 @@ class DeferredInference(nn.Module):
         if self.calibration_dir is None:
             return None
         return calibration_images(self.model, self.calibration_dir, self.calibration_images, self.calibration_config)
+
+
+def _keys_of_the_model(module: DeferredInference, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    inner = prefix + "model."
+    for key in [k for k in state_dict if k.startswith(inner)]:  # in order: they are the last keys saved yet
+        state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
+
+
+def _load_into_the_model(module: DeferredInference, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    module._drop()  # new weights: the optimized module is rebuilt from them
+    module.__dict__["_loading_prefix"] = prefix
+    inner = prefix + "model."
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
+        state_dict[inner + key[len(prefix):]] = state_dict.pop(key)
+
+
+def _keys_reported_as_the_models(module: DeferredInference, incompatible: Any) -> None:
+    inner = module.__dict__.pop("_loading_prefix", "") + "model."
+    for keys in (incompatible.missing_keys, incompatible.unexpected_keys):
+        keys[:] = [key.replace(inner, inner[: -len("model.")], 1) if key.startswith(inner) else key for key in keys]
 
 
 def calibration_images(model: nn.Module, root: str | os.PathLike, count: int, config: Mapping[str, Any] | None = None,
