@@ -155,10 +155,10 @@ def test_double_backward_gradient_penalty(k, kernels):
 
 
 @pytest.mark.parametrize("k", [5, 8])
-@pytest.mark.parametrize("transform", ["grad", "jacrev", "vmap_grad"])
+@pytest.mark.parametrize("transform", ["grad", "jacrev", "vmap_grad", "jvp"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_torch_func_transforms(k, transform, mode, kernels):
-    from torch.func import functional_call, grad, jacrev, replace_all_batch_norm_modules_, vmap
+    from torch.func import functional_call, grad, jacrev, jvp, replace_all_batch_norm_modules_, vmap
 
     ref, ours = (copy.deepcopy(m) for m in _pair(k))
     x = _images()
@@ -172,8 +172,27 @@ def test_torch_func_transforms(k, transform, mode, kernels):
             return grad(lambda p: functional_call(model, p, (x,)).sum())(params)
         if transform == "jacrev":
             return jacrev(lambda images: model(images)[0])(x[:2])
+        if transform == "jvp":
+            return jvp(lambda images: model(images), (x,), (torch.ones_like(x),))
         per_sample = vmap(grad(lambda p, image: functional_call(model, p, (image[None],)).sum()), in_dims=(None, 0))
         return per_sample(params, x)
+
+    same_result_or_same_failure(run, ref, ours)
+
+
+@pytest.mark.parametrize("k", [5, 8])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_forward_mode_ad(k, mode, kernels):
+    from torch.autograd import forward_ad
+
+    ref, ours = _pair(k)
+    x = _images()
+
+    def run(model):
+        model.train(mode == "train")
+        with forward_ad.dual_level():
+            out = model(forward_ad.make_dual(x, torch.ones_like(x)))
+            return forward_ad.unpack_dual(out).primal, forward_ad.unpack_dual(out).tangent
 
     same_result_or_same_failure(run, ref, ours)
 

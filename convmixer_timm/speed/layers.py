@@ -31,6 +31,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd import forward_ad
 
 from ..activations import activation_name
 from .act_batch_norm import ACT_BATCH_NORM_ACTIVATIONS, act_batch_norm_training_with_kernels
@@ -67,6 +68,12 @@ def _in_functorch_transform(tensors: List[torch.Tensor]) -> bool:
     return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
+@torch.jit.unused
+def _has_tangent(tensors: List[torch.Tensor]) -> bool:
+    # Forward-mode AD (torch.autograd.forward_ad) outside torch.func: the operators register no jvp.
+    return any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
 def kernels_apply(x: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
     """Whether the kernel-backed operators apply: a CPU autograd step in float32/64 on a channels_last input (the
     training layout, see :func:`layout_for_cpu_training`), parameters with one entry per channel of ``x`` along
@@ -81,7 +88,7 @@ def kernels_apply(x: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
         return False
     if torch.is_autocast_enabled("cpu") or _tracing_or_exporting():
         return False
-    if _in_functorch_transform(tensors):
+    if _in_functorch_transform(tensors) or _has_tangent(tensors):
         return False
     return kernels_loaded()
 
