@@ -76,7 +76,8 @@ def _build_reference(variant: Variant, model: nn.Module, state_dict: dict[str, t
     import timm
 
     try:
-        reference = timm.create_model(variant.name, pretrained=False, **args)
+        with torch.random.fork_rng(devices=[]):  # its random initial weights leave the caller's stream alone
+            reference = timm.create_model(variant.name, pretrained=False, **args)
     except (TypeError, ValueError) as exc:
         raise HubFolderError(f"cannot build {variant.name} with {args}: {exc}") from exc
     source_cfg = getattr(model, "pretrained_cfg", None)
@@ -134,7 +135,8 @@ def _load_folder(folder: Path, run_forward: bool) -> nn.Module:
     import timm
 
     try:
-        model = timm.create_model(f"local-dir:{folder.resolve()}", pretrained=True).eval()
+        with torch.random.fork_rng(devices=[]):  # initial weights drawn, then replaced: the caller's stream untouched
+            model = timm.create_model(f"local-dir:{folder.resolve()}", pretrained=True).eval()
         if not run_forward:
             return model
         input_size = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
