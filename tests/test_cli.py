@@ -457,6 +457,15 @@ def test_checkpoint_of_another_shape_leaves_nothing(tmp_path, capsys):
     assert_nothing_left(parent, set())
 
 
+def test_a_known_variant_with_other_input_channels_is_told_the_flag_that_fits(tmp_path, capsys):
+    torch.manual_seed(0)
+    src = _save(timm.create_model(CIFAR, in_chans=1).state_dict(), tmp_path / "grey.safetensors")
+    assert run_cli("convert", src, "--model", CIFAR, "--out", tmp_path / "out") == 1
+    hint = f"pass --model {CIFAR} --model-kwargs in_chans=1 to convert these weights"
+    assert hint in capsys.readouterr().err
+    assert run_cli("convert", src, "--model", CIFAR, "--model-kwargs", "in_chans=1", "--out", tmp_path / "out") == 0
+
+
 @pytest.mark.parametrize("key", ["stem.0.weight", "blocks.0.0.fn.0.weight"])
 def test_a_weight_of_the_wrong_rank_is_one_line_and_leaves_nothing(tmp_path, capsys, key):
     state = small_timm(10).state_dict()

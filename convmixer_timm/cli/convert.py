@@ -62,14 +62,14 @@ def _fitting_options(state_dict: dict[str, Any], act: str) -> str:
     except ValueError:
         return "the weights are not a complete ConvMixer"
     known = find_variant(arch.h, arch.d, arch.k, arch.p)
+    in_chans = f" in_chans={arch.in_chans}" if arch.in_chans != 3 else ""
     if known:
-        options = f"--model {known.name}"
+        options = f"--model {known.name}" + (f" --model-kwargs{in_chans}" if in_chans else "")
         if arch.num_classes != known.num_classes:
             options += f" --num-classes {arch.num_classes}"
     else:
         options = (f"--model-kwargs dim={arch.h} depth={arch.d} kernel_size={arch.k} patch_size={arch.p}"
-                   + (f" in_chans={arch.in_chans}" if arch.in_chans != 3 else "")
-                   + f" --num-classes {arch.num_classes}")
+                   f"{in_chans} --num-classes {arch.num_classes}")
     return f"pass {options} to convert these weights."
 
 
