@@ -6,6 +6,7 @@ exports as plain Pad/Conv/Erf/BatchNormalization nodes.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import os
@@ -20,27 +21,34 @@ from torch import nn
 __all__ = ["check_onnx", "export_onnx"]
 
 
-def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: Sequence[int] = (1, 3, 224, 224),
+def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: Sequence[int] | None = None,
                 opset: int = 17, dynamic_batch: bool = True) -> Path:
     """Export ``model`` in eval mode to ``path`` (ONNX, ``opset`` >= 17); returns the path.
 
     The file is written next to ``path`` under a temporary name and renamed into place only once the export
-    succeeded, so a failed export never leaves a truncated model behind. The graph input is ``input``
-    (``(N, C, H, W)`` float32, batch dimension dynamic unless ``dynamic_batch=False``), the output ``logits``.
+    succeeded, so a failed export never leaves a truncated model behind, nor a folder it created for it. The graph
+    input is ``input`` (``(N, C, H, W)`` float32, batch dimension dynamic unless ``dynamic_batch=False``), the
+    output ``logits``. ``input_size`` (``(N, C, H, W)`` or ``(C, H, W)``) defaults to one image of the model's
+    channels at its pretrained config's size (224 x 224 without one).
     """
     if opset < 17:
         raise ValueError(f"opset must be >= 17, the oldest this export is tested with, got {opset}")
+    if input_size is None:
+        config = getattr(model, "pretrained_cfg", None) or {}
+        input_size = (getattr(model, "in_chans", 3), *tuple(config.get("input_size", (3, 224, 224)))[1:])
     size = tuple(int(s) for s in input_size)
     if len(size) == 3:
         size = (1, *size)
     if len(size) != 4:
         raise ValueError(f"input_size must be (N, C, H, W) or (C, H, W), got {tuple(input_size)}")
     path = Path(path)
+    created = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = copy.deepcopy(model).float().eval()
-    x = torch.randn(size, generator=torch.Generator().manual_seed(0))  # the caller's random stream untouched
-    tmp = _create_temporary(path)
+    tmp = None
     try:
+        model = copy.deepcopy(model).float().eval()
+        x = torch.randn(size, generator=torch.Generator().manual_seed(0))  # the caller's random stream untouched
+        tmp = _create_temporary(path)
         with warnings.catch_warnings(), torch.no_grad():
             # The TorchScript exporter writes the requested opset exactly; the dynamo exporter (newer torch
             # without it) targets its own minimum opset and down-converts, which has no adapter for Pad to 17.
@@ -58,8 +66,11 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: Sequence[
                 )
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        for folder in created:  # innermost first; one that holds something now is not ours alone
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
     return path
 

@@ -27,16 +27,19 @@ def test_export_matches_onnxruntime(tmp_path, k, act):
     assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
 
 
-def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
-    def boom(*args, **kwargs):
-        raise RuntimeError("exporter failed")
-
-    monkeypatch.setattr(torch.onnx, "export", boom)
-    with pytest.raises(RuntimeError, match="exporter failed"):
-        export_onnx(ConvMixer(8, 1, 3, 2, num_classes=4), tmp_path / "m.onnx", (3, 16, 16))
-    assert os.listdir(tmp_path) == []
+def test_failed_export_leaves_nothing(tmp_path):
+    # Images of one channel for a model of three: the model refuses them while the exporter traces it.
+    with pytest.raises(RuntimeError, match=r"but got \[1, 1, 16, 16\]; build the model with in_chans=1"):
+        export_onnx(ConvMixer(8, 1, 3, 2, num_classes=4), tmp_path / "new" / "folders" / "m.onnx", (1, 16, 16))
+    assert os.listdir(tmp_path) == []  # neither a temporary file nor the folders made for the file
     with pytest.raises(ValueError, match="opset"):
         export_onnx(ConvMixer(8, 1, 3, 2, num_classes=4), tmp_path / "m.onnx", (3, 16, 16), opset=13)
+
+
+def test_the_default_input_is_the_models_channels_at_its_pretrained_size(tmp_path):
+    model = timm.create_model("convmixer_256_8_ks5_p2", dim=8, depth=1, in_chans=1)  # pretrained size 32 x 32
+    path = export_onnx(model, tmp_path / "grey.onnx", dynamic_batch=False)
+    assert check_onnx(model, path, torch.randn(1, 1, 32, 32)) < 1e-4
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.name)

@@ -86,11 +86,12 @@ def check_input_channels(x: torch.Tensor, in_chans: int) -> None:
     image (its BatchNorm's), ``RuntimeError`` for any other shape (its convolution's).
     """
     if x.dim() != 4 or x.shape[1] != in_chans:
+        shape = [int(size) for size in x.shape]  # numbers, also while tracing (where sizes are tensors)
         if x.dim() == 3:
             fix = "add the batch dimension (x.unsqueeze(0))"
         else:
-            fix = "build the model with in_chans=" + str(x.shape[1] if x.dim() == 4 else 3) + " or convert the input"
-        message = ("ConvMixer expects images of shape (N, " + str(in_chans) + ", H, W) but got " + str(list(x.shape))
+            fix = "build the model with in_chans=" + str(shape[1] if x.dim() == 4 else 3) + " or convert the input"
+        message = ("ConvMixer expects images of shape (N, " + str(in_chans) + ", H, W) but got " + str(shape)
                    + "; " + fix)
         if x.dim() == 3:
             raise ValueError(message)
