@@ -134,7 +134,7 @@ def read_labels_file(path: str | os.PathLike[str]) -> list[str]:
         raise ValueError(f"{path} is over {MAX_LABELS_FILE_BYTES // 2**20} MiB, too large for a list of class "
                          "names; give a file with one class name per line (or a JSON list)")
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is no part of a name
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path} is not UTF-8 text; write one class name per line (or a JSON list)") from exc
     if text.lstrip().startswith("["):

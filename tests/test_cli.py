@@ -286,8 +286,12 @@ def test_convert_labels_from_a_file_reach_config_and_card(tmp_path, capsys):
     text, listed = tmp_path / "labels.txt", tmp_path / "labels.json"
     text.write_text("cat\ndog\n  guinea pig  \n\n")  # surrounding spaces and the final newlines are not names
     listed.write_text(json.dumps(names))
-    for labels in (text, listed):
-        out = tmp_path / f"out-{labels.suffix[1:]}"
+    # Saved with a byte-order mark, as Windows editors do: the mark is no part of the first name.
+    marked_text, marked_list = tmp_path / "marked.txt", tmp_path / "marked.json"
+    marked_text.write_text("cat\ndog\nguinea pig\n", encoding="utf-8-sig")
+    marked_list.write_text(json.dumps(names), encoding="utf-8-sig")
+    for labels in (text, listed, marked_text, marked_list):
+        out = tmp_path / f"out-{labels.stem}-{labels.suffix[1:]}"
         assert run_cli(*base, "--out", out, "--labels", labels) == 0, capsys.readouterr().err
         config = read_config(out)
         assert config["label_names"] == names and config["num_classes"] == 3
