@@ -229,8 +229,31 @@ def test_cifar_recipe_covers_every_cifar_variant():
     assert recipe["input_size"] == list(cfg["input_size"])
     assert recipe["mean"] == list(cfg["mean"]) and recipe["std"] == list(cfg["std"])
     expected = dict(batch_size=512, opt="adamw", lr_base=0.05, lr_base_size=512, weight_decay=0.005,
-                    aa="rand-m12-n2", epochs=25, scale=[0.75, 1.0])
+                    aa="rand-m4-n2-inc1", epochs=25, scale=[0.75, 1.0])
     assert {k: recipe.get(k) for k in expected} == expected
+    assert "clip_grad" not in recipe  # the authors' CIFAR command does not clip
+
+
+def test_cifar_randaugment_has_the_strength_of_the_authors_torchvision_one():
+    # The authors' CIFAR script: torchvision's RandAugment(num_ops=2, magnitude=12) on its 31-step scale.
+    from timm.data.auto_augment import rand_augment_transform
+    from torchvision.transforms import RandAugment
+
+    ops = rand_augment_transform(load_recipe("cifar10")["aa"], {}).ops
+    assert all(op.prob == 0.5 for op in ops) and len(ops) == 15  # timm's defaults; 2 drawn per image
+    ours = {}
+    for op in ops:
+        if op.level_fn is not None:
+            (arg,) = op.level_fn(op.magnitude, op.hparams)  # a random sign where the op has one
+            name = op.name.replace("Increasing", "").replace("Rel", "")
+            ours[name] = abs(arg - 1) if name in ("Brightness", "Color", "Contrast", "Sharpness") else abs(arg)
+    space = RandAugment(num_ops=2, magnitude=12)._augmentation_space(31, (32, 32))
+    authors = {name: float(steps[12]) for name, (steps, _) in space.items() if steps.ndim}
+    authors["TranslateX"] /= 32  # pixels of a 32 px image, where timm's are relative
+    authors["TranslateY"] /= 32
+    for name in ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY", "Brightness", "Color", "Contrast",
+                 "Sharpness", "Solarize"):
+        assert ours[name] == pytest.approx(authors[name], rel=0.01), name
 
 
 def test_recipe_lookup_errors_are_clear():
