@@ -205,6 +205,11 @@ def _train_and_save(args: argparse.Namespace, out: Path, replace: bool, device: 
             num_workers=args.workers, distributed=distributed, device=device, use_prefetcher=False,
             persistent_workers=args.workers > 0,
         )
+        if len(train_loader) == 0:  # timm's training loader drops a short last batch: here, the only one
+            largest = split.num_train // world_size * world_size
+            print(f"error: --batch-size {args.batch_size} is more than the {split.num_train} training digits; use at "
+                  f"most {largest}", file=sys.stderr)
+            return 2
 
         train_model: nn.Module = model
         if distributed:

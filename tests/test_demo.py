@@ -129,7 +129,10 @@ def test_existing_output_is_kept_without_overwrite(short_run, capsys):
     assert sorted(p.name for p in Path(args.out).iterdir()) == before
 
 
-@pytest.mark.parametrize("bad", [dict(epochs=0), dict(batch_size=0), dict(threads=0), dict(workers=-1)])
+@pytest.mark.parametrize("bad", [dict(epochs=0), dict(batch_size=0), dict(threads=0), dict(workers=-1),
+                                 dict(batch_size=5000)])
 def test_bad_options_are_refused(bad, tmp_path, capsys):
     assert demo.run(_args(out=str(tmp_path / "m"), **bad)) == 2
-    assert "error:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.count("\n") == 1
+    assert not (tmp_path / "m").exists()
