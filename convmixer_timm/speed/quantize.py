@@ -11,8 +11,6 @@ import contextlib
 import copy
 import importlib.util
 import logging
-import random
-import sys
 import tempfile
 import threading
 import warnings
@@ -86,36 +84,20 @@ def int8_backends() -> tuple[str, ...]:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """A foreign quantization flow, run leaving no trace in the process.
-
-    The flows warn about their own deprecation and print advice to the root logger on every use; the user asked
-    for int8 and gets one report from us instead. onnxruntime's calls ``logging.warning``, which gives a root
-    logger without handlers a stderr handler (``logging.basicConfig``): that handler is removed, or the user's
-    own ``basicConfig`` later would do nothing. FX's observers draw from PyTorch's generator and NNCF's import
-    (rich) from Python's: the caller's random streams are put back, so a seeded program draws the same numbers
-    whether or not a choice was remembered."""
+    # The quantization flows warn about their own deprecation and print advice to the root logger on every use;
+    # the user asked for int8 and gets one report from us instead.
     class Drop(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
             return record.levelno > logging.WARNING
 
     root, drop = logging.getLogger(), Drop()
-    handlers = list(root.handlers)
-    python_random = random.getstate()
-    numpy = sys.modules.get("numpy")  # imported meanwhile: seeded from the OS, no stream of the caller's
-    numpy_random = numpy.random.get_state() if numpy is not None else None
     root.addFilter(drop)
     try:
-        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
         root.removeFilter(drop)
-        if not handlers:
-            for handler in [h for h in root.handlers if h.__class__ is logging.StreamHandler]:
-                root.removeHandler(handler)
-        random.setstate(python_random)
-        if numpy_random is not None:
-            numpy.random.set_state(numpy_random)
 
 
 class _Float32Out(nn.Module):
@@ -221,7 +203,15 @@ def onnx_int8_bytes(onnx: bytes, batches: Sequence[torch.Tensor]) -> bytes:
     import onnx as onnx_lib
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    graph = onnx_lib.load_from_string(onnx).graph
+    model = onnx_lib.load_from_string(onnx)
+    # quantize_static advises pre-processing through logging.warning unless the model carries its mark, and that
+    # module-level call gives a root logger without handlers a stderr handler (logging.basicConfig), which would
+    # turn the user's own basicConfig into a no-op. Its advice (shape inference, ONNX Runtime's graph
+    # optimizations) has nothing to do here: the shapes are static but the batch, and the only ops quantized are
+    # the named 1x1 convolutions, whose BatchNorms follow an activation and cannot be fused into them.
+    onnx_lib.helper.set_model_props(model, {**{prop.key: prop.value for prop in model.metadata_props},
+                                            "onnx.quant.pre_process": "onnxruntime.quant"})
+    graph = model.graph
     name = graph.input[0].name
     # The blocks' 1x1 convolutions only, as in PyTorch's flows (:func:`_pointwise`). A BatchNorm quantized as an
     # op gets one int8 scale for all its channels' multipliers, which differ by orders of magnitude (top-1
@@ -239,7 +229,7 @@ def onnx_int8_bytes(onnx: bytes, batches: Sequence[torch.Tensor]) -> bytes:
         raise ValueError("no 1x1 convolution with its weights as an initializer in the ONNX export to quantize")
     with tempfile.TemporaryDirectory() as tmp, _quiet():
         source, target = Path(tmp) / "model.onnx", Path(tmp) / "int8.onnx"
-        source.write_bytes(onnx)
+        source.write_bytes(model.SerializeToString())
         quantize_static(str(source), str(target), _Reader(name, batches), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         op_types_to_quantize=["Conv"], nodes_to_quantize=nodes)
@@ -256,13 +246,12 @@ def openvino_nncf_int8(onnx: bytes, batches: Sequence[torch.Tensor]) -> object:
     int8 weights per output channel, int8 activations per tensor), calibrated on ``batches``: an ``openvino.Model``.
     As in the other int8 paths, only the blocks' 1x1 convolutions are quantized: the depthwise (grouped)
     convolutions, the patch embedding and the classifier stay float32."""
-    with _NNCF_QUIET, _quiet():
-        nncf = import_runtime("nncf")
-        graph = read_onnx(import_runtime("openvino").Core(), onnx)
-        with _nncf_silenced():
-            return nncf.quantize(graph, nncf.Dataset([x.contiguous().numpy() for x in batches]),
-                                 preset=nncf.QuantizationPreset.PERFORMANCE, subset_size=len(batches),
-                                 ignored_scope=_nncf_ignored(nncf, graph))
+    nncf = import_runtime("nncf")
+    graph = read_onnx(import_runtime("openvino").Core(), onnx)
+    with _NNCF_QUIET, _quiet(), _nncf_silenced():
+        return nncf.quantize(graph, nncf.Dataset([x.contiguous().numpy() for x in batches]),
+                             preset=nncf.QuantizationPreset.PERFORMANCE, subset_size=len(batches),
+                             ignored_scope=_nncf_ignored(nncf, graph))
 
 
 def _nncf_ignored(nncf: object, graph: object) -> object:
