@@ -76,8 +76,7 @@ def _build_reference(variant: Variant, model: nn.Module, state_dict: dict[str, t
     import timm
 
     try:
-        with torch.random.fork_rng(devices=[]):  # its random initial weights leave the caller's stream alone
-            reference = timm.create_model(variant.name, pretrained=False, **args)
+        reference = timm.create_model(variant.name, pretrained=False, **args)
     except (TypeError, ValueError) as exc:
         raise HubFolderError(f"cannot build {variant.name} with {args}: {exc}") from exc
     source_cfg = getattr(model, "pretrained_cfg", None)
@@ -135,8 +134,7 @@ def _load_folder(folder: Path, run_forward: bool) -> nn.Module:
     import timm
 
     try:
-        with torch.random.fork_rng(devices=[]):  # initial weights drawn, then replaced: the caller's stream untouched
-            model = timm.create_model(f"local-dir:{folder.resolve()}", pretrained=True).eval()
+        model = timm.create_model(f"local-dir:{folder.resolve()}", pretrained=True).eval()
         if not run_forward:
             return model
         input_size = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
