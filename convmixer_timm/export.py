@@ -43,12 +43,11 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: Sequence[
         raise ValueError(f"input_size must be (N, C, H, W) or (C, H, W), got {tuple(input_size)}")
     path = Path(path)
     created = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = None
     try:
+        tmp = _create_temporary(path)  # at once: a folder holding it is never removed by another failed export
         model = copy.deepcopy(model).float().eval()
         x = torch.randn(size, generator=torch.Generator().manual_seed(0))  # the caller's random stream untouched
-        tmp = _create_temporary(path)
         with warnings.catch_warnings(), torch.no_grad():
             # The TorchScript exporter writes the requested opset exactly; the dynamo exporter (newer torch
             # without it) targets its own minimum opset and down-converts, which has no adapter for Pad to 17.
@@ -76,7 +75,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: Sequence[
 
 
 def _create_temporary(path: Path) -> str:
-    """An empty file beside ``path`` to export into, created with the permissions any new file of the user gets.
+    """An empty file beside ``path`` to export into, created with the permissions any new file of the user gets,
+    and the folders to hold it where they are missing (again, where another export's failure removed them).
 
     ``tempfile.mkstemp`` makes its files 0600, which the final rename would carry over (a model other users of the
     machine cannot read, under umask 022); ``os.open`` with 0666 lets the umask decide, as ``open(path, "w")``
@@ -90,6 +90,9 @@ def _create_temporary(path: Path) -> str:
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         except FileExistsError:
+            continue
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
             continue
         return tmp
     raise FileExistsError(f"could not create a temporary file beside {path}")

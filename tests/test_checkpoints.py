@@ -115,7 +115,7 @@ def test_shape_mismatch_names_keys_and_leaves_model_untouched():
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-@pytest.mark.parametrize("key", ["stem.0.weight", "blocks.0.0.fn.0.weight"])
+@pytest.mark.parametrize("key", ["stem.0.weight", "blocks.0.0.fn.0.weight", "head.weight"])
 def test_a_weight_of_the_wrong_rank_is_a_checkpoint_error(key):
     model = timm.create_model(MODEL, **MODEL_KW)
     state = model.state_dict()

@@ -470,7 +470,7 @@ def test_a_known_variant_with_other_input_channels_is_told_the_flag_that_fits(tm
     assert run_cli("convert", src, "--model", CIFAR, "--model-kwargs", "in_chans=1", "--out", tmp_path / "out") == 0
 
 
-@pytest.mark.parametrize("key", ["stem.0.weight", "blocks.0.0.fn.0.weight"])
+@pytest.mark.parametrize("key", ["stem.0.weight", "blocks.0.0.fn.0.weight", "head.weight"])
 def test_a_weight_of_the_wrong_rank_is_one_line_and_leaves_nothing(tmp_path, capsys, key):
     state = small_timm(10).state_dict()
     state[key] = torch.tensor(1.0)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import timm
@@ -68,3 +69,12 @@ def test_exported_file_has_the_permissions_the_umask_gives(tmp_path, umask):
 def test_export_to_a_255_byte_name(tmp_path):
     path = export_onnx(ConvMixer(8, 1, 3, 2, num_classes=4), tmp_path / ("m" * 250 + ".onnx"), (3, 16, 16))
     assert os.listdir(tmp_path) == [path.name] and len(path.name) == 255
+
+
+def test_the_temporary_file_makes_the_folders_it_needs(tmp_path):
+    # Another export's failure may remove a new folder between this export's check and its first file.
+    from convmixer_timm.export import _create_temporary
+
+    target = tmp_path / "removed" / "meanwhile" / "m.onnx"
+    tmp = Path(_create_temporary(target))
+    assert tmp.parent == target.parent and tmp.is_file() and tmp.stat().st_size == 0

@@ -156,7 +156,7 @@ def _check_fit(args: argparse.Namespace, variant: Any, kwargs: dict[str, Any], s
     # Only for weights of this very architecture: for any other, the check below names it with every option that
     # fits (--num-classes included), where a hint about the classifier alone would send the user into a second
     # failure.
-    if head is not None and head.shape[0] != expected_classes and checkpoint_arch == model_arch:
+    if checkpoint_arch == model_arch and head is not None and head.shape[0] != expected_classes:  # head is 2-d
         raise CliError(
             f"the checkpoint's classifier has {head.shape[0]} classes but {variant.name} is built with "
             f"{expected_classes}; pass --num-classes {head.shape[0]}")

@@ -181,15 +181,15 @@ def read_dimensions(state_dict: Mapping[str, torch.Tensor]) -> tuple[int, int, i
         stem, depthwise = state_dict["stem.0.weight"], state_dict["blocks.0.0.fn.0.weight"]
     except KeyError as exc:
         raise CheckpointError(f"not a ConvMixer state dict: {exc!r} (stem.0 or blocks.0 missing)") from exc
-    for key, tensor in (("stem.0.weight", stem), ("blocks.0.0.fn.0.weight", depthwise)):
-        if getattr(tensor, "ndim", None) != 4:
+    head = state_dict.get("head.weight")
+    for key, tensor, rank in (("stem.0.weight", stem, 4), ("blocks.0.0.fn.0.weight", depthwise, 4),
+                              ("head.weight", head, 2)):
+        if tensor is not None and getattr(tensor, "ndim", None) != rank:
             shape = list(tensor.shape) if hasattr(tensor, "shape") else type(tensor).__name__
-            raise CheckpointError(f"not a ConvMixer state dict: {key} must be a 4-d convolution weight, got "
-                                  f"{shape}")
+            raise CheckpointError(f"not a ConvMixer state dict: {key} must be a {rank}-d weight, got {shape}")
     h, in_chans, p, _ = stem.shape
     k = depthwise.shape[-1]
     d = count_blocks(state_dict)
-    head = state_dict.get("head.weight")
     num_classes = int(head.shape[0]) if head is not None else 0
     return int(h), d, int(k), int(p), int(in_chans), num_classes
 
