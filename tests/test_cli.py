@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -560,3 +561,34 @@ def test_a_saved_folder_has_the_permissions_the_umask_gives(tmp_path, umask):
         os.umask(previous)
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask
     assert {path.stat().st_mode & 0o777 for path in out.iterdir()} == {0o666 & ~umask}
+
+
+def test_reading_the_umask_leaves_other_threads_files_alone(tmp_path):
+    # Setting the umask to 0 and back to read it (os.umask's only way) made files another thread created in between
+    # world-writable: seen 17 times in 20,000 reads with the thread switch interval this short.
+    from convmixer_timm.hub.install import current_umask
+
+    previous, interval = os.umask(0o022), sys.getswitchinterval()
+    stop, modes = threading.Event(), []
+
+    def create_files() -> None:
+        for i in range(10**6):
+            if stop.is_set():
+                return
+            path = tmp_path / f"f{i}"
+            path.write_text("")
+            modes.append(path.stat().st_mode & 0o777)
+            path.unlink()
+
+    creator = threading.Thread(target=create_files)
+    sys.setswitchinterval(1e-6)
+    creator.start()
+    try:
+        for _ in range(20000):
+            assert current_umask() == 0o022
+    finally:
+        stop.set()
+        creator.join()
+        sys.setswitchinterval(interval)
+        os.umask(previous)
+    assert modes and set(modes) == {0o644}
