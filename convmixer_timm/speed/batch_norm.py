@@ -43,7 +43,9 @@ def check_forward(op: str, x: Tensor, weight: Tensor, bias: Tensor, input_name: 
     check_4d(op, input_name, x)
     for name, vector in (("weight", weight), ("bias", bias)):
         check_vector(op, name, vector, x.shape[1])
-    if x.shape[0] * x.shape[2] * x.shape[3] < 2:  # F.batch_norm's own check and message
+    # F.batch_norm's check and message for one value per channel. An empty batch, which F.batch_norm returns
+    # untouched, is refused too (the layers send it, and a single value, to F.batch_norm instead).
+    if x.shape[0] * x.shape[2] * x.shape[3] < 2:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
 
 
