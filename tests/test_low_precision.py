@@ -12,6 +12,7 @@ import functools
 import logging
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -465,3 +466,15 @@ def test_optimizing_leaves_the_callers_random_streams_and_root_logger_alone(tmp_
     runtimes, result, handlers = done.stdout.strip().split("\n")[-3:]
     assert result == "{'fp32': True, 'export': True} []", runtimes
     assert handlers == "[]", runtimes
+
+
+def test_quieting_a_quantization_flow_keeps_other_threads_logging(caplog):
+    from convmixer_timm.speed.quantize import _quiet
+
+    caplog.set_level(logging.INFO)
+    with _quiet():
+        logging.warning("advice from the quantization flow")
+        other = threading.Thread(target=logging.warning, args=("the program's own warning",))
+        other.start()
+        other.join()
+    assert [record.getMessage() for record in caplog.records] == ["the program's own warning"]

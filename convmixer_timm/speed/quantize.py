@@ -85,10 +85,13 @@ def int8_backends() -> tuple[str, ...]:
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     # The quantization flows warn about their own deprecation and print advice to the root logger on every use;
-    # the user asked for int8 and gets one report from us instead.
+    # the user asked for int8 and gets one report from us instead. Only this thread's records: the program's
+    # other threads keep logging meanwhile.
+    quantizing = threading.get_ident()
+
     class Drop(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
-            return record.levelno > logging.WARNING
+            return record.levelno > logging.WARNING or record.thread != quantizing
 
     root, drop = logging.getLogger(), Drop()
     root.addFilter(drop)
