@@ -78,7 +78,9 @@ def _backward(ctx, grad_out: Tensor):
             grad_input = empty_channels_last(x)
             torch.mm(grad_rows, matrix, out=_rows(grad_input))
     if ctx.needs_input_grad[1]:
-        grad_weight = (grad_rows.t() @ _rows(dense(x, torch.channels_last))).view_as(weight)
+        grad_weight = (grad_rows.t() @ _rows(dense(x, torch.channels_last))).reshape(weight.shape)
+        if grad_weight.stride() != weight.stride():  # mm may hand back its transpose: DDP buckets take the weight's
+            grad_weight = torch.empty_like(weight).copy_(grad_weight)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_bias = grad_rows.sum(0)
     return grad_input, grad_weight, grad_bias
