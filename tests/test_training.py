@@ -68,7 +68,7 @@ def test_training_runs_channels_last_inside_and_hands_back_the_callers_layout():
 
 
 def test_bf16_training_keeps_the_callers_layout_as_timms_does():
-    # channels_last pays in float32 (oneDNN, the kernels); in bf16 it trained 2.3-3.7x slower (timm's model too).
+    # channels_last pays in float32 (oneDNN, the kernels); in bf16 it trained about 2x slower (timm's model too).
     ref, ours = _pair(3, "gelu")
     x = torch.randn(2, 3, 16, 16)
     for bf16 in ("autocast", "weights"):
