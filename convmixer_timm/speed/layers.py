@@ -201,7 +201,8 @@ def layout_for_cpu_training(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     # oneDNN trains the depthwise and 1x1 convolutions on channels_last input 1.1-1.3x faster, and up to 6x for
     # even kernels (benchmarks/bench.py), and the kernels take only channels_last (kernels_apply); a channels_last
     # input is enough, every later op keeps the format. That is float32 (and float64): in bf16, autocast or a bf16
-    # model, channels_last trained about 2x slower than NCHW on an AVX2 EPYC (timm's model too); no kernel applies.
+    # model, channels_last trained 2x slower than NCHW on an AVX2 EPYC (benchmarks/training_layout_bf16.py), timm's
+    # model too; no kernel applies.
     if (module.training and x.dim() == 4 and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
             and not torch.is_autocast_enabled("cpu") and not _in_functorch_transform([x])):
         x = x.contiguous(memory_format=torch.channels_last)
