@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["KERNEL_SIZE_LIMIT", "check_4d", "check_cpu", "check_kernel", "check_same_shape", "check_tensors",
-           "check_vector", "dense", "kernel_threads", "require_kernels", "ring_scratch_bytes"]
+           "check_vector", "dense", "kernel_threads", "like_parameter", "require_kernels", "ring_scratch_bytes"]
 
 # The kernels take k and pad as C ints and index a k x k window with int arithmetic: k * k must fit in an int.
 KERNEL_SIZE_LIMIT = 46340
@@ -95,6 +95,12 @@ def check_kernel(op: str, kernel_size: int, pad: int) -> None:
 def dense(t: Tensor, memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
     """``t`` laid out exactly as the C++ reads it: contiguous in ``memory_format``, no pending negation view."""
     return t.resolve_neg().contiguous(memory_format=memory_format)
+
+
+def like_parameter(grad: Tensor, parameter: Tensor) -> Tensor:
+    """A weight's gradient with the weight's own strides, size-1 dimensions included: DistributedDataParallel
+    copies it into a bucket laid out like the parameter and warns where any stride differs."""
+    return grad if grad.stride() == parameter.stride() else torch.empty_like(parameter).copy_(grad)
 
 
 def ring_scratch_bytes(x: Tensor, kernel_size: int) -> int:

@@ -25,6 +25,7 @@ from ._checks import (
     check_vector,
     dense,
     kernel_threads,
+    like_parameter,
     require_kernels,
     ring_scratch_bytes,
 )
@@ -176,9 +177,7 @@ def _backward(ctx, grad_out: Tensor):
     if ctx.needs_input_grad[0]:  # the mirrored padding: k // 2 before, k - 1 - k // 2 after
         grad_input = depthwise_conv(grad_out, weight.flip(2, 3), None, k // 2)
     if ctx.needs_input_grad[1]:
-        grad_weight = depthwise_weight_grad(grad_out, x, k, (k - 1) // 2)
-        if grad_weight.stride() != weight.stride():  # a channels_last model: DDP's buckets take the weight's strides
-            grad_weight = torch.empty_like(weight).copy_(grad_weight)
+        grad_weight = like_parameter(depthwise_weight_grad(grad_out, x, k, (k - 1) // 2), weight)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_bias = grad_out.sum((0, 2, 3))
     return grad_input, grad_weight, grad_bias

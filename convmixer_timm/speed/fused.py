@@ -277,10 +277,10 @@ class FusedConvMixerInference(nn.Module):
         with torch.no_grad():
             x = x.float().contiguous(memory_format=torch.channels_last)
             p = self.patch_size
-            if tuple(x.shape[1:]) != self._cropped(x.shape[1:]):
+            _, height, width = self._cropped(x.shape[1:])
+            if (height, width) != tuple(x.shape[2:]):
                 # A stride-p convolution ignores the remainder; cropping keeps oneDNN on its fast path.
-                x = x[..., : x.shape[-2] // p * p, : x.shape[-1] // p * p].contiguous(
-                    memory_format=torch.channels_last)
+                x = x[..., :height, :width].contiguous(memory_format=torch.channels_last)
             packed = self._packed_weights(x, (x.shape[-2] // p, x.shape[-1] // p), depthwise)
             y = self._conv_act(x, packed[0], self.stem_b, 0, p, 1)
             if depthwise == "kernel":

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._checks import check_4d, check_cpu, check_tensors, check_vector, dense
+from ._checks import check_4d, check_cpu, check_tensors, check_vector, dense, like_parameter
 from .buffers import empty_channels_last
 
 __all__ = ["pointwise_conv"]
@@ -78,9 +78,9 @@ def _backward(ctx, grad_out: Tensor):
             grad_input = empty_channels_last(x)
             torch.mm(grad_rows, matrix, out=_rows(grad_input))
     if ctx.needs_input_grad[1]:
-        grad_weight = (grad_rows.t() @ _rows(dense(x, torch.channels_last))).reshape(weight.shape)
-        if grad_weight.stride() != weight.stride():  # mm may hand back its transpose: DDP buckets take the weight's
-            grad_weight = torch.empty_like(weight).copy_(grad_weight)
+        # The product may come back transposed; either way, the gradient takes the weight's strides.
+        grad_weight = like_parameter((grad_rows.t() @ _rows(dense(x, torch.channels_last))).reshape(weight.shape),
+                                     weight)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_bias = grad_rows.sum(0)
     return grad_input, grad_weight, grad_bias
